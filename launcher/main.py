@@ -1,0 +1,67 @@
+"""``r1-launch``: compose the Hydra config, validate it, and run the GRPO driver on the chosen cluster.
+
+    r1-launch                                   # the embedded CPU default
+    r1-launch +experiment=r1_zero cluster=local # the paper's settings
+    r1-launch --cfg job                         # print the resolved config and exit
+    r1-launch run_dir=outputs/x resume=true     # continue a run from its latest checkpoint
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from r1.config.schema import register_configs
+from r1.config.validate import ConfigError, check_key, validate
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+GROUPS = ("cluster", "model", "data", "rollout", "trainer", "algo", "reward", "logger", "experiment")
+
+
+def check_overrides(args: list[str]) -> None:
+    """Fail fast, with the valid keys, on an override whose key the schema does not have."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in args if not a.startswith("-") and "=" in a]
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key.startswith("hydra") or key in GROUPS or key.split("/")[0] in GROUPS and "." not in key:
+            continue  # group choices are checked by Hydra, which lists the available options
+        check_key(key)
+
+
+def to_plain(cfg: DictConfig) -> DictConfig:
+    """Resolved config with enums as strings: what workers receive (picklable, no Hydra resolvers needed)."""
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    choices = {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
+    cfg.choices = choices
+    plain = to_plain(cfg)
+    validate(plain)
+    from r1.driver import run
+
+    run(plain)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    register_configs()
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as err:
+        print(f"r1-launch: {err}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

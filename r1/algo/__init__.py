@@ -1,0 +1,22 @@
+"""GRPO as pure functions on tensors.
+
+Nothing here imports an engine, a worker or Ray: the driver composes these functions into a loss that the train
+engine calls without knowing what it computes (prime-rl style). Names and signatures are part of the public API:
+other frameworks check their own implementations against them.
+"""
+
+from r1.algo.advantages import filter_uniform_groups, group_advantages
+from r1.algo.grpo import GRPOLoss
+from r1.algo.kl import kl_estimate, kl_shaped_rewards
+from r1.algo.loss import AGGREGATIONS, aggregate, policy_loss
+
+__all__ = [
+    "AGGREGATIONS",
+    "GRPOLoss",
+    "aggregate",
+    "filter_uniform_groups",
+    "group_advantages",
+    "kl_estimate",
+    "kl_shaped_rewards",
+    "policy_loss",
+]

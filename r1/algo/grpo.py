@@ -1,0 +1,47 @@
+"""The GRPO loss as the train engine sees it: a callable over (log-probs, batch), built from ``algo`` config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from r1.algo.kl import kl_estimate
+from r1.algo.loss import aggregate, policy_loss
+
+
+@dataclass
+class GRPOLoss:
+    """``policy_loss`` + (optionally) ``kl_coef * KL(pi || pi_ref)`` aggregated like the policy term.
+
+    Without ``batch.old_logp`` (one optimizer step per rollout batch, so the policy *is* the behaviour policy) the
+    ratio is ``exp(logp - logp.detach()) = 1`` with the PPO gradient, which saves a forward pass.
+    """
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    agg: str = "seq_mean_token_mean"
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    kl_in_loss: bool = True
+    temperature: float = 1.0
+    norm_constant: float | None = None  # Dr.GRPO's constant (the generation budget)
+
+    def __call__(self, logp: torch.Tensor, batch, entropy: torch.Tensor | None):
+        mask = batch.response_mask
+        old = batch.old_logp if batch.old_logp is not None else logp.detach()
+        loss, stats = policy_loss(
+            logp, old, batch.advantages, mask, clip_low=self.clip_low, clip_high=self.clip_high,
+            agg=self.agg, entropy=entropy, norm_constant=self.norm_constant,
+        )
+        stats["pg_loss"] = loss.item()
+        if self.kl_in_loss and self.kl_coef > 0:
+            kl = kl_estimate(logp, batch.ref_logp, self.kl_kind)
+            loss = loss + self.kl_coef * aggregate(kl, mask, self.agg, norm_constant=self.norm_constant)
+            stats["kl"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
+        return loss, stats
+
+    def units(self, batch) -> float:
+        if self.agg == "token_mean":
+            return float(batch.response_mask.sum())
+        return float(len(batch))

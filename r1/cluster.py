@@ -1,0 +1,29 @@
+"""Connect the driver to Ray according to ``cfg.cluster`` (``local`` here; Slurm and KubeRay in their issues)."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def connect(cluster) -> None:
+    if ray.is_initialized():
+        return
+    # Workers must find `r1` even when the driver runs from another directory.
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))}}
+    if cluster.kind == "local":
+        if cluster.ray_address:
+            ray.init(address=cluster.ray_address, runtime_env=env, log_to_driver=True)
+        else:
+            ray.init(num_cpus=cluster.num_cpus, num_gpus=0 if not _has_cuda() else None, runtime_env=env,
+                     include_dashboard=False, log_to_driver=True)
+        return
+    raise ValueError(f"cluster.kind={cluster.kind!r} is not supported; choose one of ['local']")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

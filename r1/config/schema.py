@@ -1,0 +1,242 @@
+"""Typed configuration: the single source of truth for every key r1 understands.
+
+``conf/*.yaml`` only fill in values; Hydra merges them onto these dataclasses, so an unknown key or a value of the
+wrong type fails at composition time with the key's name, before any process starts. Group yaml files exist for the
+choices (``cluster=local``, ``model=qwen2_5_7b`` ...); this file says what each choice may contain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ModelSource(str, Enum):
+    pretrained = "pretrained"  # a local HF directory (or hub id already in the local HF cache)
+    tiny = "tiny"  # built and pretrained offline by r1 itself (the embedded CPU default)
+
+
+class LossAgg(str, Enum):
+    seq_mean_token_mean = "seq_mean_token_mean"
+    token_mean = "token_mean"
+    seq_mean_token_sum_norm = "seq_mean_token_sum_norm"
+
+
+class KLKind(str, Enum):
+    k1 = "k1"
+    k2 = "k2"
+    k3 = "k3"
+
+
+class KLPlacement(str, Enum):
+    loss = "loss"  # GRPO / DeepSeek-R1: coef * KL added to the policy loss
+    reward = "reward"  # PPO-RLHF style: coef * sum KL subtracted from the sequence reward
+    none = "none"  # no reference model at all (saves its memory and forward pass)
+
+
+class ClusterKind(str, Enum):
+    local = "local"
+
+
+class LoggerBackend(str, Enum):
+    none = "none"
+    wandb = "wandb"
+
+
+class WandbMode(str, Enum):
+    auto = "auto"  # online if WANDB_API_KEY is set, else offline
+    online = "online"
+    offline = "offline"
+
+
+@dataclass
+class ClusterConfig:
+    kind: ClusterKind = ClusterKind.local
+    # Address of an existing Ray cluster; null starts a private one on this machine.
+    ray_address: str | None = None
+    # Logical CPUs Ray may hand out on a local cluster (can exceed physical cores; torch threads are set per worker).
+    num_cpus: int = 4
+    placement_strategy: str = "PACK"
+
+
+@dataclass
+class TinyModelSpec:
+    """The offline base model of the embedded default: a Qwen2-architecture LM trained on a synthetic corpus."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    vocab_size: int = 512
+    max_position_embeddings: int = 256
+    pretrain_docs: int = 40_000
+    pretrain_steps: int = 900
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 3e-3
+    # Share of each solution style in the pretraining corpus (see r1/data/arithmetic.py).
+    style_mix: dict[str, float] = field(
+        default_factory=lambda: {"careful": 0.3, "careless": 0.5, "malformed": 0.2}
+    )
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: ModelSource = ModelSource.pretrained
+    # HF directory or hub id (must already be local: r1 never downloads at run time). Unused for source=tiny.
+    path: str | None = None
+    arch: str = "qwen2"  # qwen2 | llama: recorded for engines that build the model themselves (Megatron)
+    dtype: str = "float32"
+    tiny: TinyModelSpec = field(default_factory=TinyModelSpec)
+
+
+@dataclass
+class DataConfig:
+    # Generate the embedded arithmetic task's prompt files into the cache (ignored paths) or read user files.
+    generator: str | None = None  # "arithmetic" | null
+    train_path: str | None = None
+    eval_path: str | None = None
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    template: str = "r1_zero"
+    num_operands: int = 4  # arithmetic generator only
+    operand_low: int = 0
+    operand_high: int = 9
+
+
+@dataclass
+class LengthStage:
+    """From ``from_step`` on, responses may be ``max_tokens`` long (the paper raises 32K -> 64K mid-training)."""
+
+    from_step: int = 0
+    max_tokens: int = 32768
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    torch_threads: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    length_schedule: list[LengthStage] = field(default_factory=lambda: [LengthStage(0, 32768)])
+    # Sequences per generate() call inside a worker (bounds activation memory on CPU).
+    micro_batch_size: int = 64
+
+
+@dataclass
+class TrainerConfig:
+    engine: str = "hf"
+    num_workers: int = 1  # data-parallel ranks of the training pool
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    torch_threads: int = 2
+    total_steps: int = 100
+    lr: float = 3e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    micro_batch_size: int = 32  # sequences per forward/backward (gradient accumulation below that)
+    seed: int = 1
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "grpo"
+    group_size: int = 16
+    prompts_per_step: int = 32
+    # Optimizer steps per rollout batch (the paper's 8192-output rollouts split into 16 mini-batches use 16).
+    minibatches_per_step: int = 1
+    std_normalize: bool = True  # false = Dr.GRPO
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # > clip_low = DAPO clip-higher
+    loss_agg: LossAgg = LossAgg.seq_mean_token_mean
+    kl_coef: float = 0.001
+    kl_kind: KLKind = KLKind.k3
+    kl_placement: KLPlacement = KLPlacement.loss
+    ref_update_interval: int = 400  # steps between refreshes of the reference policy (0 = never)
+    filter_uniform_groups: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
+
+
+@dataclass
+class RewardTerm:
+    name: str = MISSING  # "accuracy", "format" or "package.module:function"
+    weight: float = 1.0
+
+
+@dataclass
+class RewardConfig:
+    terms: list[RewardTerm] = field(
+        default_factory=lambda: [RewardTerm("accuracy", 1.0), RewardTerm("format", 1.0)]
+    )
+    verify_workers: int = 1  # math-verify processes per rollout worker
+    verify_timeout_s: float = 5.0
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 50  # 0 = only at start and end
+    at_start: bool = True
+    k: int = 16
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 32768
+    max_problems: int | None = None  # null = the whole eval set
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 50  # 0 = only at the end
+    keep_last: int = 2
+    save_optimizer: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    backend: LoggerBackend = LoggerBackend.none
+    project: str = "r1"
+    entity: str | None = None
+    mode: WandbMode = WandbMode.auto
+    log_samples: int = 2  # responses printed/logged per step (0 = none)
+
+
+@dataclass
+class SyncConfig:
+    bucket_mb: float = 64.0
+    timeout_s: float = 600.0
+
+
+@dataclass
+class R1Config:
+    name: str = "r1"
+    seed: int = 0
+    run_dir: str = MISSING
+    cache_dir: str = ".r1_cache"
+    resume: bool = False
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    # The choices of each config group, filled in by the launcher from Hydra (for the record, W&B, checkpoints).
+    choices: dict[str, Any] = field(default_factory=dict)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="r1_schema", node=R1Config)

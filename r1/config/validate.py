@@ -1,0 +1,98 @@
+"""Checks that need more than types: a bad combination fails here, before Ray or any model starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+
+from r1.config.schema import R1Config
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _fields(cls) -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_open(tp) -> bool:
+    """Dict- or list-typed fields take arbitrary sub-keys/indices."""
+    origin = typing.get_origin(tp)
+    return origin in (dict, list) or tp in (dict, list, typing.Any)
+
+
+def check_key(path: str, root=R1Config) -> None:
+    """Raise ConfigError naming the bad part of ``path`` and the valid keys there (with a did-you-mean)."""
+    cls, walked = root, []
+    for part in path.split("."):
+        fields = _fields(cls)
+        if part not in fields:
+            where = ".".join(walked) or "the top level"
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = f" Did you mean '{'.'.join(walked + close)}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{path}': '{part}' is not a key of {where}.{hint}\n"
+                f"Valid keys of {where}: {', '.join(sorted(fields))}"
+            )
+        walked.append(part)
+        tp = fields[part]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+            tp = args[0]
+        if _is_open(tp):
+            return
+        if not dataclasses.is_dataclass(tp):
+            if part != path.split(".")[-1]:
+                raise ConfigError(f"config key '{path}': '{'.'.join(walked)}' is a value, not a section")
+            return
+        cls = tp
+
+
+def validate(cfg) -> None:
+    """Semantic checks on a composed config (strings for enums, as the launcher passes it)."""
+    from r1.engines.registry import ROLLOUT_ENGINES, TRAIN_ENGINES
+    from r1.rewards.registry import BUILTIN_TERMS
+
+    problems = []
+    a, r, t = cfg.algo, cfg.rollout, cfg.trainer
+    if a.group_size < 2:
+        problems.append(f"algo.group_size={a.group_size}: GRPO needs at least 2 samples per prompt")
+    if a.prompts_per_step < 1:
+        problems.append("algo.prompts_per_step must be >= 1")
+    if not 1 <= a.minibatches_per_step <= a.prompts_per_step * a.group_size:
+        problems.append(f"algo.minibatches_per_step={a.minibatches_per_step} must be in [1, batch size]")
+    if a.clip_low < 0 or a.clip_high < 0:
+        problems.append("algo.clip_low / algo.clip_high must be >= 0")
+    if a.kl_coef < 0:
+        problems.append("algo.kl_coef must be >= 0")
+    if r.engine not in ROLLOUT_ENGINES:
+        problems.append(f"rollout.engine={r.engine!r}: choose one of {list(ROLLOUT_ENGINES)}")
+    if t.engine not in TRAIN_ENGINES:
+        problems.append(f"trainer.engine={t.engine!r}: choose one of {list(TRAIN_ENGINES)}")
+    if r.temperature <= 0:
+        problems.append("rollout.temperature must be > 0 for GRPO sampling")
+    if not 0 < r.top_p <= 1 or not 0 < cfg.eval.top_p <= 1:
+        problems.append("top_p must be in (0, 1]")
+    stages = list(r.length_schedule)
+    if not stages or min(s.from_step for s in stages) != 0:
+        problems.append("rollout.length_schedule needs a stage with from_step: 0")
+    if any(s.max_tokens < 1 for s in stages):
+        problems.append("rollout.length_schedule max_tokens must be >= 1")
+    for term in cfg.reward.terms:
+        if term.name not in BUILTIN_TERMS and ":" not in term.name:
+            problems.append(
+                f"reward term {term.name!r}: choose one of {list(BUILTIN_TERMS)} or 'package.module:function'"
+            )
+    if t.num_workers < 1 or r.num_workers < 1:
+        problems.append("trainer.num_workers and rollout.num_workers must be >= 1")
+    if cfg.eval.k < 1:
+        problems.append("eval.k must be >= 1")
+    if cfg.model.source == "pretrained" and not cfg.model.path:
+        problems.append(f"model {cfg.model.name!r}: set model.path to a local HF directory")
+    if cfg.data.generator is None and not (cfg.data.train_path and cfg.data.eval_path):
+        problems.append("data: set data.train_path and data.eval_path, or data.generator=arithmetic")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

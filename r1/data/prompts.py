@@ -1,0 +1,112 @@
+"""Load ``prompt``/``answer`` rows from local jsonl or parquet files; skip and count rows that are unusable."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+
+
+@dataclass
+class LoadedPrompts:
+    problems: list[Problem]
+    skipped: int
+    path: str
+
+
+def _row_to_problem(row: object, prompt_field: str, answer_field: str) -> Problem | None:
+    if not isinstance(row, dict):
+        return None
+    prompt, answer = row.get(prompt_field), row.get(answer_field)
+    if not isinstance(prompt, str) or not prompt.strip():
+        return None
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        return None
+    answer = str(answer).strip()
+    return Problem(prompt.strip(), answer) if answer else None
+
+
+def _read_rows(path: Path) -> tuple[list[object], int]:
+    """Rows of the file and the number of lines that were not even valid JSON."""
+    if path.suffix == ".parquet":
+        import datasets
+
+        return list(datasets.load_dataset("parquet", data_files=str(path), split="train")), 0
+    try:
+        import datasets
+
+        return list(datasets.load_dataset("json", data_files=str(path), split="train")), 0
+    except Exception:  # malformed lines make `datasets` refuse the whole file; fall back to line by line
+        rows, broken = [], 0
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                broken += 1
+        return rows, broken
+
+
+def load_prompts(path: str | Path, *, prompt_field: str = "prompt", answer_field: str = "answer") -> LoadedPrompts:
+    """All usable rows of ``path``. A row without a non-empty string prompt and a scalar answer is skipped."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompt file {path} does not exist (set data.train_path / data.eval_path)")
+    rows, skipped = _read_rows(path)
+    problems = []
+    for row in rows:
+        problem = _row_to_problem(row, prompt_field, answer_field)
+        if problem is None:
+            skipped += 1
+        else:
+            problems.append(problem)
+    if skipped:
+        log.warning("%s: skipped %d bad rows (need string %r and scalar %r)", path, skipped, prompt_field, answer_field)
+    if not problems:
+        raise ValueError(f"{path} has no usable rows with fields {prompt_field!r} and {answer_field!r}")
+    return LoadedPrompts(problems, skipped, str(path))
+
+
+class PromptSampler:
+    """Epoch-shuffled, seeded order over the dataset; its position is part of the checkpoint so resume is exact."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        import torch
+
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.size, generator=gen).tolist()
+
+    def next_indices(self, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            if self.index == self.size:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take = min(count - len(out), self.size - self.index)
+            out.extend(self._order[self.index : self.index + take])
+            self.index += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "size": self.size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["size"] != self.size:
+            raise ValueError(f"checkpoint was taken on a dataset of {state['size']} rows, this one has {self.size}")
+        self.seed, self.epoch, self.index = state["seed"], state["epoch"], state["index"]
+        self._order = self._permutation(self.epoch)

@@ -1,0 +1,137 @@
+"""Trainer -> rollout weight sync over a dedicated torch.distributed process group.
+
+The group spans training rank 0 (group rank 0, the source) and every rollout worker (ranks 1..N). It is built
+directly from a ``TCPStore`` rather than through ``init_process_group``, so it can coexist with each side's own
+default group (the trainer's data-parallel group; vLLM's or Megatron's groups later). Backend: gloo on CPU, NCCL
+when the tensors live on GPUs.
+
+Parameters are packed into flat buckets of at most ``bucket_bytes`` (one dtype per bucket; a tensor larger than a
+bucket gets a bucket of its own), one broadcast per bucket. A header broadcast first carries the version and the
+bucket count, so a receiver that is out of step fails loudly instead of loading garbage.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # e.g. "float32": strings travel through Ray and JSON
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+
+def manifest_of(named: Iterable[tuple[str, torch.Tensor]]) -> list[TensorSpec]:
+    return [TensorSpec(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in named]
+
+
+def plan_buckets(manifest: list[TensorSpec], bucket_bytes: int) -> list[list[int]]:
+    """Consecutive runs of tensor indices, each of one dtype and at most ``bucket_bytes`` (unless a lone tensor is
+    bigger). Pure and deterministic: sender and receivers compute the same plan from the same manifest."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket size must be positive, got {bucket_bytes} bytes")
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, spec in enumerate(manifest):
+        fits = current and manifest[current[0]].dtype == spec.dtype and size + spec.nbytes <= bucket_bytes
+        if current and not fits:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += spec.nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+class WeightSyncGroup:
+    """One member of the sync group. Rank 0 sends; every other rank receives."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, *, backend: str, timeout_s: float):
+        timeout = timedelta(seconds=timeout_s)
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+        self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
+        if backend == "gloo":
+            self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
+            self.device = torch.device("cpu")
+        elif backend == "nccl":
+            self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            raise ValueError(f"unknown sync backend {backend!r}; choose gloo or nccl")
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = 0, 0
+        self.pg.broadcast([tensor], opts).wait()
+
+    def _header(self, version: int, num_buckets: int) -> tuple[int, int]:
+        header = torch.tensor([version, num_buckets], dtype=torch.int64, device=self.device)
+        self._broadcast(header)
+        return int(header[0]), int(header[1])
+
+    def send(self, named: Iterable[tuple[str, torch.Tensor]], manifest: list[TensorSpec], bucket_bytes: int,
+             version: int) -> int:
+        """Broadcast all tensors (rank 0). Returns the bytes sent."""
+        tensors = dict(named)
+        buckets = plan_buckets(manifest, bucket_bytes)
+        self._header(version, len(buckets))
+        sent = 0
+        for bucket in buckets:
+            flat = torch.cat([tensors[manifest[i].name].reshape(-1) for i in bucket]).to(self.device)
+            self._broadcast(flat)
+            sent += flat.numel() * flat.element_size()
+        return sent
+
+    def receive(self, manifest: list[TensorSpec], bucket_bytes: int, version: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` as buckets arrive (rank > 0); the caller loads them while the next one flies."""
+        buckets = plan_buckets(manifest, bucket_bytes)
+        got_version, got_buckets = self._header(-1, len(buckets))
+        if (got_version, got_buckets) != (version, len(buckets)):
+            raise RuntimeError(
+                f"weight sync out of step: expected version {version} in {len(buckets)} buckets, "
+                f"sender announced version {got_version} in {got_buckets}"
+            )
+        for bucket in buckets:
+            specs = [manifest[i] for i in bucket]
+            flat = torch.empty(sum(s.numel for s in specs), dtype=getattr(torch, specs[0].dtype), device=self.device)
+            self._broadcast(flat)
+            offset = 0
+            for spec in specs:
+                yield spec.name, flat[offset : offset + spec.numel].view(spec.shape)
+                offset += spec.numel
+
+    def close(self) -> None:
+        self.pg = None
+        self.store = None

@@ -1,0 +1,197 @@
+"""The R1-Zero GRPO loop, top to bottom.
+
+    sample prompts -> generate G per prompt (rollout pool) -> rewards (in the rollout workers)
+    -> reference log-probs -> group advantages -> update (training pool) -> sync weights -> log
+    -> checkpoint -> evaluate
+
+Everything engine-specific sits behind the pools; everything algorithmic is a pure function from ``r1.algo``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import ray
+import torch
+from omegaconf import OmegaConf
+
+from r1.algo import GRPOLoss, filter_uniform_groups, group_advantages, kl_shaped_rewards
+from r1.checkpoint import CheckpointManager
+from r1.cluster import connect
+from r1.data.prompts import PromptSampler
+from r1.evaluation import evaluate, print_comparison
+from r1.monitoring.loggers import MetricsLogger
+from r1.monitoring.progress import Progress
+from r1.setup import prepare_data, prepare_model
+from r1.types import SamplingParams, TrainBatch, collate
+from r1.workers.pools import RolloutPool, TrainPool, WeightSync
+
+log = logging.getLogger(__name__)
+
+
+def max_tokens_at(cfg, step: int) -> int:
+    """The response-length budget in force at ``step`` (the paper raises 32K -> 64K mid-training)."""
+    stages = sorted(cfg.rollout.length_schedule, key=lambda s: s.from_step)
+    return [s.max_tokens for s in stages if s.from_step <= step][-1]
+
+
+def build_batch(cfg, groups, pad_id: int, train: TrainPool, stats: dict) -> TrainBatch | None:
+    """Groups -> padded batch with ref log-probs and GRPO advantages (None if dynamic sampling drops them all)."""
+    g = cfg.algo.group_size
+    rewards = torch.tensor([s.reward for grp in groups for s in grp.samples])
+    if cfg.algo.filter_uniform_groups:
+        keep = filter_uniform_groups(rewards, g)
+        stats["algo/groups_dropped_uniform"] = int((~keep).sum())
+        groups = [grp for grp, k in zip(groups, keep.tolist()) if k]
+        rewards = rewards.view(-1, g)[keep].reshape(-1)
+        if not groups:
+            return None
+    batch = collate(groups, torch.zeros(len(rewards)), pad_id)
+    if cfg.algo.kl_placement != "none" and cfg.algo.kl_coef > 0:
+        batch.ref_logp = train.compute_logprobs(batch, temperature=cfg.rollout.temperature, reference=True)
+    if cfg.algo.kl_placement == "reward" and cfg.algo.kl_coef > 0:
+        rewards = kl_shaped_rewards(
+            rewards, batch.extras["rollout_logp"], batch.ref_logp, batch.response_mask,
+            coef=cfg.algo.kl_coef, kind=cfg.algo.kl_kind,
+        )
+    batch.advantages = group_advantages(rewards, g, std_normalize=cfg.algo.std_normalize)
+    return batch
+
+
+def train_on(cfg, batch: TrainBatch, train: TrainPool, loss: GRPOLoss) -> dict:
+    """``minibatches_per_step`` optimizer steps over the batch; old log-probs fixed before the first one."""
+    n_mb = cfg.algo.minibatches_per_step
+    if n_mb > 1:
+        batch.old_logp = train.compute_logprobs(batch, temperature=loss.temperature, reference=False)
+    order = torch.randperm(len(batch))
+    stats: dict[str, float] = {}
+    for chunk in order.chunk(n_mb):
+        for k, v in train.train_step(batch.select(chunk), loss).items():
+            stats[k] = stats.get(k, 0.0) + v / n_mb
+    return stats
+
+
+def rollout_metrics(groups) -> dict:
+    samples = [s for g in groups for s in g.samples]
+    lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float)
+    m = {
+        "reward/mean": sum(s.reward for s in samples) / len(samples),
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()),
+        "response/truncated_fraction": sum(s.finish_reason == "length" for s in samples) / len(samples),
+    }
+    for name in samples[0].reward_components:
+        m[f"reward/{name}"] = sum(s.reward_components[name] for s in samples) / len(samples)
+    return m
+
+
+def run(cfg) -> dict:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    model_path = prepare_model(cfg)
+    train_set, eval_set = prepare_data(cfg)
+    connect(cfg.cluster)
+
+    train = TrainPool(cfg, model_path)
+    rollout = RolloutPool(cfg, model_path)
+    sync = WeightSync(train, rollout)
+    from transformers import AutoTokenizer
+
+    pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id
+    sampler = PromptSampler(len(train_set.problems), seed=cfg.seed)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+    logger = MetricsLogger(cfg, run_dir, config_dict)
+    step, evals = 0, {}
+
+    if cfg.resume and (latest := checkpoints.latest()) is not None:
+        state = CheckpointManager.driver_state(latest)
+        train.load(str(latest))
+        sampler.load_state_dict(state["sampler"])
+        step, evals = state["step"], state.get("evals", {})
+        sync.push(version=step)  # the rollout pool starts from the resumed policy
+        log.info("resumed from %s at step %d", latest, step)
+    progress = Progress(cfg.trainer.total_steps, start_step=step)
+
+    def save_checkpoint() -> None:
+        state = {"step": step, "sampler": sampler.state_dict(), "evals": evals, "model_path": str(model_path)}
+        checkpoints.save(step, state, lambda d: train.save(str(d), cfg.checkpoint.save_optimizer))
+
+    def run_eval(tag: str) -> None:
+        evals[tag] = evaluate(cfg, rollout, eval_set, step)
+        logger.log({f"eval/{k}": v for k, v in evals[tag].items()}, step=step)
+        progress.note(f"[cyan]eval @ step {step}[/]: " + ", ".join(f"{k} {v:.3f}" for k, v in evals[tag].items()))
+
+    if cfg.eval.at_start and "base" not in evals:
+        run_eval("base")
+
+    while step < cfg.trainer.total_steps:
+        t_step = time.time()
+        # 1. sample prompts, 2. generate G per prompt (rewards computed in the rollout workers)
+        indices = sampler.next_indices(cfg.algo.prompts_per_step)
+        problems = [(i, train_set.problems[i].prompt, train_set.problems[i].answer) for i in indices]
+        params = SamplingParams(
+            n=cfg.algo.group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            max_new_tokens=max_tokens_at(cfg, step), seed=cfg.seed * 1_000_003 + step,
+        )
+        t0 = time.time()
+        groups = rollout.generate(problems, params)
+        t_gen = time.time() - t0
+        metrics = rollout_metrics(groups)
+
+        # 3. advantages (and reference log-probs), 4. update the policy
+        t0 = time.time()
+        batch = build_batch(cfg, groups, pad_id, train, metrics)
+        if batch is not None:
+            loss = GRPOLoss(
+                clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, agg=cfg.algo.loss_agg,
+                kl_coef=cfg.algo.kl_coef, kl_kind=cfg.algo.kl_kind, kl_in_loss=cfg.algo.kl_placement == "loss",
+                temperature=cfg.rollout.temperature, norm_constant=float(params.max_new_tokens),
+            )
+            metrics.update({f"train/{k}": v for k, v in train_on(cfg, batch, train, loss).items()})
+        t_train = time.time() - t0
+        step += 1
+
+        # 5. push the new policy to the rollout pool; refresh the reference policy on schedule
+        t0 = time.time()
+        sent = sync.push(version=step)
+        t_sync = time.time() - t0
+        if cfg.algo.ref_update_interval and step % cfg.algo.ref_update_interval == 0:
+            train.update_reference()
+
+        # 6. log
+        gen_tokens = sum(len(s.response_ids) for g in groups for s in g.samples)
+        train_tokens = int(batch.attention_mask.sum()) if batch is not None else 0
+        metrics.update({
+            "time/generate_s": t_gen, "time/train_s": t_train, "time/sync_s": t_sync,
+            "time/step_s": time.time() - t_step, "perf/gen_tokens_per_s": gen_tokens / max(t_gen, 1e-9),
+            "perf/train_tokens_per_s": train_tokens / max(t_train, 1e-9),
+            "perf/sync_MB_per_s": sent / 2**20 / max(t_sync, 1e-9), "policy/version": step,
+            "data/epoch": sampler.epoch,
+        })
+        metrics.update({f"verifier/{k}": v for k, v in rollout.verifier_stats().items()})
+        logger.log(metrics, step=step)
+        progress.step(step, metrics)
+        if cfg.logger.log_samples:
+            logger.log_table("samples", ["prompt", "response", "reward"], [
+                [train_set.problems[g.prompt_index].prompt, g.samples[0].response_text, g.samples[0].reward]
+                for g in groups[: cfg.logger.log_samples]], step=step)
+
+        # 7. checkpoint, 8. evaluate
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            save_checkpoint()
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.trainer.total_steps:
+            run_eval(f"step_{step}")
+
+    run_eval("final")
+    save_checkpoint()
+    if "base" in evals:
+        print_comparison(evals["base"], evals["final"], progress.console)
+    logger.close()
+    rollout.shutdown()
+    train.shutdown()
+    ray.shutdown()
+    return {"step": step, "evals": evals, "run_dir": str(run_dir)}

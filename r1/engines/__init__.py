@@ -1,0 +1,1 @@
+"""Engines behind two small protocols (see ``protocols.py``); the driver never imports a concrete engine."""

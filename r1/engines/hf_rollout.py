@@ -1,0 +1,85 @@
+"""Rollout engine on HF ``generate``: the CPU path of the generation pool (vLLM takes its place on GPUs).
+
+Reports, for every sampled token, its log-prob under the *untruncated* policy at temperature T (top-p changes
+which tokens can be drawn, not the policy being optimised) so the trainer can compare with its own recompute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from r1.types import Completion, SamplingParams
+
+
+class HFRolloutEngine:
+    def __init__(self, model_path: str, *, micro_batch_size: int = 64, dtype: str = "float32"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.model.to(self.device).eval().requires_grad_(False)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.micro_batch_size = micro_batch_size
+        self._params = dict(self.model.named_parameters())
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        expanded = [p for p in prompts for _ in range(params.n)]
+        gen = torch.Generator(device="cpu").manual_seed(params.seed)
+        completions: list[Completion] = []
+        for start in range(0, len(expanded), self.micro_batch_size):
+            # One seed per micro-batch, derived from the request seed: reproducible for a fixed request.
+            torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
+            completions.extend(self._generate_batch(expanded[start : start + self.micro_batch_size], params))
+        return completions
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):  # left padding: generation continues from the last column
+            ids[row, width - len(p) :] = torch.tensor(p)
+            attn[row, width - len(p) :] = 1
+        greedy = params.temperature <= 0
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=attn.to(self.device),
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p,
+            top_k=None if greedy else 0,  # HF samples from the top 50 by default; the policy has no such cut
+            max_new_tokens=params.max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        new_tokens = out.sequences[:, width:].cpu()
+        logits = torch.stack(out.logits, dim=1).float().cpu()  # [B, T, V], before temperature/top-p
+        logp = torch.log_softmax(logits / (1.0 if greedy else params.temperature), dim=-1)
+        picked = logp.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        completions = []
+        for row in range(len(prompts)):
+            tokens = new_tokens[row].tolist()
+            if self.eos_id in tokens:
+                end, reason = tokens.index(self.eos_id) + 1, "stop"  # the EOS is part of the response
+            else:
+                end, reason = len(tokens), "length"
+            completions.append(Completion(tokens[:end], picked[row, :end].tolist(), reason))
+        return completions
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in weights:
+            try:
+                self._params[name].copy_(tensor)
+            except KeyError:
+                raise KeyError(f"rollout model has no parameter {name!r}") from None
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, param in self.model.named_parameters():
+            yield name, param.detach()

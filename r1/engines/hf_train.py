@@ -1,0 +1,181 @@
+"""Train engine on plain torch + HF transformers: the CPU path (and a small-GPU path) of the training pool.
+
+Data parallel over ``torch.distributed`` (gloo on CPU): every rank holds the full model, takes a shard of each
+mini-batch and gradients are summed with weights ``units_rank / units_global``, so the update equals the
+single-process update on the whole mini-batch regardless of how it was sharded or micro-batched.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from r1.engines.protocols import LossFn
+from r1.types import TrainBatch
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[B, L] log p(input_ids[t] | < t) at the sampling temperature; position 0 has no prediction and gets 0."""
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return F.pad(picked, (1, 0))
+
+
+def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    return F.pad(-(logp.exp() * logp).sum(-1), (1, 0))
+
+
+def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF safetensors directory, sharded (``model.safetensors.index.json``) or not."""
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for f in files for k, v in load_file(str(directory / f)).items()}
+    return load_file(str(directory / "model.safetensors"))
+
+
+class HFTrainEngine:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float,
+        warmup_steps: int,
+        grad_clip: float,
+        micro_batch_size: int,
+        with_reference: bool,
+        dtype: str = "float32",
+        seed: int = 0,
+    ):
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.model.to(self.device).train()
+        self.model.config.use_cache = False
+        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if with_reference else None
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=1e-8
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        )
+        self.grad_clip = grad_clip
+        self.micro_batch_size = micro_batch_size
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    # --- forward passes ---------------------------------------------------------------------------------------
+    def _micro_batches(self, batch: TrainBatch) -> Iterator[TrainBatch]:
+        for start in range(0, len(batch), self.micro_batch_size):
+            yield batch.select(slice(start, start + self.micro_batch_size)).trimmed()
+
+    def _logits(self, model, mb: TrainBatch) -> torch.Tensor:
+        out = model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device))
+        return out.logits
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch, *, temperature: float, reference: bool = False) -> torch.Tensor:
+        model = self.reference if reference else self.model
+        if model is None:
+            raise RuntimeError("this engine was built without a reference model (algo.kl_placement=none)")
+        was_training = model.training
+        model.eval()
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        for start in range(0, len(batch), self.micro_batch_size):
+            mb = batch.select(slice(start, start + self.micro_batch_size)).trimmed()
+            logp = token_logprobs(self._logits(model, mb), mb.input_ids.to(self.device), temperature)
+            out[start : start + len(mb), : logp.shape[1]] = logp.cpu()
+        model.train(was_training)
+        return out
+
+    # --- the update -------------------------------------------------------------------------------------------
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+        units_local = float(loss_fn.units(batch))
+        units_global = torch.tensor(units_local)
+        if self.distributed:
+            dist.all_reduce(units_global)
+        units_global = max(float(units_global), 1e-8)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for mb in self._micro_batches(batch):
+            logits = self._logits(self.model, mb)
+            ids = mb.input_ids.to(self.device)
+            logp = token_logprobs(logits, ids, loss_fn.temperature)
+            with torch.no_grad():
+                entropy = token_entropy(logits, loss_fn.temperature)
+            loss, stats = loss_fn(logp, mb.to(self.device), entropy)
+            weight = loss_fn.units(mb) / units_global
+            (loss * weight).backward()
+            stats = {"loss": loss.item(), **stats}
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v * weight
+
+        if self.distributed:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+            packed = torch.tensor(list(totals.values()))
+            dist.all_reduce(packed)
+            totals = dict(zip(totals, packed.tolist()))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        totals["grad_norm"] = float(grad_norm)
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        return totals
+
+    def update_reference(self) -> None:
+        if self.reference is not None:
+            self.reference.load_state_dict(self.model.state_dict())
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, param in self.model.named_parameters():
+            yield name, param.detach()
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def save(self, path: Path, *, with_optimizer: bool) -> None:
+        """Policy as an HF safetensors directory (loadable by ``from_pretrained``), plus optimizer and reference."""
+        path = Path(path)
+        self.model.save_pretrained(path / "policy", safe_serialization=True)
+        if self.reference is not None:
+            from safetensors.torch import save_file
+
+            state = {k: v.contiguous() for k, v in self.reference.state_dict().items()}
+            # tied weights share storage; safetensors refuses duplicates, so keep the parameter names only
+            names = {n for n, _ in self.reference.named_parameters()}
+            save_file({k: v for k, v in state.items() if k in names}, str(path / "reference.safetensors"))
+        if with_optimizer:
+            torch.save(
+                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                path / "optimizer.pt",
+            )
+        (path / "engine.json").write_text(json.dumps({"engine": "hf", "with_optimizer": with_optimizer}))
+
+    def load(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        policy = load_safetensors_dir(path / "policy")
+        self.model.load_state_dict(policy, strict=False)
+        missing = {n for n, _ in self.model.named_parameters()} - set(policy)
+        if missing:
+            raise RuntimeError(f"checkpoint {path} lacks parameters {sorted(missing)[:5]}")
+        if self.reference is not None and (path / "reference.safetensors").exists():
+            self.reference.load_state_dict(load_file(str(path / "reference.safetensors")), strict=False)
+        if (path / "optimizer.pt").exists():
+            state = torch.load(path / "optimizer.pt", weights_only=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])

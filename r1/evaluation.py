@@ -1,0 +1,40 @@
+"""Held-out evaluation through the rollout pool: pass@1 over k samples (T=0.6, top-p 0.95) and cons@k."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from r1.types import SamplingParams
+
+
+def evaluate(cfg, rollout, eval_set, step: int) -> dict[str, float]:
+    problems = eval_set.problems[: cfg.eval.max_problems] if cfg.eval.max_problems else eval_set.problems
+    params = SamplingParams(
+        n=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+        max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed * 7919 + step,
+    )
+    rows = rollout.evaluate([(i, p.prompt, p.answer) for i, p in enumerate(problems)], params)
+    n = len(rows)
+    return {
+        "pass@1": sum(r["pass1"] for r in rows) / n,
+        f"cons@{cfg.eval.k}": sum(r["cons"] for r in rows) / n,
+        "format_rate": sum(r["format"] for r in rows) / n,
+        "response_length": sum(r["length"] for r in rows) / n,
+        "problems": float(n),
+    }
+
+
+def print_comparison(base: dict, final: dict, console) -> None:
+    table = Table(title=f"Held-out evaluation ({int(final['problems'])} problems)")
+    table.add_column("metric")
+    table.add_column("base model", justify="right")
+    table.add_column("trained policy", justify="right")
+    table.add_column("change", justify="right")
+    for key in base:
+        if key == "problems":
+            continue
+        scale = 1.0 if key == "response_length" else 100.0
+        unit = "" if key == "response_length" else " pts"
+        table.add_row(key, f"{base[key] * scale:.1f}", f"{final[key] * scale:.1f}",
+                      f"{(final[key] - base[key]) * scale:+.1f}{unit}")
+    console.print(table)

@@ -1,0 +1,34 @@
+"""The live line a person watches: step, reward, accuracy, tokens/s, ETA (rich, one line per step)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+
+
+class Progress:
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self.console = Console(highlight=False)
+        self.total, self.start_step = total_steps, start_step
+        self.t0 = time.time()
+
+    def eta_s(self, step: int) -> float:
+        done = step - self.start_step
+        if done <= 0:
+            return float("nan")
+        return (time.time() - self.t0) / done * (self.total - step)
+
+    def step(self, step: int, m: dict) -> None:
+        eta = self.eta_s(step)
+        eta_txt = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta == eta else "?"
+        self.console.print(
+            f"[bold]step {step}/{self.total}[/] reward {m['reward/mean']:.3f} "
+            f"acc {m.get('reward/accuracy', float('nan')):.3f} fmt {m.get('reward/format', float('nan')):.3f} "
+            f"len {m['response/length_mean']:.0f} kl {m.get('train/kl', 0.0):.4f} "
+            f"gen {m['perf/gen_tokens_per_s']:.0f} tok/s train {m['perf/train_tokens_per_s']:.0f} tok/s "
+            f"step {m['time/step_s']:.1f}s ETA {eta_txt}"
+        )
+
+    def note(self, text: str) -> None:
+        self.console.print(text)

@@ -1,0 +1,123 @@
+"""The data that crosses process boundaries: sampling requests, completions, rollouts and training batches.
+
+Plain dataclasses of Python lists and CPU tensors, so Ray can move them through its object store and every
+engine (HF, vLLM, Megatron) speaks the same language.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1  # samples per prompt (the GRPO group size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    """One sampled response. ``logprobs[i]`` is log p(token_ids[i]) under the sampling policy at temperature T."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (EOS) or "length"
+
+
+@dataclass
+class Sample:
+    """A scored completion of a prompt, as it travels from the rollout pool to the driver."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float]
+    response_text: str
+    reward: float
+    reward_components: dict[str, float]
+    answer: str | None
+    finish_reason: str
+    policy_version: int
+
+
+@dataclass
+class Group:
+    """All G samples of one prompt: the unit of GRPO's advantage and of the rollout transport."""
+
+    prompt_index: int
+    reference: str
+    samples: list[Sample]
+
+
+@dataclass
+class TrainBatch:
+    """Right-padded token sequences with per-token fields aligned to ``input_ids``.
+
+    Position ``t`` of any per-token tensor refers to the token ``input_ids[:, t]`` (predicted from ``< t``);
+    ``response_mask`` is 1 on response tokens only, so position 0 and prompt/padding positions never count.
+    """
+
+    input_ids: torch.Tensor  # [B, L] long
+    attention_mask: torch.Tensor  # [B, L] long
+    response_mask: torch.Tensor  # [B, L] float
+    advantages: torch.Tensor  # [B]
+    old_logp: torch.Tensor | None = None  # [B, L] behaviour policy (trainer recompute)
+    ref_logp: torch.Tensor | None = None  # [B, L] reference policy
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor | slice | list[int]) -> TrainBatch:
+        def pick(t):
+            return None if t is None else t[index]
+
+        return TrainBatch(
+            input_ids=self.input_ids[index],
+            attention_mask=self.attention_mask[index],
+            response_mask=self.response_mask[index],
+            advantages=self.advantages[index],
+            old_logp=pick(self.old_logp),
+            ref_logp=pick(self.ref_logp),
+            extras={k: v[index] for k, v in self.extras.items()},
+        )
+
+    def to(self, device) -> TrainBatch:
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return TrainBatch(
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            response_mask=move(self.response_mask),
+            advantages=move(self.advantages),
+            old_logp=move(self.old_logp),
+            ref_logp=move(self.ref_logp),
+            extras={k: move(v) for k, v in self.extras.items()},
+        )
+
+    def trimmed(self) -> TrainBatch:
+        """Drop trailing columns that are padding in every row (shards of a batch rarely need the full width)."""
+        width = int(self.attention_mask.sum(dim=1).max()) if len(self) else 0
+        return self.select((slice(None), slice(0, width))) if width < self.input_ids.shape[1] else self
+
+
+def collate(groups: list[Group], advantages: torch.Tensor, pad_id: int) -> TrainBatch:
+    """Flatten groups (in order) into a right-padded batch; ``advantages`` follows the same sample order."""
+    samples = [s for g in groups for s in g.samples]
+    width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(samples), width), dtype=torch.long)
+    resp = torch.zeros((len(samples), width), dtype=torch.float32)
+    rollout_logp = torch.zeros((len(samples), width), dtype=torch.float32)
+    for row, s in enumerate(samples):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        ids[row, : p + r] = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
+        attn[row, : p + r] = 1
+        resp[row, p : p + r] = 1.0
+        rollout_logp[row, p : p + r] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+    return TrainBatch(ids, attn, resp, advantages.float(), extras={"rollout_logp": rollout_logp})

@@ -1,0 +1,81 @@
+"""One rank of the training pool: a train engine, its data-parallel group, and (rank 0) the sync source."""
+
+from __future__ import annotations
+
+import os
+import random
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from r1.distributed.weight_sync import WeightSyncGroup, free_port, manifest_of, node_ip
+from r1.engines.registry import build_train_engine
+
+
+class TrainWorker:
+    def __init__(self, cfg, model_path: str, rank: int, world_size: int):
+        torch.set_num_threads(max(1, cfg.trainer.torch_threads))
+        self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
+        self.engine = None
+        self.sync: WeightSyncGroup | None = None
+
+    def address(self) -> tuple[str, int]:
+        return node_ip(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Join the data-parallel group (gloo on CPU, NCCL on GPU) and build the engine."""
+        if self.world_size > 1:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(
+                backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                world_size=self.world_size, timeout=timedelta(seconds=self.cfg.sync.timeout_s),
+            )
+        self.engine = build_train_engine(self.cfg, self.model_path)
+
+    # --- compute ----------------------------------------------------------------------------------------------
+    def compute_logprobs(self, batch, temperature: float, reference: bool):
+        return self.engine.compute_logprobs(batch, temperature=temperature, reference=reference)
+
+    def train_step(self, batch, loss_fn) -> dict[str, float]:
+        return self.engine.train_step(batch, loss_fn)
+
+    def update_reference(self) -> None:
+        self.engine.update_reference()
+
+    # --- weight sync (rank 0 only) ----------------------------------------------------------------------------
+    def manifest(self):
+        return manifest_of(self.engine.named_weights())
+
+    def init_sync(self, host: str, port: int, world_size: int) -> None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        self.sync = WeightSyncGroup(host, port, 0, world_size, backend=backend, timeout_s=self.cfg.sync.timeout_s)
+
+    def broadcast_weights(self, version: int) -> int:
+        named = list(self.engine.named_weights())
+        return self.sync.send(named, manifest_of(named), int(self.cfg.sync.bucket_mb * 2**20), version)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def save(self, path: str, with_optimizer: bool) -> None:
+        if self.rank == 0:
+            from transformers import AutoTokenizer
+
+            self.engine.save(Path(path), with_optimizer=with_optimizer)
+            # a checkpoint's policy/ is a complete HF model directory: weights, config and tokenizer
+            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(Path(path) / "policy")
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        torch.save(rng, Path(path) / f"rng_rank{self.rank}.pt")
+
+    def load(self, path: str) -> None:
+        self.engine.load(Path(path))
+        rng_file = Path(path) / f"rng_rank{self.rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+
+    def pid(self) -> int:
+        return os.getpid()
