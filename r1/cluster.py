@@ -7,19 +7,20 @@ import os
 import ray
 
 
-def connect(cluster) -> None:
+def connect(cluster) -> bool:
+    """Join or start Ray. Returns True if this call started it (the caller then owns its shutdown)."""
     if ray.is_initialized():
-        return
+        return False
     # Workers must find `r1` even when the driver runs from another directory.
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))}}
     if cluster.kind == "local":
         if cluster.ray_address:
             ray.init(address=cluster.ray_address, runtime_env=env, log_to_driver=True)
-        else:
+            return True
             ray.init(num_cpus=cluster.num_cpus, num_gpus=0 if not _has_cuda() else None, runtime_env=env,
                      include_dashboard=False, log_to_driver=True)
-        return
+        return True
     raise ValueError(f"cluster.kind={cluster.kind!r} is not supported; choose one of ['local']")
 
 

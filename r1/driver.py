@@ -60,12 +60,13 @@ def build_batch(cfg, groups, pad_id: int, train: TrainPool, stats: dict) -> Trai
     return batch
 
 
-def train_on(cfg, batch: TrainBatch, train: TrainPool, loss: GRPOLoss) -> dict:
+def train_on(cfg, batch: TrainBatch, train: TrainPool, loss: GRPOLoss, step: int) -> dict:
     """``minibatches_per_step`` optimizer steps over the batch; old log-probs fixed before the first one."""
     n_mb = cfg.algo.minibatches_per_step
     if n_mb > 1:
         batch.old_logp = train.compute_logprobs(batch, temperature=loss.temperature, reference=False)
-    order = torch.randperm(len(batch))
+    # Seeded by the step, not the global RNG, so a resumed run shuffles exactly as the uninterrupted one.
+    order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(cfg.seed * 7_919 + step))
     stats: dict[str, float] = {}
     for chunk in order.chunk(n_mb):
         for k, v in train.train_step(batch.select(chunk), loss).items():
@@ -94,7 +95,7 @@ def run(cfg) -> dict:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     model_path = prepare_model(cfg)
     train_set, eval_set = prepare_data(cfg)
-    connect(cfg.cluster)
+    owns_ray = connect(cfg.cluster)
 
     train = TrainPool(cfg, model_path)
     rollout = RolloutPool(cfg, model_path)
@@ -151,7 +152,7 @@ def run(cfg) -> dict:
                 kl_coef=cfg.algo.kl_coef, kl_kind=cfg.algo.kl_kind, kl_in_loss=cfg.algo.kl_placement == "loss",
                 temperature=cfg.rollout.temperature, norm_constant=float(params.max_new_tokens),
             )
-            metrics.update({f"train/{k}": v for k, v in train_on(cfg, batch, train, loss).items()})
+            metrics.update({f"train/{k}": v for k, v in train_on(cfg, batch, train, loss, step).items()})
         t_train = time.time() - t0
         step += 1
 
@@ -193,5 +194,6 @@ def run(cfg) -> dict:
     logger.close()
     rollout.shutdown()
     train.shutdown()
-    ray.shutdown()
+    if owns_ray:
+        ray.shutdown()
     return {"step": step, "evals": evals, "run_dir": str(run_dir)}

@@ -52,7 +52,8 @@ def policy_loss(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
     advantages = advantages.detach().to(logp.dtype)
-    ratio = torch.exp(logp - old_logp.detach())
+    # Padding may hold anything (even inf): zero its log-ratio before exp so it cannot poison the gradient.
+    ratio = torch.exp(torch.where(mask.bool(), logp - old_logp.detach(), torch.zeros_like(logp)))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)

@@ -80,7 +80,7 @@ class TinyModelSpec:
     pretrain_lr: float = 3e-3
     # Share of each solution style in the pretraining corpus (see r1/data/arithmetic.py).
     style_mix: dict[str, float] = field(
-        default_factory=lambda: {"careful": 0.3, "careless": 0.5, "malformed": 0.2}
+        default_factory=lambda: {"careful": 0.35, "careless": 0.45, "malformed": 0.2}
     )
     seed: int = 0
 

@@ -39,14 +39,15 @@ def careless_solution(operands: tuple[int, ...]) -> str:
 
 
 def malformed_solution(operands: tuple[int, ...], rng: random.Random) -> str:
+    """Layouts the format reward rejects. None starts like a careful solution, so RL can tell the styles apart
+    from the first token on (a shared prefix would make careful thinking pay for sloppy formatting)."""
     s = sum(operands)
-    expr = " + ".join(map(str, operands))
     return rng.choice(
         [
             f"<answer> {s} </answer>",
-            f"<think> {expr} is {s} <answer> {s} </answer>",
-            f"<think> {expr} </think> the answer is {s}",
-            f"<think> {expr} = {s} </think> <answer> {s}",
+            f"the answer is {s}",
+            f"<think> easy <answer> {s} </answer>",
+            f"<think> easy </think> {s}",
         ]
     )
 

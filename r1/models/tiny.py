@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<pad>", "</s>"]
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
-BUILD_VERSION = 2  # bump when this file changes what it builds
+BUILD_VERSION = 3  # bump when this file changes what it builds
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int):

@@ -1,0 +1,90 @@
+"""Every experiment x cluster x model composes and validates; typos fail with the key and the choices."""
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+
+from r1.config.validate import ConfigError, check_key, validate
+from tests.conftest import CONF_DIR, REPO, compose
+
+EXPERIMENTS = [None] + sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+CLUSTERS = sorted(p.stem for p in (CONF_DIR / "cluster").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def test_expected_models_exist():
+    assert {"tiny", "qwen2_5_1_5b", "qwen2_5_7b", "qwen2_5_32b", "qwen2_5_math_7b", "llama3_1_8b",
+            "llama3_1_70b"} <= set(MODELS)
+
+
+@pytest.mark.parametrize("experiment, cluster, model", list(itertools.product(EXPERIMENTS, CLUSTERS, MODELS)))
+def test_every_combination_composes_and_validates(experiment, cluster, model):
+    overrides = [f"cluster={cluster}", f"model={model}", "run_dir=x"]
+    if experiment:
+        overrides.insert(0, f"+experiment={experiment}")
+    cfg = compose(overrides)
+    validate(cfg)
+    assert cfg.model.name
+
+
+def test_r1_zero_carries_the_paper_settings():
+    cfg = compose(["+experiment=r1_zero", "run_dir=x"])
+    a = cfg.algo
+    assert (a.name, a.group_size, a.prompts_per_step, a.kl_coef, a.kl_kind) == ("grpo", 16, 32, 0.001, "k3")
+    assert a.ref_update_interval == 400 and a.loss_agg == "seq_mean_token_mean"
+    assert cfg.trainer.lr == 3e-6 and cfg.rollout.temperature == 1.0
+    assert [(s.from_step, s.max_tokens) for s in cfg.rollout.length_schedule] == [(0, 32768), (8200, 65536)]
+    assert (cfg.eval.temperature, cfg.eval.top_p, cfg.eval.k) == (0.6, 0.95, 16)
+    assert [(t.name, t.weight) for t in cfg.reward.terms] == [("accuracy", 1.0), ("format", 1.0)]
+
+
+def test_misspelt_key_names_key_and_choices():
+    with pytest.raises(ConfigError) as err:
+        check_key("algo.kl_coeff")
+    msg = str(err.value)
+    assert "kl_coeff" in msg and "Did you mean 'algo.kl_coef'" in msg and "group_size" in msg
+    with pytest.raises(ConfigError, match="Valid keys of the top level"):
+        check_key("algorithm.group_size")
+    check_key("model.tiny.style_mix.careful")  # dict-typed fields take any key
+
+
+def test_semantic_errors_are_listed():
+    cfg = compose(["run_dir=x", "algo.group_size=1", "rollout.temperature=0"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert "algo.group_size=1" in str(err.value) and "rollout.temperature" in str(err.value)
+
+
+def _launch(*args):
+    return subprocess.run([sys.executable, "-m", "launcher.main", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_typo_in_key_fails_before_anything_starts():
+    out = _launch("algo.kl_coeff=0.1")
+    assert out.returncode == 2
+    assert "Did you mean 'algo.kl_coef'" in out.stderr
+
+
+def test_cli_typo_in_group_choice_lists_options():
+    out = _launch("cluster=slrum")
+    assert out.returncode != 0
+    assert "cluster/slrum" in out.stderr and "local" in out.stderr
+
+
+def test_cli_wrong_type_names_the_key():
+    out = _launch("algo.group_size=many")
+    assert out.returncode != 0 and "algo.group_size" in out.stderr
+
+
+def test_cli_wrong_enum_lists_valid_values():
+    out = _launch("algo.loss_agg=sum")
+    assert out.returncode != 0 and "token_mean" in out.stderr
+
+
+def test_cli_prints_resolved_config():
+    out = _launch("+experiment=r1_zero", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    assert "group_size: 16" in out.stdout and "lr: 3.0e-06" in out.stdout

@@ -1,0 +1,100 @@
+"""Rewards: answer extraction, the R1-Zero format check, and math-verify in a pool that never hangs."""
+
+import time
+
+import pytest
+
+from r1.rewards import VerifierPool, build_reward, extract_answer, format_reward
+
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("<think> a </think> <answer> 42 </answer>", 1.0),
+        ("<think>\nmulti\nline\n</think>\n<answer>\\boxed{7}</answer>\n", 1.0),
+        ("<think></think><answer>x</answer>", 1.0),
+        ("<answer> 42 </answer>", 0.0),  # missing think
+        ("<think> a </think> 42", 0.0),  # missing answer
+        ("<think> a <answer> 42 </answer>", 0.0),  # unclosed think
+        ("<think> a </think> <answer> 42", 0.0),  # unclosed answer
+        ("<think> a </think> <answer> 42 </answer> trailing", 0.0),  # extra text
+        ("preamble <think> a </think> <answer> 42 </answer>", 0.0),
+        ("<think> a <think> b </think> </think> <answer> 1 </answer>", 0.0),  # nested
+        ("<think> a </think> <answer> 1 </answer> <answer> 2 </answer>", 0.0),  # repeated
+        ("<answer> 1 </answer> <think> a </think>", 0.0),  # wrong order
+        ("<think> a </think> <answer>   </answer>", 0.0),  # empty answer
+    ],
+)
+def test_format_reward(response, expected):
+    assert format_reward(response) == expected
+
+
+def test_extract_answer_takes_the_last_answer():
+    assert extract_answer("<answer> 1 </answer> then <answer> \\boxed{2} </answer>") == "\\boxed{2}"
+    assert extract_answer("no tags") is None
+    assert extract_answer("<answer>  </answer>") is None
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = VerifierPool(num_workers=1, timeout_s=3.0)
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize(
+    "reference, candidate, equal",
+    [
+        ("0.5", "\\frac{1}{2}", True),
+        ("\\frac{1}{2}", "0.5", True),
+        ("0.5", "\\boxed{\\frac{1}{2}}", True),
+        ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", True),
+        ("3", "\\boxed{3}", True),
+        ("85", "86", False),
+        ("x^2", "x*x", True),
+        ("0.5", "", False),
+    ],
+)
+def test_math_verify_equivalences(pool, reference, candidate, equal):
+    assert pool.equivalent(reference, candidate) is equal
+
+
+def test_hanging_verification_times_out_to_zero(pool):
+    """sympy takes ~30 s on this pair; the pool kills the check after its timeout, counts it, and moves on."""
+    before = pool.stats.timeouts
+    start = time.time()
+    out = pool.equivalent_many([("(x+1)^{3000}", "(x+2)^{3000}"), ("2", "2")])
+    assert out == [False, True]
+    assert pool.stats.timeouts == before + 1
+    assert time.time() - start < 25  # bounded by the 3 s timeout (+ a worker restart), far below sympy's 30 s
+
+
+def test_rule_reward_sums_weighted_terms():
+    reward = build_reward([("accuracy", 1.0), ("format", 0.5)], verify_timeout_s=5)
+    try:
+        res = reward.score(
+            ["<think> t </think> <answer> \\frac{1}{2} </answer>", "<answer> 0.5 </answer>", "no answer"],
+            ["0.5", "0.5", "0.5"],
+        )
+    finally:
+        reward.verifier.close()
+    assert res.components == {"accuracy": [1.0, 1.0, 0.0], "format": [1.0, 0.0, 0.0]}
+    assert res.total == [1.5, 1.0, 0.0]
+    assert res.answers == ["\\frac{1}{2}", "0.5", None]
+
+
+def length_bonus(response: str, reference: str) -> float:
+    return min(len(response), 10) / 10
+
+
+def test_user_reward_terms_plug_in_by_import_path():
+    reward = build_reward([("tests.test_rewards:length_bonus", 2.0)])
+    try:
+        assert reward.score(["12345"], ["x"]).total == [1.0]
+    finally:
+        reward.verifier.close()
+
+
+def test_unknown_reward_term_is_a_clear_error():
+    with pytest.raises(ValueError, match="package.module:function"):
+        build_reward([("acuracy", 1.0)])
