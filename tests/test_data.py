@@ -63,7 +63,7 @@ def test_arithmetic_splits_are_disjoint_and_solutions_score(tmp_path):
     assert not train & held and len(held) >= 200
     sol = careful_solution((3, 5, 7, 2))
     assert format_reward(sol) == 1.0 and extract_answer(sol) == "17"
-    train_path, eval_path = write_prompt_files(tmp_path, num_operands=4, low=0, high=9)
+    _, eval_path = write_prompt_files(tmp_path, num_operands=4, low=0, high=9)
     assert len(load_prompts(eval_path).problems) == len(held)
     docs = pretraining_corpus(50, num_operands=4, low=0, high=9, mix={"careful": 1, "careless": 0, "malformed": 0},
                               seed=0)

@@ -27,8 +27,10 @@ def _cfg(cache_dir, run_dir, total_steps, resume=False, extra=()):
             "rollout.length_schedule=[{from_step: 0, max_tokens: 12}]", "eval.max_new_tokens=12",
             "trainer.lr=1e-3",
             # an untrained model never earns accuracy/format: a graded user term gives GRPO a signal
-            "reward.terms=[{name: accuracy, weight: 1.0}, {name: format, weight: 1.0},"
-            " {name: 'tests.test_end_to_end:digit_reward', weight: 1.0}]",
+            (
+                "reward.terms=[{name: accuracy, weight: 1.0}, {name: format, weight: 1.0},"
+                " {name: 'tests.test_end_to_end:digit_reward', weight: 1.0}]"
+            ),
             *extra,
         ]
     )

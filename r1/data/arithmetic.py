@@ -34,7 +34,7 @@ def careful_solution(operands: tuple[int, ...]) -> str:
 
 
 def careless_solution(operands: tuple[int, ...]) -> str:
-    guess = int(round(sum(operands) / 10.0)) * 10
+    guess = round(sum(operands) / 10.0) * 10
     return f"<think> easy </think> <answer> {guess} </answer>"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from rich.console import Console
@@ -9,7 +10,7 @@ from rich.console import Console
 
 class Progress:
     def __init__(self, total_steps: int, start_step: int = 0):
-        self.console = Console(highlight=False)
+        self.console = Console(highlight=False, soft_wrap=True)
         self.total, self.start_step = total_steps, start_step
         self.t0 = time.time()
 
@@ -21,7 +22,7 @@ class Progress:
 
     def step(self, step: int, m: dict) -> None:
         eta = self.eta_s(step)
-        eta_txt = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta == eta else "?"
+        eta_txt = f"{int(eta // 60)}m{int(eta % 60):02d}s" if not math.isnan(eta) else "?"
         self.console.print(
             f"[bold]step {step}/{self.total}[/] reward {m['reward/mean']:.3f} "
             f"acc {m.get('reward/accuracy', float('nan')):.3f} fmt {m.get('reward/format', float('nan')):.3f} "
