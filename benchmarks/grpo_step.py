@@ -1,6 +1,6 @@
 """Benchmark: GRPO steps of the default experiment, and weight-sync bandwidth vs a raw gloo broadcast.
 
-    .venv/bin/python benchmarks/grpo_step.py [--steps 3]
+    .venv/bin/python benchmarks/grpo_step.py [--steps 3] [hydra overrides ...]
 
 Prints a table; copy it, with machine and date, into benchmarks/RESULTS.md. Not a test: no thresholds.
 """
@@ -43,10 +43,11 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. cache_dir=/path")
     args = ap.parse_args()
     run_dir = Path(tempfile.mkdtemp(prefix="r1-bench-"))
     cfg = compose([f"run_dir={run_dir}", "logger=none", f"trainer.total_steps={args.steps}", "eval.at_start=false",
-                   "eval.max_problems=8", "checkpoint.every_steps=0"])
+                   "eval.max_problems=8", "checkpoint.every_steps=0", *args.overrides])
     ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     run(cfg)
