@@ -121,9 +121,6 @@ class RolloutPool:
                 total[k] = total.get(k, 0) + v
         return total
 
-    def set_version(self, version: int) -> None:
-        ray.get([a.set_version.remote(version) for a in self.actors])
-
     def shutdown(self) -> None:
         ray.get([a.shutdown.remote() for a in self.actors], timeout=30)
         for a in self.actors:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -89,15 +88,6 @@ class RolloutWorker:
     def receive_weights(self, manifest, version: int) -> None:
         self.engine.load_weights(self.sync.receive(manifest, int(self.cfg.sync.bucket_mb * 2**20), version))
         self.version = version
-
-    def set_version(self, version: int) -> None:
-        self.version = version
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return {n: t.clone() for n, t in self.engine.named_weights()}
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def shutdown(self) -> None:
         self.reward.verifier.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from datetime import timedelta
 from pathlib import Path
@@ -76,6 +75,3 @@ class TrainWorker:
             torch.set_rng_state(rng["torch"])
             np.random.set_state(rng["numpy"])
             random.setstate(rng["python"])
-
-    def pid(self) -> int:
-        return os.getpid()
