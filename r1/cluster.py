@@ -17,7 +17,7 @@ def connect(cluster) -> bool:
     if cluster.kind == "local":
         if cluster.ray_address:
             ray.init(address=cluster.ray_address, runtime_env=env, log_to_driver=True)
-            return True
+        else:
             ray.init(num_cpus=cluster.num_cpus, num_gpus=0 if not _has_cuda() else None, runtime_env=env,
                      include_dashboard=False, log_to_driver=True)
         return True
