@@ -49,7 +49,9 @@ def hydra_main(cfg: DictConfig) -> None:
     validate(plain)
     from r1.driver import run
 
-    run(plain)
+    result = run(plain)
+    if result.get("stopped_by"):  # stopped by SIGINT/SIGTERM after a checkpoint: the conventional 128 + signal
+        sys.exit(128 + int(result["stopped_by"]))
 
 
 def main() -> None:

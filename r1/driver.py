@@ -1,15 +1,19 @@
 """The R1-Zero GRPO loop, top to bottom.
 
-    sample prompts -> generate G per prompt (rollout pool) -> rewards (in the rollout workers)
-    -> reference log-probs -> group advantages -> update (training pool) -> sync weights -> log
-    -> checkpoint -> evaluate
+    take a batch of rewarded groups from the rollout buffer (generated G per prompt by the rollout pool)
+    -> reference/old log-probs -> group advantages -> update (training pool) -> sync weights -> refill the buffer
+    -> log -> checkpoint -> evaluate
 
-Everything engine-specific sits behind the pools; everything algorithmic is a pure function from ``r1.algo``.
+With ``algo.max_staleness = 0`` this is the synchronous on-policy loop. With ``s >= 1`` the buffer keeps the rollout
+pool generating the next batches (with the newest weights it has) while the training pool updates on this one, and
+the loss corrects for the lag with truncated importance weights. Everything engine-specific sits behind the pools;
+everything algorithmic is a pure function from ``r1.algo``.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -22,11 +26,14 @@ from r1.checkpoint import CheckpointManager
 from r1.cluster import connect
 from r1.data.prompts import PromptSampler
 from r1.evaluation import evaluate, print_comparison
+from r1.monitoring.ledger import GroupLedger
 from r1.monitoring.loggers import MetricsLogger
 from r1.monitoring.progress import Progress
+from r1.monitoring.stop import GracefulStop
 from r1.setup import prepare_data, prepare_model
 from r1.types import SamplingParams, TrainBatch, collate
 from r1.workers.pools import RolloutPool, TrainPool, WeightSync
+from r1.workers.rollout_buffer import RolloutBuffer
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +67,19 @@ def build_batch(cfg, groups, pad_id: int, train: TrainPool, stats: dict) -> Trai
     return batch
 
 
+def make_loss(cfg, max_tokens: int) -> GRPOLoss:
+    a = cfg.algo
+    return GRPOLoss(
+        clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg, kl_coef=a.kl_coef, kl_kind=a.kl_kind,
+        kl_in_loss=a.kl_placement == "loss", temperature=cfg.rollout.temperature, norm_constant=float(max_tokens),
+        is_cap=a.is_cap if a.is_correction else None,
+    )
+
+
 def train_on(cfg, batch: TrainBatch, train: TrainPool, loss: GRPOLoss, step: int) -> dict:
     """``minibatches_per_step`` optimizer steps over the batch; old log-probs fixed before the first one."""
     n_mb = cfg.algo.minibatches_per_step
-    if n_mb > 1:
+    if n_mb > 1 or loss.is_cap is not None:  # the proximal policy pi_old, recomputed by the trainer
         batch.old_logp = train.compute_logprobs(batch, temperature=loss.temperature, reference=False)
     # Seeded by the step, not the global RNG, so a resumed run shuffles exactly as the uninterrupted one.
     order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(cfg.seed * 7_919 + step))
@@ -88,6 +104,13 @@ def rollout_metrics(groups) -> dict:
     return m
 
 
+def sampling_params(cfg, version: int, seed: int) -> SamplingParams:
+    return SamplingParams(
+        n=cfg.algo.group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+        max_new_tokens=max_tokens_at(cfg, version), seed=seed,
+    )
+
+
 def run(cfg) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,104 +119,123 @@ def run(cfg) -> dict:
     model_path = prepare_model(cfg)
     train_set, eval_set = prepare_data(cfg)
     owns_ray = connect(cfg.cluster)
+    train = rollout = logger = ledger = None
+    try:
+        train = TrainPool(cfg, model_path)
+        rollout = RolloutPool(cfg, model_path)
+        sync = WeightSync(train, rollout)
+        from transformers import AutoTokenizer
 
-    train = TrainPool(cfg, model_path)
-    rollout = RolloutPool(cfg, model_path)
-    sync = WeightSync(train, rollout)
-    from transformers import AutoTokenizer
+        pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id
+        buffer = RolloutBuffer(cfg, rollout, train_set.problems, PromptSampler(len(train_set.problems), cfg.seed),
+                               lambda version, seed: sampling_params(cfg, version, seed))
+        checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+        logger = MetricsLogger(cfg, run_dir, config_dict)
+        step, evals, resumed_step = 0, {}, None
 
-    pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id
-    sampler = PromptSampler(len(train_set.problems), seed=cfg.seed)
-    checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
-    logger = MetricsLogger(cfg, run_dir, config_dict)
-    step, evals = 0, {}
+        if cfg.resume and (latest := checkpoints.latest()) is not None:
+            state = CheckpointManager.driver_state(latest)
+            train.load(str(latest))
+            buffer.load_state_dict(state["buffer"])
+            step, evals, resumed_step = state["step"], state.get("evals", {}), state["step"]
+            sync.push(version=step)  # the rollout pool starts from the resumed policy
+            log.info("resumed from %s at step %d", latest, step)
+        ledger = GroupLedger(run_dir, resumed_step)
+        progress = Progress(cfg.trainer.total_steps, start_step=step)
+        saved_step = resumed_step
 
-    if cfg.resume and (latest := checkpoints.latest()) is not None:
-        state = CheckpointManager.driver_state(latest)
-        train.load(str(latest))
-        sampler.load_state_dict(state["sampler"])
-        step, evals = state["step"], state.get("evals", {})
-        sync.push(version=step)  # the rollout pool starts from the resumed policy
-        log.info("resumed from %s at step %d", latest, step)
-    progress = Progress(cfg.trainer.total_steps, start_step=step)
+        def save_checkpoint() -> None:
+            nonlocal saved_step
+            state = {"step": step, "buffer": buffer.state_dict(), "evals": evals, "model_path": str(model_path)}
+            checkpoints.save(step, state, lambda d: train.save(str(d), cfg.checkpoint.save_optimizer))
+            saved_step = step
 
-    def save_checkpoint() -> None:
-        state = {"step": step, "sampler": sampler.state_dict(), "evals": evals, "model_path": str(model_path)}
-        checkpoints.save(step, state, lambda d: train.save(str(d), cfg.checkpoint.save_optimizer))
+        def run_eval(tag: str) -> None:
+            evals[tag] = evaluate(cfg, rollout, eval_set, step)
+            logger.log({f"eval/{k}": v for k, v in evals[tag].items()}, step=step)
+            progress.note(f"[cyan]eval @ step {step}[/]: " + ", ".join(f"{k} {v:.3f}" for k, v in evals[tag].items()))
 
-    def run_eval(tag: str) -> None:
-        evals[tag] = evaluate(cfg, rollout, eval_set, step)
-        logger.log({f"eval/{k}": v for k, v in evals[tag].items()}, step=step)
-        progress.note(f"[cyan]eval @ step {step}[/]: " + ", ".join(f"{k} {v:.3f}" for k, v in evals[tag].items()))
+        with GracefulStop() as stop:
+            if cfg.eval.at_start and "base" not in evals:
+                run_eval("base")
 
-    if cfg.eval.at_start and "base" not in evals:
-        run_eval("base")
+            while step < cfg.trainer.total_steps and not stop.requested:
+                t_step, busy_before = time.time(), rollout.busy_seconds()
+                # 1-2. a batch of rewarded groups, generated by policy versions >= step - max_staleness
+                groups = buffer.take(step, lambda: stop.requested)
+                if groups is None:
+                    break
+                t_wait = time.time() - t_step
+                metrics = rollout_metrics(groups) | buffer.metrics(groups, step)
 
-    while step < cfg.trainer.total_steps:
-        t_step = time.time()
-        # 1. sample prompts, 2. generate G per prompt (rewards computed in the rollout workers)
-        indices = sampler.next_indices(cfg.algo.prompts_per_step)
-        problems = [(i, train_set.problems[i].prompt, train_set.problems[i].answer) for i in indices]
-        params = SamplingParams(
-            n=cfg.algo.group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            max_new_tokens=max_tokens_at(cfg, step), seed=cfg.seed * 1_000_003 + step,
-        )
-        t0 = time.time()
-        groups = rollout.generate(problems, params)
-        t_gen = time.time() - t0
-        metrics = rollout_metrics(groups)
+                # 3. advantages (and reference / old log-probs), 4. update the policy
+                t0 = time.time()
+                batch = build_batch(cfg, groups, pad_id, train, metrics)
+                if batch is not None:
+                    loss = make_loss(cfg, max_tokens_at(cfg, step))
+                    metrics.update({f"train/{k}": v for k, v in train_on(cfg, batch, train, loss, step).items()})
+                t_train = time.time() - t0
+                step += 1
 
-        # 3. advantages (and reference log-probs), 4. update the policy
-        t0 = time.time()
-        batch = build_batch(cfg, groups, pad_id, train, metrics)
-        if batch is not None:
-            loss = GRPOLoss(
-                clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, agg=cfg.algo.loss_agg,
-                kl_coef=cfg.algo.kl_coef, kl_kind=cfg.algo.kl_kind, kl_in_loss=cfg.algo.kl_placement == "loss",
-                temperature=cfg.rollout.temperature, norm_constant=float(params.max_new_tokens),
-            )
-            metrics.update({f"train/{k}": v for k, v in train_on(cfg, batch, train, loss, step).items()})
-        t_train = time.time() - t0
-        step += 1
+                # 5. push the new policy to the rollout pool, which already generates the next batch(es);
+                #    top the buffer up with the new version; refresh the reference policy on schedule
+                t0 = time.time()
+                sent = sync.push(version=step)
+                if step < cfg.trainer.total_steps:
+                    buffer.fill(step)
+                t_sync = time.time() - t0
+                if cfg.algo.ref_update_interval and step % cfg.algo.ref_update_interval == 0:
+                    train.update_reference()
 
-        # 5. push the new policy to the rollout pool; refresh the reference policy on schedule
-        t0 = time.time()
-        sent = sync.push(version=step)
-        t_sync = time.time() - t0
-        if cfg.algo.ref_update_interval and step % cfg.algo.ref_update_interval == 0:
-            train.update_reference()
+                # 6. log
+                t_total = time.time() - t_step
+                t_gen = sum(b - a for a, b in zip(busy_before, rollout.busy_seconds())) / len(busy_before)
+                gen_tokens = sum(len(s.response_ids) for g in groups for s in g.samples)
+                train_tokens = int(batch.attention_mask.sum()) if batch is not None else 0
+                metrics.update({
+                    "time/step_s": t_total, "time/generate_s": t_gen, "time/train_s": t_train,
+                    "time/sync_s": t_sync, "time/wait_for_rollouts_s": t_wait,
+                    "time/rollout_idle_s": max(0.0, t_total - t_gen),
+                    "time/train_idle_s": max(0.0, t_total - t_train - t_sync),
+                    "perf/overlap_efficiency": t_total / max(t_gen, t_train, 1e-9),
+                    "perf/gen_tokens_per_s": gen_tokens / max(t_gen, 1e-9),
+                    "perf/train_tokens_per_s": train_tokens / max(t_train, 1e-9),
+                    "perf/sync_MB_per_s": sent / 2**20 / max(t_sync, 1e-9), "policy/version": step,
+                    "data/epoch": buffer.sampler.epoch,
+                })
+                metrics.update({f"verifier/{k}": v for k, v in rollout.verifier_stats().items()})
+                logger.log(metrics, step=step)
+                ledger.record(step, groups)
+                progress.step(step, metrics)
+                if cfg.logger.log_samples:
+                    logger.log_table("samples", ["prompt", "response", "reward"], [
+                        [train_set.problems[g.prompt_index].prompt, g.samples[0].response_text, g.samples[0].reward]
+                        for g in groups[: cfg.logger.log_samples]], step=step)
 
-        # 6. log
-        gen_tokens = sum(len(s.response_ids) for g in groups for s in g.samples)
-        train_tokens = int(batch.attention_mask.sum()) if batch is not None else 0
-        metrics.update({
-            "time/generate_s": t_gen, "time/train_s": t_train, "time/sync_s": t_sync,
-            "time/step_s": time.time() - t_step, "perf/gen_tokens_per_s": gen_tokens / max(t_gen, 1e-9),
-            "perf/train_tokens_per_s": train_tokens / max(t_train, 1e-9),
-            "perf/sync_MB_per_s": sent / 2**20 / max(t_sync, 1e-9), "policy/version": step,
-            "data/epoch": sampler.epoch,
-        })
-        metrics.update({f"verifier/{k}": v for k, v in rollout.verifier_stats().items()})
-        logger.log(metrics, step=step)
-        progress.step(step, metrics)
-        if cfg.logger.log_samples:
-            logger.log_table("samples", ["prompt", "response", "reward"], [
-                [train_set.problems[g.prompt_index].prompt, g.samples[0].response_text, g.samples[0].reward]
-                for g in groups[: cfg.logger.log_samples]], step=step)
+                # 7. checkpoint, 8. evaluate
+                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                    save_checkpoint()
+                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.trainer.total_steps:
+                    run_eval(f"step_{step}")
 
-        # 7. checkpoint, 8. evaluate
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            if stop.requested:  # stopped early: a resumable checkpoint of exactly where we are
+                if saved_step != step:
+                    save_checkpoint()
+                progress.note(f"[yellow]stopped by {signal.Signals(stop.signum).name} at step {step}[/]; checkpoint "
+                              f"written; continue with: r1-launch resume=true run_dir={run_dir}")
+                return {"step": step, "evals": evals, "run_dir": str(run_dir), "stopped_by": stop.signum}
+            run_eval("final")
             save_checkpoint()
-        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.trainer.total_steps:
-            run_eval(f"step_{step}")
-
-    run_eval("final")
-    save_checkpoint()
-    if "base" in evals:
-        print_comparison(evals["base"], evals["final"], progress.console)
-    logger.close()
-    rollout.shutdown()
-    train.shutdown()
-    if owns_ray:
-        ray.shutdown()
-    return {"step": step, "evals": evals, "run_dir": str(run_dir)}
+        if "base" in evals:
+            print_comparison(evals["base"], evals["final"], progress.console)
+        return {"step": step, "evals": evals, "run_dir": str(run_dir), "stopped_by": None}
+    finally:
+        for sink in (ledger, logger):
+            if sink is not None:
+                sink.close()
+        if rollout is not None:
+            rollout.shutdown()
+        if train is not None:
+            train.shutdown()
+        if owns_ray:
+            ray.shutdown()

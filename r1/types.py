@@ -27,6 +27,8 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS) or "length"
+    # Policy version that produced each token, when weights may change mid-generation (partial rollouts).
+    token_versions: list[int] | None = None
 
 
 @dataclass
@@ -41,16 +43,27 @@ class Sample:
     reward_components: dict[str, float]
     answer: str | None
     finish_reason: str
-    policy_version: int
+    policy_version: int  # the *oldest* version that produced any of its tokens (what staleness is measured on)
+    token_versions: list[int] | None = None  # per response token; differs from policy_version only mid-update
 
 
 @dataclass
 class Group:
-    """All G samples of one prompt: the unit of GRPO's advantage and of the rollout transport."""
+    """All G samples of one prompt: the unit of GRPO's advantage, of the rollout transport and of the buffer.
+
+    ``uid`` numbers prompt draws in order: a group keeps its uid when regenerated (after a stale discard or a lost
+    worker), so "every uid trained exactly once" is the no-loss, no-duplicate guarantee.
+    """
 
     prompt_index: int
     reference: str
     samples: list[Sample]
+    uid: int = -1
+    gen_seconds: float = 0.0  # this group's share of its request's generation time
+
+    @property
+    def policy_version(self) -> int:
+        return min(s.policy_version for s in self.samples)
 
 
 @dataclass

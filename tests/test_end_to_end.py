@@ -62,7 +62,8 @@ def test_two_steps_checkpoint_and_exact_resume(ray_local, tiny_model, cache_dir,
     resumed = tmp_path / "resumed"
     run(_cfg(cache_dir, resumed, total_steps=2))
     state = json.loads((resumed / "checkpoints" / "step_000002" / "driver_state.json").read_text())
-    assert state["step"] == 2 and state["sampler"]["index"] == 2 * 4
+    assert state["step"] == 2 and state["buffer"]["sampler"]["index"] == 2 * 4
+    assert state["buffer"]["next_uid"] == 8 and state["buffer"]["pending"] == []  # on-policy: nothing in flight
     out = run(_cfg(cache_dir, resumed, total_steps=3, resume=True))
     assert out["step"] == 3
     a, b = _policy(straight, 3), _policy(resumed, 3)

@@ -9,6 +9,7 @@ from r1.algo.advantages import filter_uniform_groups, group_advantages
 from r1.algo.grpo import GRPOLoss
 from r1.algo.kl import kl_estimate, kl_shaped_rewards
 from r1.algo.loss import AGGREGATIONS, aggregate, policy_loss
+from r1.algo.offpolicy import truncated_is_weights
 
 __all__ = [
     "AGGREGATIONS",
@@ -19,4 +20,5 @@ __all__ = [
     "kl_estimate",
     "kl_shaped_rewards",
     "policy_loss",
+    "truncated_is_weights",
 ]

@@ -8,6 +8,7 @@ import torch
 
 from r1.algo.kl import kl_estimate
 from r1.algo.loss import aggregate, policy_loss
+from r1.algo.offpolicy import truncated_is_weights
 
 
 @dataclass
@@ -26,14 +27,20 @@ class GRPOLoss:
     kl_in_loss: bool = True
     temperature: float = 1.0
     norm_constant: float | None = None  # Dr.GRPO's constant (the generation budget)
+    # Truncated IS against the rollout engine's log-probs (``batch.extras["rollout_logp"]``); None = off.
+    is_cap: float | None = None
 
     def __call__(self, logp: torch.Tensor, batch, entropy: torch.Tensor | None):
         mask = batch.response_mask
         old = batch.old_logp if batch.old_logp is not None else logp.detach()
+        weights, is_stats = None, {}
+        if self.is_cap is not None:
+            weights, is_stats = truncated_is_weights(old, batch.extras["rollout_logp"], mask, cap=self.is_cap)
         loss, stats = policy_loss(
             logp, old, batch.advantages, mask, clip_low=self.clip_low, clip_high=self.clip_high,
-            agg=self.agg, entropy=entropy, norm_constant=self.norm_constant,
+            agg=self.agg, entropy=entropy, norm_constant=self.norm_constant, is_weights=weights,
         )
+        stats.update(is_stats)
         stats["pg_loss"] = loss.item()
         if self.kl_in_loss and self.kl_coef > 0:
             kl = kl_estimate(logp, batch.ref_logp, self.kl_kind)

@@ -41,12 +41,14 @@ def policy_loss(
     agg: str = "seq_mean_token_mean",
     entropy: torch.Tensor | None = None,
     norm_constant: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate, ``max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high))`` per token.
 
     ``logp``/``old_logp``/``mask`` are ``[B, T]`` response-token log-probs under the current and the behaviour
     policy; ``advantages`` is ``[B]`` (broadcast over tokens) or ``[B, T]``. ``clip_high > clip_low`` is DAPO's
-    clip-higher. Gradients flow through ``logp`` only. Returns the loss and float stats: ``clip_fraction`` (share of
+    clip-higher. ``is_weights`` ``[B, T]`` (detached, e.g. ``truncated_is_weights``) scale each token's term: the
+    off-policy correction of asynchronous GRPO. Gradients flow through ``logp`` only. Returns the loss and float stats: ``clip_fraction`` (share of
     tokens where the clipped branch is active), ``ratio_mean``, ``ratio_max`` and ``entropy`` when given.
     """
     if advantages.dim() == 1:
@@ -57,6 +59,8 @@ def policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach().to(per_token.dtype)
     loss = aggregate(per_token, mask, agg, norm_constant=norm_constant)
 
     with torch.no_grad():

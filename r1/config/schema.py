@@ -130,6 +130,15 @@ class RolloutConfig:
     length_schedule: list[LengthStage] = field(default_factory=lambda: [LengthStage(0, 32768)])
     # Sequences per generate() call inside a worker (bounds activation memory on CPU).
     micro_batch_size: int = 64
+    # Prompt groups per generation request (the buffer's streaming unit); 0 = a step's prompts split evenly over
+    # the workers, one request each. Smaller requests stream groups to the trainer sooner.
+    groups_per_request: int = 0
+    # A weight update reaches a request in flight between two decode steps (tokens record their version) instead
+    # of waiting for the request to finish. Needs algo.max_staleness >= 1.
+    partial_rollouts: bool = False
+    # Emulate a large model's speed: each decode step takes at least this long and a request at least
+    # max_tokens x this (orchestration benchmarks and fault drills on CPU; 0 = real speed).
+    simulated_decode_step_s: float = 0.0
 
 
 @dataclass
@@ -147,6 +156,8 @@ class TrainerConfig:
     grad_clip: float = 1.0
     micro_batch_size: int = 32  # sequences per forward/backward (gradient accumulation below that)
     seed: int = 1
+    # Emulate a large model's speed: each optimizer step takes at least this long (benchmarks; 0 = real speed).
+    simulated_update_s: float = 0.0
 
 
 @dataclass
@@ -165,6 +176,13 @@ class AlgoConfig:
     kl_placement: KLPlacement = KLPlacement.loss
     ref_update_interval: int = 400  # steps between refreshes of the reference policy (0 = never)
     filter_uniform_groups: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
+    # Asynchronous GRPO: a sample may be up to this many policy versions old when trained on (0 = on-policy, the
+    # synchronous loop). Generation of the next batches overlaps training of the current one.
+    max_staleness: int = 0
+    # Off-policy correction: weight each token by min(pi_old / pi_rollout, is_cap), pi_old being the trainer's
+    # recompute before the update and pi_rollout the rollout engine's log-prob (staleness and engine mismatch).
+    is_correction: bool = True
+    is_cap: float = 2.0
 
 
 @dataclass

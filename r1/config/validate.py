@@ -68,6 +68,19 @@ def validate(cfg) -> None:
         problems.append("algo.clip_low / algo.clip_high must be >= 0")
     if a.kl_coef < 0:
         problems.append("algo.kl_coef must be >= 0")
+    if a.max_staleness < 0:
+        problems.append("algo.max_staleness must be >= 0 (0 = on-policy)")
+    if a.is_cap < 1:
+        problems.append(f"algo.is_cap={a.is_cap}: the importance-weight cap must be >= 1")
+    if r.groups_per_request < 0:
+        problems.append("rollout.groups_per_request must be >= 0 (0 = one request per worker per step)")
+    if r.partial_rollouts and a.max_staleness < 1:
+        problems.append(
+            "rollout.partial_rollouts=true needs algo.max_staleness >= 1 (on-policy runs never update weights while "
+            "generating)"
+        )
+    if r.simulated_decode_step_s < 0 or t.simulated_update_s < 0:
+        problems.append("rollout.simulated_decode_step_s / trainer.simulated_update_s must be >= 0")
     if r.engine not in ROLLOUT_ENGINES:
         problems.append(f"rollout.engine={r.engine!r}: choose one of {list(ROLLOUT_ENGINES)}")
     if t.engine not in TRAIN_ENGINES:

@@ -6,9 +6,10 @@ which tokens can be drawn, not the policy being optimised) so the trainer can co
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from r1.types import Completion, SamplingParams
 
@@ -27,17 +28,23 @@ class HFRolloutEngine:
         self._params = dict(self.model.named_parameters())
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, between_steps: Callable[[], int] | None = None
+    ) -> list[Completion]:
+        """See ``RolloutEngine.generate``; ``between_steps`` runs between decode steps (weights may change there)."""
         expanded = [p for p in prompts for _ in range(params.n)]
         gen = torch.Generator(device="cpu").manual_seed(params.seed)
         completions: list[Completion] = []
         for start in range(0, len(expanded), self.micro_batch_size):
             # One seed per micro-batch, derived from the request seed: reproducible for a fixed request.
             torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
-            completions.extend(self._generate_batch(expanded[start : start + self.micro_batch_size], params))
+            completions.extend(
+                self._generate_batch(expanded[start : start + self.micro_batch_size], params, between_steps)
+            )
         return completions
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _generate_batch(self, prompts, params: SamplingParams, between_steps) -> list[Completion]:
+        hook = _StepHook(between_steps) if between_steps is not None else None
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -57,6 +64,7 @@ class HFRolloutEngine:
             eos_token_id=self.eos_id,
             return_dict_in_generate=True,
             output_logits=True,
+            logits_processor=LogitsProcessorList([hook]) if hook else None,
         )
         new_tokens = out.sequences[:, width:].cpu()
         logits = torch.stack(out.logits, dim=1).float().cpu()  # [B, T, V], before temperature/top-p
@@ -69,7 +77,8 @@ class HFRolloutEngine:
                 end, reason = tokens.index(self.eos_id) + 1, "stop"  # the EOS is part of the response
             else:
                 end, reason = len(tokens), "length"
-            completions.append(Completion(tokens[:end], picked[row, :end].tolist(), reason))
+            versions = hook.labels[:end] if hook else None
+            completions.append(Completion(tokens[:end], picked[row, :end].tolist(), reason, versions))
         return completions
 
     @torch.no_grad()
@@ -83,3 +92,23 @@ class HFRolloutEngine:
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, param in self.model.named_parameters():
             yield name, param.detach()
+
+
+class _StepHook(LogitsProcessor):
+    """Runs the caller's hook after each forward pass and labels every decode step with the version it returned.
+
+    HF calls a logits processor once per decode step, after the forward pass that produced that step's logits and
+    before the next one: the only point where swapping weights is safe. Token ``t`` is labelled with the version
+    in force for forward ``t``; the KV cache of earlier tokens is kept (PipelineRL-style in-flight update), so the
+    recorded log-probs are exactly the distribution each token was sampled from.
+    """
+
+    def __init__(self, hook: Callable[[], int]):
+        self.hook = hook
+        self.current = hook()
+        self.labels: list[int] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.labels.append(self.current)
+        self.current = self.hook()
+        return scores

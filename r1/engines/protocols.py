@@ -6,7 +6,7 @@ implement these, so swapping engines is a config choice (``trainer.engine``, ``r
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -48,8 +48,15 @@ class TrainEngine(Protocol):
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """``params.n`` completions per prompt, in group order (all of prompt 0, then prompt 1, ...)."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, between_steps: Callable[[], int] | None = None
+    ) -> list[Completion]:
+        """``params.n`` completions per prompt, in group order (all of prompt 0, then prompt 1, ...).
+
+        With ``between_steps``, the engine calls it before the first and after every decode step; the hook may load
+        new weights and returns the policy version now in force, which the engine records per token in
+        ``Completion.token_versions`` (partial rollouts, simulated decode latency).
+        """
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy named tensors (HF names, as sent by ``TrainEngine.named_weights``) into the serving model."""

@@ -1,12 +1,17 @@
 """The training pool and the rollout pool: Ray actors in two separate placement groups, plus the sync group.
 
-Keeping the pools apart (not colocated) is what lets them run different engines, scale independently and, in the
-asynchronous issue, overlap. Each pool fans a call out to its actors and gathers the results in order.
+Keeping the pools apart (not colocated) is what lets them run different engines, scale independently and overlap
+(asynchronous GRPO). Each pool fans a call out to its actors and gathers the results in order. A rollout worker
+that dies is replaced in its placement-group bundle and rejoins a re-formed weight-sync group with the current
+weights; callers re-submit its lost work.
 """
 
 from __future__ import annotations
 
+import logging
+
 import ray
+from ray.exceptions import RayActorError
 import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -23,18 +28,26 @@ def pool_bundles(num_workers: int, cpus: float, gpus: float) -> list[dict[str, f
     return [dict(bundle) for _ in range(num_workers)]
 
 
-def _make_actors(cls, num_workers: int, cpus: float, gpus: float, strategy: str, name: str, make_args):
+log = logging.getLogger(__name__)
+
+
+def _make_placement_group(num_workers: int, cpus: float, gpus: float, strategy: str, name: str):
     pg = placement_group(pool_bundles(num_workers, cpus, gpus), strategy=strategy, name=name)
     ray.get(pg.ready(), timeout=300)
+    return pg
+
+
+def _spawn(remote_cls, pg, index: int, cpus: float, gpus: float, args):
+    return remote_cls.options(
+        num_cpus=cpus, num_gpus=gpus, max_concurrency=2,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
+    ).remote(*args)
+
+
+def _make_actors(cls, num_workers: int, cpus: float, gpus: float, strategy: str, name: str, make_args):
+    pg = _make_placement_group(num_workers, cpus, gpus, strategy, name)
     remote_cls = ray.remote(cls)
-    actors = [
-        remote_cls.options(
-            num_cpus=cpus, num_gpus=gpus, max_concurrency=2,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-        ).remote(*make_args(i))
-        for i in range(num_workers)
-    ]
-    return pg, actors
+    return pg, [_spawn(remote_cls, pg, i, cpus, gpus, make_args(i)) for i in range(num_workers)]
 
 
 def split_evenly(items: list, parts: int) -> list[list]:
@@ -93,20 +106,72 @@ class TrainPool:
 
 
 class RolloutPool:
+    """Rollout workers; each runs one generation request at a time (queued on the worker) plus weight sync."""
+
     def __init__(self, cfg, model_path: str):
         r = cfg.rollout
-        self.pg, self.actors = _make_actors(
-            RolloutWorker, r.num_workers, r.cpus_per_worker, r.gpus_per_worker, cfg.cluster.placement_strategy,
-            f"r1-rollout-{cfg.name}", lambda i: (cfg, model_path, i),
+        self.cfg, self.model_path = cfg, model_path
+        self.pg = _make_placement_group(
+            r.num_workers, r.cpus_per_worker, r.gpus_per_worker, cfg.cluster.placement_strategy,
+            f"r1-rollout-{cfg.name}",
         )
+        # generation and weight reception on separate threads (see rollout_worker); sync has 2 so that re-forming
+        # the group after a member died never queues behind a receive stuck on the dead member
+        self._remote_cls = ray.remote(concurrency_groups={"generate": 1, "sync": 2})(RolloutWorker)
+        self.actors = [self._spawn(i) for i in range(r.num_workers)]
+        self.sync: WeightSync | None = None  # set by WeightSync; replacements rejoin through it
+        self.replaced = 0
+
+    def _spawn(self, index: int):
+        r = self.cfg.rollout
+        return _spawn(self._remote_cls, self.pg, index, r.cpus_per_worker, r.gpus_per_worker,
+                      (self.cfg, self.model_path, index))
+
+    def submit(self, worker: int, problems, params: SamplingParams, uids: list[int]):
+        """Queue one generation request on ``worker``; returns its ObjectRef (list[Group])."""
+        return self.actors[worker].generate_groups.remote(problems, params, uids)
+
+    def dead_workers(self) -> list[int]:
+        """Indices of workers whose actor has died (a ping that fails)."""
+        pings = [a.pid.remote() for a in self.actors]
+        dead = []
+        for i, ref in enumerate(pings):
+            try:
+                ray.get(ref, timeout=60)
+            except RayActorError:
+                dead.append(i)
+        return dead
+
+    def replace(self, dead: list[int]) -> None:
+        """Start fresh workers in the dead ones' bundles; they rejoin the sync group with the current weights."""
+        for i in dead:
+            log.warning("rollout worker %d died; replacing it (its in-flight requests will be redone)", i)
+            ray.kill(self.actors[i], no_restart=True)
+            self.actors[i] = self._spawn(i)
+            self.replaced += 1
+        if self.sync is not None:
+            self.sync.rejoin()
 
     def _fan_out(self, method: str, problems: list[tuple[int, str, str]], params: SamplingParams) -> list:
+        """One chunk per worker; a chunk whose worker dies is redone on its replacement."""
         chunks = split_evenly(problems, len(self.actors))
-        futures = [
-            getattr(a, method).remote(chunk, SamplingParams(**{**params.__dict__, "seed": params.seed * 1009 + i}))
-            for i, (a, chunk) in enumerate(zip(self.actors, chunks)) if chunk
-        ]
-        return [item for part in ray.get(futures) for item in part]
+        results: dict[int, list] = {}
+        while len(results) < sum(1 for c in chunks if c):
+            todo = [i for i, c in enumerate(chunks) if c and i not in results]
+            futures = {
+                i: getattr(self.actors[i], method).remote(
+                    chunks[i], SamplingParams(**{**params.__dict__, "seed": params.seed * 1009 + i}))
+                for i in todo
+            }
+            dead = []
+            for i, ref in futures.items():
+                try:
+                    results[i] = ray.get(ref)
+                except RayActorError:
+                    dead.append(i)
+            if dead:
+                self.replace(dead)
+        return [item for i in sorted(results) for item in results[i]]
 
     def generate(self, problems: list[tuple[int, str, str]], params: SamplingParams) -> list[Group]:
         return self._fan_out("generate_groups", problems, params)
@@ -121,29 +186,67 @@ class RolloutPool:
                 total[k] = total.get(k, 0) + v
         return total
 
+    def busy_seconds(self) -> list[float]:
+        return ray.get([a.busy_seconds.remote() for a in self.actors])
+
     def shutdown(self) -> None:
-        ray.get([a.shutdown.remote() for a in self.actors], timeout=30)
+        try:
+            ray.get([a.shutdown.remote() for a in self.actors], timeout=30)
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            pass  # a dead or stuck worker is killed below anyway
         for a in self.actors:
             ray.kill(a)
         remove_placement_group(self.pg)
 
 
 class WeightSync:
-    """Trainer rank 0 -> every rollout worker, one bucketed broadcast per sync."""
+    """Trainer rank 0 -> every rollout worker, one bucketed broadcast per sync, on a group of its own."""
 
     def __init__(self, train: TrainPool, rollout: RolloutPool):
         self.train, self.rollout = train, rollout
-        host, port = ray.get(train.leader.address.remote())
-        world = 1 + len(rollout.actors)
-        ray.get(
-            [train.leader.init_sync.remote(host, port, world)]
-            + [a.init_sync.remote(host, port, i + 1, world) for i, a in enumerate(rollout.actors)]
-        )
+        self.version = 0
+        rollout.sync = self
+        self._form()
         self.manifest = ray.get(train.leader.manifest.remote())
 
+    def _form(self) -> None:
+        host, port = ray.get(self.train.leader.address.remote())
+        world = 1 + len(self.rollout.actors)
+        ray.get(
+            [self.train.leader.init_sync.remote(host, port, world)]
+            + [a.init_sync.remote(host, port, i + 1, world) for i, a in enumerate(self.rollout.actors)]
+        )
+
+    def rejoin(self) -> None:
+        """Re-form the group (a member was replaced) and bring every worker to the current version."""
+        self._form()
+        self.push(self.version)
+
     def push(self, version: int) -> int:
-        """Broadcast the trainer's weights as ``version``; returns bytes sent. All receivers load before return."""
+        """Broadcast the trainer's weights as ``version``; returns bytes sent. Every worker has them staged on
+        return (loaded before its next request). A worker that died is replaced first, or on failure."""
+        if dead := self.rollout.dead_workers():
+            self.rollout.replace(dead)  # rejoin() pushes the previous version to the newcomer
         send = self.train.leader.broadcast_weights.remote(version)
         recvs = [a.receive_weights.remote(self.manifest, version) for a in self.rollout.actors]
-        ray.get(recvs)
+        dead, failed = [], False
+        for i, ref in enumerate(recvs):
+            try:
+                ray.get(ref)
+            except RayActorError:
+                dead.append(i)
+            except ray.exceptions.RayTaskError:
+                failed = True  # a survivor's receive broke because a peer vanished mid-broadcast
+        if dead or failed:  # re-form the group (replacing the dead) and send this version again
+            try:
+                ray.get(send)
+            except ray.exceptions.RayError:
+                pass
+            self.version = version
+            if dead:
+                self.rollout.replace(dead)
+            else:
+                self.rejoin()
+            return 0
+        self.version = version
         return ray.get(send)

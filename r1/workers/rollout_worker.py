@@ -1,8 +1,17 @@
-"""One rollout worker: a rollout engine, the tokenizer and template, and the reward (with its verifier pool)."""
+"""One rollout worker: a rollout engine, the tokenizer and template, and the reward (with its verifier pool).
+
+Generation and weight reception run on separate threads (Ray concurrency groups ``generate`` and ``sync``), so a
+weight update never waits for a request in flight: the new weights are *staged* when they arrive and loaded at the
+next safe point, i.e. before the next request, or between two decode steps with ``rollout.partial_rollouts``.
+"""
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 
+import ray
 import torch
 
 from r1.data.template import apply_template
@@ -28,15 +37,51 @@ class RolloutWorker:
         )
         self.version = 0
         self.sync: WeightSyncGroup | None = None
+        self._staged: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
+        self._lock = threading.Lock()
+        self._busy_s, self._busy_since = 0.0, None
 
     def _encode(self, prompt: str) -> list[int]:
         text = apply_template(prompt, self.cfg.data.template)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def generate_groups(self, problems: list[tuple[int, str, str]], params: SamplingParams) -> list[Group]:
-        """G completions per (index, prompt, reference), scored; returned as groups tagged with the policy version."""
+    @ray.method(concurrency_group="generate")
+    def generate_groups(
+        self, problems: list[tuple[int, str, str]], params: SamplingParams, uids: list[int] | None = None,
+        allow_partial: bool = True,
+    ) -> list[Group]:
+        """G completions per (index, prompt, reference), scored; groups tagged with uid and policy versions."""
+        start = time.time()
+        self._busy_since = start
+        try:
+            groups = self._generate_groups(problems, params, uids, allow_partial)
+        finally:
+            self._busy_s += time.time() - start
+            self._busy_since = None
+        share = (time.time() - start) / max(1, len(groups))
+        for g in groups:
+            g.gen_seconds = share
+        return groups
+
+    def _generate_groups(self, problems, params, uids, allow_partial) -> list[Group]:
         prompt_ids = [self._encode(p) for _, p, _ in problems]
-        completions = self.engine.generate(prompt_ids, params)
+        self.apply_staged()  # the request boundary: newest weights first
+        partial = allow_partial and self.cfg.rollout.partial_rollouts
+        step_s = self.cfg.rollout.simulated_decode_step_s
+        hook = None
+        if partial or step_s > 0:
+            clock = [time.time()]
+
+            def hook() -> int:
+                if step_s > 0:  # emulated decode latency: this step ends no earlier than step_s after the last
+                    time.sleep(max(0.0, clock[0] + step_s - time.time()))
+                    clock[0] = time.time()
+                return self.apply_staged() if partial else self.version
+
+        t0 = time.time()
+        completions = self.engine.generate(prompt_ids, params, between_steps=hook)
+        if step_s > 0:  # a request lasts as long as a full-length one would, so benchmark timings are known
+            time.sleep(max(0.0, t0 + step_s * params.max_new_tokens - time.time()))
         texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         refs = [ref for _, _, ref in problems for _ in range(params.n)]
         scored = self.reward.score(texts, refs)
@@ -45,20 +90,23 @@ class RolloutWorker:
             samples = []
             for j in range(g * params.n, (g + 1) * params.n):
                 c = completions[j]
+                versions = c.token_versions if c.token_versions else [self.version]
                 samples.append(
                     Sample(
                         prompt_ids=prompt_ids[g], response_ids=c.token_ids, rollout_logprobs=c.logprobs,
                         response_text=texts[j], reward=scored.total[j],
                         reward_components={k: v[j] for k, v in scored.components.items()},
-                        answer=scored.answers[j], finish_reason=c.finish_reason, policy_version=self.version,
+                        answer=scored.answers[j], finish_reason=c.finish_reason, policy_version=min(versions),
+                        token_versions=c.token_versions,
                     )
                 )
-            groups.append(Group(index, ref, samples))
+            groups.append(Group(index, ref, samples, uid=uids[g] if uids else -1))
         return groups
 
+    @ray.method(concurrency_group="generate")
     def evaluate(self, problems: list[tuple[int, str, str]], params: SamplingParams) -> list[dict]:
         """Per problem: pass@1 over k samples, cons@k correctness, format rate, mean response length."""
-        groups = self.generate_groups(problems, params)
+        groups = self.generate_groups(problems, params, allow_partial=False)
         verifier = self.reward.verifier
         out = []
         for group in groups:
@@ -80,14 +128,42 @@ class RolloutWorker:
         s = self.reward.verifier.stats
         return {"checked": s.checked, "timeouts": s.timeouts, "errors": s.errors}
 
-    # --- weight sync ------------------------------------------------------------------------------------------
+    def busy_seconds(self) -> float:
+        """Cumulative time spent generating, including the request in progress (for pool idle-time metrics)."""
+        since = self._busy_since
+        return self._busy_s + (time.time() - since if since is not None else 0.0)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # --- weight sync (runs on the `sync` thread, concurrently with generation) ---------------------------------
+    @ray.method(concurrency_group="sync")
     def init_sync(self, host: str, port: int, rank: int, world_size: int) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if self.sync is not None:  # the group is being re-formed (a member was replaced)
+            self.sync.close()
         self.sync = WeightSyncGroup(host, port, rank, world_size, backend=backend, timeout_s=self.cfg.sync.timeout_s)
 
+    @ray.method(concurrency_group="sync")
     def receive_weights(self, manifest, version: int) -> None:
-        self.engine.load_weights(self.sync.receive(manifest, int(self.cfg.sync.bucket_mb * 2**20), version))
-        self.version = version
+        """Receive ``version`` into a staging copy; it is loaded at the next safe point (see module docstring)."""
+        staged = [(n, t.clone()) for n, t in self.sync.receive(manifest, int(self.cfg.sync.bucket_mb * 2**20), version)]
+        with self._lock:
+            self._staged = (version, staged)
+
+    def apply_staged(self) -> int:
+        """Load staged weights, if any; returns the policy version now in force."""
+        with self._lock:
+            staged, self._staged = self._staged, None
+        if staged is not None:
+            self.engine.load_weights(staged[1])
+            self.version = staged[0]
+        return self.version
+
+    def loaded_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The serving model's weights after loading anything staged (for bit-exactness checks)."""
+        self.apply_staged()
+        return [(n, t.clone()) for n, t in self.engine.named_weights()]
 
     def shutdown(self) -> None:
         self.reward.verifier.close()

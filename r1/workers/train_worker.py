@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,7 +40,11 @@ class TrainWorker:
         return self.engine.compute_logprobs(batch, temperature=temperature, reference=reference)
 
     def train_step(self, batch, loss_fn) -> dict[str, float]:
-        return self.engine.train_step(batch, loss_fn)
+        start = time.time()
+        stats = self.engine.train_step(batch, loss_fn)
+        # emulated update latency (trainer.simulated_update_s) for orchestration benchmarks
+        time.sleep(max(0.0, start + self.cfg.trainer.simulated_update_s - time.time()))
+        return stats
 
     def update_reference(self) -> None:
         self.engine.update_reference()

@@ -1,0 +1,40 @@
+"""Ctrl-C / SIGTERM as a request, not a crash: finish the step in progress, checkpoint, stop both pools.
+
+A second signal aborts at once (KeyboardInterrupt). Slurm and Kubernetes send SIGTERM before killing a job, so a
+pre-empted run leaves a checkpoint it can resume from.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+log = logging.getLogger(__name__)
+
+
+class GracefulStop:
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without a checkpoint")
+        self.signum = signum
+        log.warning("%s received: stopping after the current step (checkpoint, then shut down both pools); "
+                    "send it again to abort now", signal.Signals(signum).name)
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
