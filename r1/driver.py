@@ -223,12 +223,14 @@ def run(cfg) -> dict:
                     save_checkpoint()
                 progress.note(f"[yellow]stopped by {signal.Signals(stop.signum).name} at step {step}[/]; checkpoint "
                               f"written; continue with: r1-launch resume=true run_dir={run_dir}")
-                return {"step": step, "evals": evals, "run_dir": str(run_dir), "stopped_by": stop.signum}
+                return {"step": step, "evals": evals, "run_dir": str(run_dir), "stopped_by": stop.signum,
+                        "buffer": buffer.state_dict()}
             run_eval("final")
             save_checkpoint()
         if "base" in evals:
             print_comparison(evals["base"], evals["final"], progress.console)
-        return {"step": step, "evals": evals, "run_dir": str(run_dir), "stopped_by": None}
+        return {"step": step, "evals": evals, "run_dir": str(run_dir), "stopped_by": None,
+                "buffer": buffer.state_dict()}
     finally:
         for sink in (ledger, logger):
             if sink is not None:

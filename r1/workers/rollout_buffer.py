@@ -32,6 +32,11 @@ from r1.types import Group, SamplingParams
 log = logging.getLogger(__name__)
 
 
+def request_seed(run_seed: int, first_uid: int, attempt: int) -> int:
+    """A request's sampling seed: a function of its uids and attempt, never of the worker or timing."""
+    return run_seed * 1_000_003 + first_uid * 7_919 + attempt
+
+
 @dataclass
 class _Request:
     entries: list[tuple[int, int]]  # (uid, prompt index)
@@ -62,9 +67,7 @@ class RolloutBuffer:
             entries = [self._next_entry() for _ in range(min(self.per_request, room))]
             room -= len(entries)
             worker = self._least_loaded_worker()
-            first_uid = entries[0][0]
-            # the seed depends on the uids and the attempt, never on the worker or timing: reproducible requests
-            seed = self.cfg.seed * 1_000_003 + first_uid * 7_919 + self.attempts[first_uid]
+            seed = request_seed(self.cfg.seed, entries[0][0], self.attempts[entries[0][0]])
             problems = [(i, self.problems[i].prompt, self.problems[i].answer) for _, i in entries]
             ref = self.pool.submit(worker, problems, self.params_at(version, seed), [u for u, _ in entries])
             self.in_flight[ref] = _Request(entries, worker, self.pool.actors[worker])
