@@ -187,7 +187,7 @@ def test_sigterm_checkpoints_stops_everything_and_resume_loses_nothing(tiny_mode
     assert "stopped by SIGTERM" in output
 
     # nothing left behind: every process the run started is gone
-    gone, alive = psutil.wait_procs(tree, timeout=60)
+    _, alive = psutil.wait_procs(tree, timeout=60)
     assert not alive, [" ".join(p.cmdline()) for p in alive]
 
     # the checkpoint is at the step the run stopped at, with the in-flight groups recorded as pending

@@ -47,12 +47,12 @@ def test_grpo_loss_applies_is_only_when_configured_and_reports_it():
     logp = torch.full((2, 3), -1.0)
     batch = _batch(torch.full((2, 3), -1.0 - math.log(3.0)))  # pi_old / mu = 3 everywhere
     batch.old_logp = logp.clone()
-    plain_loss, plain = GRPOLoss(agg="token_mean")(logp, batch, None)
-    corrected_loss, corrected = GRPOLoss(agg="token_mean", is_cap=2.0)(logp, batch, None)
+    batch.advantages = torch.tensor([1.0, 1.0])
+    _, plain = GRPOLoss(agg="token_mean")(logp, batch, None)
+    _, corrected = GRPOLoss(agg="token_mean", is_cap=2.0)(logp, batch, None)
     assert "is_weight_mean" not in plain
     assert math.isclose(corrected["is_weight_mean"], 3.0, rel_tol=1e-5) and corrected["is_clipped_fraction"] == 1.0
-    # advantages +1 and -1 over equal token counts cancel; check a one-sided batch instead
-    batch.advantages = torch.tensor([1.0, 1.0])
+    # every weight is truncated to the cap: the loss doubles
     plain_loss, _ = GRPOLoss(agg="token_mean")(logp, batch, None)
     corrected_loss, _ = GRPOLoss(agg="token_mean", is_cap=2.0)(logp, batch, None)
     assert math.isclose(corrected_loss.item(), 2.0 * plain_loss.item(), rel_tol=1e-6)

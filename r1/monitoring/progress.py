@@ -28,7 +28,9 @@ class Progress:
             f"acc {m.get('reward/accuracy', float('nan')):.3f} fmt {m.get('reward/format', float('nan')):.3f} "
             f"len {m['response/length_mean']:.0f} kl {m.get('train/kl', 0.0):.4f} "
             f"gen {m['perf/gen_tokens_per_s']:.0f} tok/s train {m['perf/train_tokens_per_s']:.0f} tok/s "
-            f"step {m['time/step_s']:.1f}s ETA {eta_txt}"
+            f"step {m['time/step_s']:.1f}s" + (
+                f" stale {m['staleness/mean']:.1f} overlap {m['perf/overlap_efficiency']:.2f}"
+                if m.get("staleness/max", 0) > 0 else "") + f" ETA {eta_txt}"
         )
 
     def note(self, text: str) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 
 import ray
-from ray.exceptions import RayActorError
 import torch
+from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

@@ -55,6 +55,9 @@ class RolloutBuffer:
         self.in_flight: dict[ray.ObjectRef, _Request] = {}
         self.ready: dict[int, Group] = {}
         self.next_uid = 0
+        # Round-robin: equal-sized requests in uid order alternate over the workers, so a batch never queues
+        # behind itself on one worker while another idles (least-loaded-by-count does exactly that).
+        self._next_worker = 0
         self.attempts: Counter[int] = Counter()
         self.discarded_stale = 0
         self.redone_after_loss = 0
@@ -66,7 +69,7 @@ class RolloutBuffer:
         while room > 0:
             entries = [self._next_entry() for _ in range(min(self.per_request, room))]
             room -= len(entries)
-            worker = self._least_loaded_worker()
+            worker, self._next_worker = self._next_worker, (self._next_worker + 1) % len(self.pool.actors)
             seed = request_seed(self.cfg.seed, entries[0][0], self.attempts[entries[0][0]])
             problems = [(i, self.problems[i].prompt, self.problems[i].answer) for _, i in entries]
             ref = self.pool.submit(worker, problems, self.params_at(version, seed), [u for u, _ in entries])
@@ -103,10 +106,6 @@ class RolloutBuffer:
         for entry in sorted(entries, reverse=True):  # oldest uid ends up first
             self.attempts[entry[0]] += 1
             self.queue.appendleft(entry)
-
-    def _least_loaded_worker(self) -> int:
-        load = Counter(r.worker for r in self.in_flight.values())
-        return min(range(len(self.pool.actors)), key=lambda w: (load[w], w))
 
     def _collect(self, ref, step: int) -> None:
         request = self.in_flight.pop(ref)

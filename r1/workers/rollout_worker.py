@@ -35,6 +35,10 @@ class RolloutWorker:
             verify_workers=cfg.reward.verify_workers,
             verify_timeout_s=cfg.reward.verify_timeout_s,
         )
+        # Start the verifier processes now (spawn + importing sympy takes ~1 s): otherwise the first step whose
+        # responses contain an answer pays it, mid-run.
+        self.reward.verifier.equivalent_many([("1", "1")])
+        self.reward.verifier.stats = type(self.reward.verifier.stats)()
         self.version = 0
         self.sync: WeightSyncGroup | None = None
         self._staged: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
