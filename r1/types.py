@@ -59,7 +59,6 @@ class Group:
     reference: str
     samples: list[Sample]
     uid: int = -1
-    gen_seconds: float = 0.0  # this group's share of its request's generation time
 
     @property
     def policy_version(self) -> int:

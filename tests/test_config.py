@@ -57,6 +57,16 @@ def test_semantic_errors_are_listed():
     assert "algo.group_size=1" in str(err.value) and "rollout.temperature" in str(err.value)
 
 
+def test_async_options_are_checked():
+    cfg = compose(["run_dir=x", "rollout.partial_rollouts=true", "algo.max_staleness=-1", "algo.is_cap=0.5"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    text = str(err.value)
+    assert "partial_rollouts=true needs algo.max_staleness >= 1" in text
+    assert "algo.max_staleness must be >= 0" in text and "algo.is_cap=0.5" in text
+    validate(compose(["run_dir=x", "rollout.partial_rollouts=true", "algo.max_staleness=1"]))
+
+
 def _launch(*args):
     return subprocess.run([sys.executable, "-m", "launcher.main", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120)

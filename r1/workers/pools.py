@@ -16,7 +16,7 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from r1.types import Group, SamplingParams, TrainBatch
+from r1.types import SamplingParams, TrainBatch
 from r1.workers.rollout_worker import RolloutWorker
 from r1.workers.train_worker import TrainWorker
 
@@ -128,7 +128,7 @@ class RolloutPool:
                       (self.cfg, self.model_path, index))
 
     def submit(self, worker: int, problems, params: SamplingParams, uids: list[int]):
-        """Queue one generation request on ``worker``; returns its ObjectRef (list[Group])."""
+        """Queue one generation request on ``worker``; returns its ObjectRef (a list of Group)."""
         return self.actors[worker].generate_groups.remote(problems, params, uids)
 
     def dead_workers(self) -> list[int]:
@@ -172,9 +172,6 @@ class RolloutPool:
             if dead:
                 self.replace(dead)
         return [item for i in sorted(results) for item in results[i]]
-
-    def generate(self, problems: list[tuple[int, str, str]], params: SamplingParams) -> list[Group]:
-        return self._fan_out("generate_groups", problems, params)
 
     def evaluate(self, problems: list[tuple[int, str, str]], params: SamplingParams) -> list[dict]:
         return self._fan_out("evaluate", problems, params)

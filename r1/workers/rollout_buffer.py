@@ -103,9 +103,10 @@ class RolloutBuffer:
         return entry
 
     def _requeue(self, entries: list[tuple[int, int]]) -> None:
-        for entry in sorted(entries, reverse=True):  # oldest uid ends up first
-            self.attempts[entry[0]] += 1
-            self.queue.appendleft(entry)
+        """Back into the queue, which stays in uid order: the oldest prompt is regenerated first."""
+        for uid, _ in entries:
+            self.attempts[uid] += 1
+        self.queue = deque(sorted([*self.queue, *entries]))
 
     def _collect(self, ref, step: int) -> None:
         request = self.in_flight.pop(ref)

@@ -58,14 +58,10 @@ class RolloutWorker:
         start = time.time()
         self._busy_since = start
         try:
-            groups = self._generate_groups(problems, params, uids, allow_partial)
+            return self._generate_groups(problems, params, uids, allow_partial)
         finally:
             self._busy_s += time.time() - start
             self._busy_since = None
-        share = (time.time() - start) / max(1, len(groups))
-        for g in groups:
-            g.gen_seconds = share
-        return groups
 
     def _generate_groups(self, problems, params, uids, allow_partial) -> list[Group]:
         prompt_ids = [self._encode(p) for _, p, _ in problems]
