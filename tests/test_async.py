@@ -252,3 +252,21 @@ def test_groups_older_than_the_bound_are_discarded_and_regenerated_first(ray_loc
     finally:
         rollout.shutdown()
         train.shutdown()
+
+
+def test_worker_dying_during_a_broadcast_is_replaced_and_the_version_resent(ray_local, tiny_model, cache_dir,
+                                                                           tmp_path):
+    cfg = compose(_overrides(cache_dir, tmp_path / "bcast", 1, "sync.timeout_s=600"))
+    train, rollout = TrainPool(cfg, tiny_model), RolloutPool(cfg, tiny_model)
+    sync = WeightSync(train, rollout)
+    try:
+        os.kill(ray.get(rollout.actors[1].pid.remote()), signal.SIGKILL)
+        sync.broadcast(1)  # no liveness check first: the death surfaces inside the collective
+        assert rollout.replaced == 1
+        problems = [(i, p.prompt, p.answer) for i, p in enumerate(prepare_data(cfg)[0].problems[:2])]
+        groups = ray.get([rollout.submit(w, problems[w:w + 1], sampling_params(cfg, 1, seed=w), [w])
+                          for w in range(2)])
+        assert [g.policy_version for [g] in groups] == [1, 1]
+    finally:
+        rollout.shutdown()
+        train.shutdown()

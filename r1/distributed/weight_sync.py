@@ -132,6 +132,22 @@ class WeightSyncGroup:
                 yield spec.name, flat[offset : offset + spec.numel].view(spec.shape)
                 offset += spec.numel
 
-    def close(self) -> None:
-        self.pg = None
-        self.store = None
+
+
+class SyncMembership:
+    """The current sync group of one process, and the ones it replaced.
+
+    When a member dies, the group is re-formed on a new store/port. The old group is *retired*, not destroyed: a
+    gloo/NCCL group's destructor waits for its pending collectives, and a survivor's receive from the broken
+    broadcast is pending until its timeout. Dropping it would block the very thread that joins the new group.
+    """
+
+    def __init__(self):
+        self.group: WeightSyncGroup | None = None
+        self._retired: list[WeightSyncGroup] = []
+
+    def join(self, host: str, port: int, rank: int, world_size: int, *, backend: str, timeout_s: float):
+        if self.group is not None:
+            self._retired.append(self.group)
+        self.group = WeightSyncGroup(host, port, rank, world_size, backend=backend, timeout_s=timeout_s)
+        return self.group

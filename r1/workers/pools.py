@@ -221,29 +221,30 @@ class WeightSync:
 
     def push(self, version: int) -> int:
         """Broadcast the trainer's weights as ``version``; returns bytes sent. Every worker has them staged on
-        return (loaded before its next request). A worker that died is replaced first, or on failure."""
+        return (loaded before its next request). Workers found dead beforehand are replaced first."""
         if dead := self.rollout.dead_workers():
-            self.rollout.replace(dead)  # rejoin() pushes the previous version to the newcomer
+            self.rollout.replace(dead)  # rejoin() brings the newcomer to the previous version
+        return self.broadcast(version)
+
+    def broadcast(self, version: int) -> int:
+        """One bucketed broadcast. If a member dies during it, the group is re-formed at once (the dead one
+        replaced) and the version sent again; receives stuck on the old group time out on their own thread."""
         send = self.train.leader.broadcast_weights.remote(version)
-        recvs = [a.receive_weights.remote(self.manifest, version) for a in self.rollout.actors]
-        dead, failed = [], False
-        for i, ref in enumerate(recvs):
+        recvs = {a.receive_weights.remote(self.manifest, version): i for i, a in enumerate(self.rollout.actors)}
+        pending, dead, broken = list(recvs), [], False
+        while pending and not (dead or broken):
+            done, pending = ray.wait(pending, num_returns=1)
             try:
-                ray.get(ref)
+                ray.get(done[0])
             except RayActorError:
-                dead.append(i)
+                dead.append(recvs[done[0]])
             except ray.exceptions.RayTaskError:
-                failed = True  # a survivor's receive broke because a peer vanished mid-broadcast
-        if dead or failed:  # re-form the group (replacing the dead) and send this version again
-            try:
-                ray.get(send)
-            except ray.exceptions.RayError:
-                pass
-            self.version = version
-            if dead:
-                self.rollout.replace(dead)
-            else:
-                self.rejoin()
-            return 0
+                broken = True  # a survivor's receive failed because a peer vanished mid-broadcast
         self.version = version
+        if dead:
+            self.rollout.replace(dead)  # re-forms the group and pushes `version` to everyone
+            return 0
+        if broken:
+            self.rejoin()
+            return 0
         return ray.get(send)

@@ -15,7 +15,7 @@ import ray
 import torch
 
 from r1.data.template import apply_template
-from r1.distributed.weight_sync import WeightSyncGroup
+from r1.distributed.weight_sync import SyncMembership, WeightSyncGroup
 from r1.engines.registry import build_rollout_engine
 from r1.eval.metrics import summarize_problem
 from r1.rewards import build_reward, format_reward
@@ -41,6 +41,7 @@ class RolloutWorker:
         self.reward.verifier.stats = type(self.reward.verifier.stats)()
         self.version = 0
         self.sync: WeightSyncGroup | None = None
+        self._membership = SyncMembership()  # re-formed when a rollout worker is replaced
         self._staged: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
         self._lock = threading.Lock()
         self._busy_s, self._busy_since = 0.0, None
@@ -140,9 +141,8 @@ class RolloutWorker:
     @ray.method(concurrency_group="sync")
     def init_sync(self, host: str, port: int, rank: int, world_size: int) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if self.sync is not None:  # the group is being re-formed (a member was replaced)
-            self.sync.close()
-        self.sync = WeightSyncGroup(host, port, rank, world_size, backend=backend, timeout_s=self.cfg.sync.timeout_s)
+        self.sync = self._membership.join(host, port, rank, world_size, backend=backend,
+                                          timeout_s=self.cfg.sync.timeout_s)
 
     @ray.method(concurrency_group="sync")
     def receive_weights(self, manifest, version: int) -> None:
