@@ -133,7 +133,6 @@ class WeightSyncGroup:
                 offset += spec.numel
 
 
-
 class SyncMembership:
     """The current sync group of one process, and the ones it replaced.
 
@@ -146,8 +145,7 @@ class SyncMembership:
         self.group: WeightSyncGroup | None = None
         self._retired: list[WeightSyncGroup] = []
 
-    def join(self, host: str, port: int, rank: int, world_size: int, *, backend: str, timeout_s: float):
+    def join(self, host: str, port: int, rank: int, world_size: int, *, backend: str, timeout_s: float) -> None:
         if self.group is not None:
             self._retired.append(self.group)
         self.group = WeightSyncGroup(host, port, rank, world_size, backend=backend, timeout_s=timeout_s)
-        return self.group

@@ -92,8 +92,11 @@ class RolloutBuffer:
                 self._collect(ref, step)
 
     # --- bookkeeping ------------------------------------------------------------------------------------------
+    def _in_flight_groups(self) -> int:
+        return sum(len(r.entries) for r in self.in_flight.values())
+
     def _outstanding(self) -> int:
-        return sum(len(r.entries) for r in self.in_flight.values()) + len(self.ready)
+        return self._in_flight_groups() + len(self.ready)
 
     def _next_entry(self) -> tuple[int, int]:
         if self.queue:
@@ -142,7 +145,7 @@ class RolloutBuffer:
             "buffer/discarded_stale_total": self.discarded_stale,
             "buffer/redone_after_worker_loss_total": self.redone_after_loss,
             "buffer/ready_groups": len(self.ready),
-            "buffer/in_flight_groups": sum(len(r.entries) for r in self.in_flight.values()),
+            "buffer/in_flight_groups": self._in_flight_groups(),
             "rollout/workers_replaced_total": self.pool.replaced,
         }
         counts = Counter(staleness)

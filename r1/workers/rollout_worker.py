@@ -15,7 +15,7 @@ import ray
 import torch
 
 from r1.data.template import apply_template
-from r1.distributed.weight_sync import SyncMembership, WeightSyncGroup
+from r1.distributed.weight_sync import SyncMembership
 from r1.engines.registry import build_rollout_engine
 from r1.eval.metrics import summarize_problem
 from r1.rewards import build_reward, format_reward
@@ -35,13 +35,9 @@ class RolloutWorker:
             verify_workers=cfg.reward.verify_workers,
             verify_timeout_s=cfg.reward.verify_timeout_s,
         )
-        # Start the verifier processes now (spawn + importing sympy takes ~1 s): otherwise the first step whose
-        # responses contain an answer pays it, mid-run.
-        self.reward.verifier.equivalent_many([("1", "1")])
-        self.reward.verifier.stats = type(self.reward.verifier.stats)()
+        self.reward.verifier.warm_up()  # not mid-run, on the first step whose responses contain an answer
         self.version = 0
-        self.sync: WeightSyncGroup | None = None
-        self._membership = SyncMembership()  # re-formed when a rollout worker is replaced
+        self.sync = SyncMembership()  # re-formed when a rollout worker is replaced
         self._staged: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
         self._lock = threading.Lock()
         self._busy_s, self._busy_since = 0.0, None
@@ -71,12 +67,13 @@ class RolloutWorker:
         step_s = self.cfg.rollout.simulated_decode_step_s
         hook = None
         if partial or step_s > 0:
-            clock = [time.time()]
+            last_step_end = time.time()
 
             def hook() -> int:
+                nonlocal last_step_end
                 if step_s > 0:  # emulated decode latency: this step ends no earlier than step_s after the last
-                    time.sleep(max(0.0, clock[0] + step_s - time.time()))
-                    clock[0] = time.time()
+                    time.sleep(max(0.0, last_step_end + step_s - time.time()))
+                    last_step_end = time.time()
                 return self.apply_staged() if partial else self.version
 
         t0 = time.time()
@@ -141,13 +138,13 @@ class RolloutWorker:
     @ray.method(concurrency_group="sync")
     def init_sync(self, host: str, port: int, rank: int, world_size: int) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        self.sync = self._membership.join(host, port, rank, world_size, backend=backend,
-                                          timeout_s=self.cfg.sync.timeout_s)
+        self.sync.join(host, port, rank, world_size, backend=backend, timeout_s=self.cfg.sync.timeout_s)
 
     @ray.method(concurrency_group="sync")
     def receive_weights(self, manifest, version: int) -> None:
         """Receive ``version`` into a staging copy; it is loaded at the next safe point (see module docstring)."""
-        staged = [(n, t.clone()) for n, t in self.sync.receive(manifest, int(self.cfg.sync.bucket_mb * 2**20), version)]
+        arriving = self.sync.group.receive(manifest, int(self.cfg.sync.bucket_mb * 2**20), version)
+        staged = [(n, t.clone()) for n, t in arriving]
         with self._lock:
             self._staged = (version, staged)
 

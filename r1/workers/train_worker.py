@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from r1.distributed.weight_sync import SyncMembership, WeightSyncGroup, free_port, manifest_of, node_ip
+from r1.distributed.weight_sync import SyncMembership, free_port, manifest_of, node_ip
 from r1.engines.registry import build_train_engine
 
 
@@ -20,8 +20,7 @@ class TrainWorker:
         torch.set_num_threads(max(1, cfg.trainer.torch_threads))
         self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
         self.engine = None
-        self.sync: WeightSyncGroup | None = None
-        self._membership = SyncMembership()  # re-formed when a rollout worker is replaced
+        self.sync = SyncMembership()  # re-formed when a rollout worker is replaced
 
     def address(self) -> tuple[str, int]:
         return node_ip(), free_port()
@@ -56,12 +55,11 @@ class TrainWorker:
 
     def init_sync(self, host: str, port: int, world_size: int) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        self.sync = self._membership.join(host, port, 0, world_size, backend=backend,
-                                          timeout_s=self.cfg.sync.timeout_s)
+        self.sync.join(host, port, 0, world_size, backend=backend, timeout_s=self.cfg.sync.timeout_s)
 
     def broadcast_weights(self, version: int) -> int:
         named = list(self.engine.named_weights())
-        return self.sync.send(named, manifest_of(named), int(self.cfg.sync.bucket_mb * 2**20), version)
+        return self.sync.group.send(named, manifest_of(named), int(self.cfg.sync.bucket_mb * 2**20), version)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def save(self, path: str, with_optimizer: bool) -> None:
