@@ -37,8 +37,8 @@ TINY_COMPUTE = [  # the test suite's ~20K-parameter model: compute is negligible
 
 
 def run_steps(overrides: list[str], steps: int) -> dict[str, float]:
+    from launcher.main import compose
     from r1.driver import run
-    from tests.conftest import compose
 
     run_dir = Path(tempfile.mkdtemp(prefix="r1-async-bench-"))
     cfg = compose([f"run_dir={run_dir}", "logger=none", f"trainer.total_steps={steps}", "eval.at_start=false",

@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 class RawPeer:
     def __init__(self, rank, world, host, port, numel):
-        from r1.distributed.weight_sync import WeightSyncGroup
+        from r1.distributed.bucketed_broadcast import BroadcastGroup
 
-        self.group = WeightSyncGroup(host, port, rank, world, backend="gloo", timeout_s=120)
+        self.group = BroadcastGroup(host, port, rank, world, backend="gloo", timeout_s=120)
         self.t = torch.ones(numel)
 
     def bcast(self, reps):
@@ -38,8 +38,8 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(REPO))
+    from launcher.main import compose
     from r1.driver import run
-    from tests.conftest import compose
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
@@ -63,7 +63,7 @@ def main() -> None:
     model_path = json.loads((latest / "driver_state.json").read_text())["model_path"]
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_path).parameters())
     sync_bytes = n_params * 4
-    from r1.distributed.weight_sync import free_port
+    from r1.distributed.bucketed_broadcast import free_port
 
     world = 1 + cfg.rollout.num_workers
     port = free_port()

@@ -25,15 +25,16 @@ from r1.algo import GRPOLoss, filter_uniform_groups, group_advantages, kl_shaped
 from r1.checkpoint import CheckpointManager
 from r1.cluster import connect
 from r1.data.prompts import PromptSampler
-from r1.evaluation import evaluate, print_comparison
+from r1.eval.held_out import evaluate, print_comparison
+from r1.inputs import prepare_data, prepare_model
 from r1.monitoring.ledger import GroupLedger
 from r1.monitoring.loggers import MetricsLogger
 from r1.monitoring.progress import Progress
 from r1.monitoring.stop import GracefulStop
-from r1.setup import prepare_data, prepare_model
 from r1.types import SamplingParams, TrainBatch, collate
-from r1.workers.pools import RolloutPool, TrainPool, WeightSync
+from r1.workers.pools import RolloutPool, TrainPool
 from r1.workers.rollout_buffer import RolloutBuffer
+from r1.workers.weight_sync import WeightSync
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,10 @@ def build_batch(cfg, groups, pad_id: int, train: TrainPool, stats: dict) -> Trai
             return None
     batch = collate(groups, torch.zeros(len(rewards)), pad_id)
     if cfg.algo.kl_placement != "none" and cfg.algo.kl_coef > 0:
-        batch.ref_logp = train.compute_logprobs(batch, temperature=cfg.rollout.temperature, reference=True)
+        batch.ref_logprobs = train.compute_logprobs(batch, temperature=cfg.rollout.temperature, reference=True)
     if cfg.algo.kl_placement == "reward" and cfg.algo.kl_coef > 0:
         rewards = kl_shaped_rewards(
-            rewards, batch.extras["rollout_logp"], batch.ref_logp, batch.response_mask,
+            rewards, batch.rollout_logprobs, batch.ref_logprobs, batch.response_mask,
             coef=cfg.algo.kl_coef, kind=cfg.algo.kl_kind,
         )
     batch.advantages = group_advantages(rewards, g, std_normalize=cfg.algo.std_normalize)
@@ -80,7 +81,7 @@ def train_on(cfg, batch: TrainBatch, train: TrainPool, loss: GRPOLoss, step: int
     """``minibatches_per_step`` optimizer steps over the batch; old log-probs fixed before the first one."""
     n_mb = cfg.algo.minibatches_per_step
     if n_mb > 1 or loss.is_cap is not None:  # the proximal policy pi_old, recomputed by the trainer
-        batch.old_logp = train.compute_logprobs(batch, temperature=loss.temperature, reference=False)
+        batch.old_logprobs = train.compute_logprobs(batch, temperature=loss.temperature, reference=False)
     # Seeded by the step, not the global RNG, so a resumed run shuffles exactly as the uninterrupted one.
     order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(cfg.seed * 7_919 + step))
     stats: dict[str, float] = {}

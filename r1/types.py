@@ -6,7 +6,7 @@ engine (HF, vLLM, Megatron) speaks the same language.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -22,10 +22,11 @@ class SamplingParams:
 
 @dataclass
 class Completion:
-    """One sampled response. ``logprobs[i]`` is log p(token_ids[i]) under the sampling policy at temperature T."""
+    """One sampled response. ``rollout_logprobs[i]`` is log p(token_ids[i]) under the sampling policy at
+    temperature T, as the rollout engine computed it (the same name follows it into ``Sample`` and ``TrainBatch``)."""
 
     token_ids: list[int]
-    logprobs: list[float]
+    rollout_logprobs: list[float]
     finish_reason: str  # "stop" (EOS) or "length"
     # Policy version that produced each token, when weights may change mid-generation (partial rollouts).
     token_versions: list[int] | None = None
@@ -77,9 +78,9 @@ class TrainBatch:
     attention_mask: torch.Tensor  # [B, L] long
     response_mask: torch.Tensor  # [B, L] float
     advantages: torch.Tensor  # [B]
-    old_logp: torch.Tensor | None = None  # [B, L] behaviour policy (trainer recompute)
-    ref_logp: torch.Tensor | None = None  # [B, L] reference policy
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    rollout_logprobs: torch.Tensor | None = None  # [B, L] the rollout engine's log-probs of the sampled tokens
+    old_logprobs: torch.Tensor | None = None  # [B, L] proximal policy pi_old (trainer recompute before the update)
+    ref_logprobs: torch.Tensor | None = None  # [B, L] reference policy
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -93,9 +94,9 @@ class TrainBatch:
             attention_mask=self.attention_mask[index],
             response_mask=self.response_mask[index],
             advantages=self.advantages[index],
-            old_logp=pick(self.old_logp),
-            ref_logp=pick(self.ref_logp),
-            extras={k: v[index] for k, v in self.extras.items()},
+            rollout_logprobs=pick(self.rollout_logprobs),
+            old_logprobs=pick(self.old_logprobs),
+            ref_logprobs=pick(self.ref_logprobs),
         )
 
     def to(self, device) -> TrainBatch:
@@ -107,9 +108,9 @@ class TrainBatch:
             attention_mask=move(self.attention_mask),
             response_mask=move(self.response_mask),
             advantages=move(self.advantages),
-            old_logp=move(self.old_logp),
-            ref_logp=move(self.ref_logp),
-            extras={k: move(v) for k, v in self.extras.items()},
+            rollout_logprobs=move(self.rollout_logprobs),
+            old_logprobs=move(self.old_logprobs),
+            ref_logprobs=move(self.ref_logprobs),
         )
 
     def trimmed(self) -> TrainBatch:
@@ -125,11 +126,11 @@ def collate(groups: list[Group], advantages: torch.Tensor, pad_id: int) -> Train
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(samples), width), dtype=torch.long)
     resp = torch.zeros((len(samples), width), dtype=torch.float32)
-    rollout_logp = torch.zeros((len(samples), width), dtype=torch.float32)
+    rollout_logprobs = torch.zeros((len(samples), width), dtype=torch.float32)
     for row, s in enumerate(samples):
         p, r = len(s.prompt_ids), len(s.response_ids)
         ids[row, : p + r] = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
         attn[row, : p + r] = 1
         resp[row, p : p + r] = 1.0
-        rollout_logp[row, p : p + r] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
-    return TrainBatch(ids, attn, resp, advantages.float(), extras={"rollout_logp": rollout_logp})
+        rollout_logprobs[row, p : p + r] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+    return TrainBatch(ids, attn, resp, advantages.float(), rollout_logprobs=rollout_logprobs)

@@ -7,26 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from launcher.main import compose
+
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
-
-
-def compose(overrides: list[str] | None = None):
-    """The launcher's config (schema + conf/ + overrides) as the driver receives it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from launcher.main import to_plain
-    from r1.config.schema import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=False)
-    return to_plain(cfg)
 
 
 TINY = [
@@ -50,7 +36,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(cache_dir) -> str:
     """A ~20K-parameter Qwen2 model + tokenizer, built offline through r1's own tiny-model path."""
-    from r1.setup import prepare_model
+    from r1.inputs import prepare_model
 
     cfg = compose(TINY + [f"cache_dir={cache_dir}", "run_dir=unused"])
     return prepare_model(cfg)

@@ -151,7 +151,7 @@ def test_grpo_loss_adds_kl_and_reports_units():
     batch = TrainBatch(
         input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3, dtype=torch.long),
         response_mask=torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]]), advantages=torch.tensor([1.0, -1.0]),
-        ref_logp=torch.full((2, 3), -2.0),
+        ref_logprobs=torch.full((2, 3), -2.0),
     )
     logp = torch.full((2, 3), -1.0)
     no_kl, _ = GRPOLoss(kl_coef=0.0)(logp, batch, None)

@@ -21,10 +21,11 @@ import torch
 
 from r1.data.prompts import PromptSampler
 from r1.driver import build_batch, make_loss, max_tokens_at, run, sampling_params, train_on
+from r1.inputs import prepare_data
 from r1.monitoring.ledger import read_ledger
-from r1.setup import prepare_data
-from r1.workers.pools import RolloutPool, TrainPool, WeightSync
+from r1.workers.pools import RolloutPool, TrainPool
 from r1.workers.rollout_buffer import request_seed
+from r1.workers.weight_sync import WeightSync
 from tests.conftest import REPO, TINY, compose
 
 pytestmark = pytest.mark.slow

@@ -37,16 +37,16 @@ def test_policy_loss_scales_each_token_by_its_weight():
     assert torch.allclose(logp.grad, torch.tensor([[-1.0, -0.25]]))
 
 
-def _batch(rollout_logp):
+def _batch(rollout_logprobs):
     ids = torch.zeros(2, 3, dtype=torch.long)
     mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
-    return TrainBatch(ids, torch.ones_like(ids), mask, torch.tensor([1.0, -1.0]), extras={"rollout_logp": rollout_logp})
+    return TrainBatch(ids, torch.ones_like(ids), mask, torch.tensor([1.0, -1.0]), rollout_logprobs=rollout_logprobs)
 
 
 def test_grpo_loss_applies_is_only_when_configured_and_reports_it():
     logp = torch.full((2, 3), -1.0)
     batch = _batch(torch.full((2, 3), -1.0 - math.log(3.0)))  # pi_old / mu = 3 everywhere
-    batch.old_logp = logp.clone()
+    batch.old_logprobs = logp.clone()
     batch.advantages = torch.tensor([1.0, 1.0])
     _, plain = GRPOLoss(agg="token_mean")(logp, batch, None)
     _, corrected = GRPOLoss(agg="token_mean", is_cap=2.0)(logp, batch, None)
@@ -61,7 +61,7 @@ def test_grpo_loss_applies_is_only_when_configured_and_reports_it():
 def test_matching_engines_make_the_correction_an_identity():
     logp = torch.randn(2, 3)
     batch = _batch(logp.clone())
-    batch.old_logp = logp.clone()
+    batch.old_logprobs = logp.clone()
     a, _ = GRPOLoss(is_cap=2.0)(logp, batch, None)
     b, _ = GRPOLoss()(logp, batch, None)
     assert torch.equal(a, b)

@@ -31,14 +31,14 @@ def test_weights_change_mid_generation_and_tokens_record_their_version(tiny_mode
     for c in completions:
         assert c.token_versions[:3] == [0, 0, 0][: len(c.token_ids)]
         assert c.token_versions == sorted(c.token_versions) and set(c.token_versions) <= {0, 1}
-        assert len(c.token_versions) == len(c.token_ids) == len(c.logprobs)
+        assert len(c.token_versions) == len(c.token_ids) == len(c.rollout_logprobs)
     longest = max(completions, key=lambda c: len(c.token_ids))
     assert len(longest.token_ids) > 4, "the tiny model stopped before the swap; pick another seed"
     # tokens before the swap were sampled from the old weights: their log-probs are the old model's
     reference = _teacher_forced_logprobs(old_model, prompt, longest.token_ids)
-    assert torch.allclose(torch.tensor(longest.logprobs[:3]), reference[:3], atol=1e-4)
+    assert torch.allclose(torch.tensor(longest.rollout_logprobs[:3]), reference[:3], atol=1e-4)
     # after it, the new weights are in force (the old model would give other log-probs)
-    assert not torch.allclose(torch.tensor(longest.logprobs[3:]), reference[3:], atol=1e-3)
+    assert not torch.allclose(torch.tensor(longest.rollout_logprobs[3:]), reference[3:], atol=1e-3)
     # and the engine now serves the new weights
     for (name, t), (_, expected) in zip(engine.named_weights(), new_weights):
         assert torch.equal(t, expected), name

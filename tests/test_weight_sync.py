@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from r1.distributed.weight_sync import TensorSpec, WeightSyncGroup, free_port, manifest_of, plan_buckets
+from r1.distributed.bucketed_broadcast import BroadcastGroup, TensorSpec, free_port, manifest_of, plan_buckets
 
 
 def test_bucket_plan_respects_size_dtype_and_oversized_tensors():
@@ -34,7 +34,7 @@ class Member:
         return manifest_of(self.tensors.items())
 
     def join(self, host, port, world):
-        self.group = WeightSyncGroup(host, port, self.rank, world, backend="gloo", timeout_s=60)
+        self.group = BroadcastGroup(host, port, self.rank, world, backend="gloo", timeout_s=60)
 
     def send(self, bucket_bytes, version):
         return self.group.send(self.tensors.items(), manifest_of(self.tensors.items()), bucket_bytes, version)

@@ -15,7 +15,7 @@ from r1.algo.offpolicy import truncated_is_weights
 class GRPOLoss:
     """``policy_loss`` + (optionally) ``kl_coef * KL(pi || pi_ref)`` aggregated like the policy term.
 
-    Without ``batch.old_logp`` (one optimizer step per rollout batch, so the policy *is* the behaviour policy) the
+    Without ``batch.old_logprobs`` (one optimizer step per rollout batch, so the policy *is* the behaviour policy) the
     ratio is ``exp(logp - logp.detach()) = 1`` with the PPO gradient, which saves a forward pass.
     """
 
@@ -27,15 +27,15 @@ class GRPOLoss:
     kl_in_loss: bool = True
     temperature: float = 1.0
     norm_constant: float | None = None  # Dr.GRPO's constant (the generation budget)
-    # Truncated IS against the rollout engine's log-probs (``batch.extras["rollout_logp"]``); None = off.
+    # Truncated IS against the rollout engine's log-probs (``batch.rollout_logprobs``); None = off.
     is_cap: float | None = None
 
     def __call__(self, logp: torch.Tensor, batch, entropy: torch.Tensor | None):
         mask = batch.response_mask
-        old = batch.old_logp if batch.old_logp is not None else logp.detach()
+        old = batch.old_logprobs if batch.old_logprobs is not None else logp.detach()
         weights, is_stats = None, {}
         if self.is_cap is not None:
-            weights, is_stats = truncated_is_weights(old, batch.extras["rollout_logp"], mask, cap=self.is_cap)
+            weights, is_stats = truncated_is_weights(old, batch.rollout_logprobs, mask, cap=self.is_cap)
         loss, stats = policy_loss(
             logp, old, batch.advantages, mask, clip_low=self.clip_low, clip_high=self.clip_high,
             agg=self.agg, entropy=entropy, norm_constant=self.norm_constant, is_weights=weights,
@@ -43,7 +43,7 @@ class GRPOLoss:
         stats.update(is_stats)
         stats["pg_loss"] = loss.item()
         if self.kl_in_loss and self.kl_coef > 0:
-            kl = kl_estimate(logp, batch.ref_logp, self.kl_kind)
+            kl = kl_estimate(logp, batch.ref_logprobs, self.kl_kind)
             loss = loss + self.kl_coef * aggregate(kl, mask, self.agg, norm_constant=self.norm_constant)
             stats["kl"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
         return loss, stats

@@ -128,8 +128,8 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     length_schedule: list[LengthStage] = field(default_factory=lambda: [LengthStage(0, 32768)])
-    # Sequences per generate() call inside a worker (bounds activation memory on CPU).
-    micro_batch_size: int = 64
+    # Sequences per generate() call inside a rollout worker (bounds activation memory; not a training batch).
+    generate_batch_size: int = 64
     # Prompt groups per generation request (the buffer's streaming unit); 0 = a step's prompts split evenly over
     # the workers, one request each. Smaller requests stream groups to the trainer sooner.
     groups_per_request: int = 0
@@ -154,7 +154,9 @@ class TrainerConfig:
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     grad_clip: float = 1.0
-    micro_batch_size: int = 32  # sequences per forward/backward (gradient accumulation below that)
+    # Sequences per forward/backward pass of the training engine (gradients accumulate over micro-batches up to the
+    # mini-batch, see algo.minibatches_per_step); also the chunk size of its log-prob passes.
+    micro_batch_size: int = 32
     seed: int = 1
     # Emulate a large model's speed: each optimizer step takes at least this long (benchmarks; 0 = real speed).
     simulated_update_s: float = 0.0

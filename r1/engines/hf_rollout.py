@@ -15,7 +15,7 @@ from r1.types import Completion, SamplingParams
 
 
 class HFRolloutEngine:
-    def __init__(self, model_path: str, *, micro_batch_size: int = 64, dtype: str = "float32"):
+    def __init__(self, model_path: str, *, generate_batch_size: int = 64, dtype: str = "float32"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -24,7 +24,7 @@ class HFRolloutEngine:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
-        self.micro_batch_size = micro_batch_size
+        self.generate_batch_size = generate_batch_size
         self._params = dict(self.model.named_parameters())
 
     @torch.no_grad()
@@ -35,11 +35,11 @@ class HFRolloutEngine:
         expanded = [p for p in prompts for _ in range(params.n)]
         gen = torch.Generator(device="cpu").manual_seed(params.seed)
         completions: list[Completion] = []
-        for start in range(0, len(expanded), self.micro_batch_size):
+        for start in range(0, len(expanded), self.generate_batch_size):
             # One seed per micro-batch, derived from the request seed: reproducible for a fixed request.
             torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
             completions.extend(
-                self._generate_batch(expanded[start : start + self.micro_batch_size], params, between_steps)
+                self._generate_batch(expanded[start : start + self.generate_batch_size], params, between_steps)
             )
         return completions
 

@@ -29,5 +29,5 @@ def build_rollout_engine(cfg, model_path: str):
     if cfg.rollout.engine == "hf":
         from r1.engines.hf_rollout import HFRolloutEngine
 
-        return HFRolloutEngine(model_path, micro_batch_size=cfg.rollout.micro_batch_size, dtype=cfg.model.dtype)
+        return HFRolloutEngine(model_path, generate_batch_size=cfg.rollout.generate_batch_size, dtype=cfg.model.dtype)
     raise ValueError(f"rollout.engine={cfg.rollout.engine!r} is not available; choose one of {ROLLOUT_ENGINES}")

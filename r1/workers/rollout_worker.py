@@ -15,7 +15,7 @@ import ray
 import torch
 
 from r1.data.template import apply_template
-from r1.distributed.weight_sync import SyncMembership
+from r1.distributed.bucketed_broadcast import GroupMembership
 from r1.engines.registry import build_rollout_engine
 from r1.eval.metrics import summarize_problem
 from r1.rewards import build_reward, format_reward
@@ -37,7 +37,7 @@ class RolloutWorker:
         )
         self.reward.verifier.warm_up()  # not mid-run, on the first step whose responses contain an answer
         self.version = 0
-        self.sync = SyncMembership()  # re-formed when a rollout worker is replaced
+        self.sync = GroupMembership()  # re-formed when a rollout worker is replaced
         self._staged: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
         self._lock = threading.Lock()
         self._busy_s, self._busy_since = 0.0, None
@@ -91,7 +91,7 @@ class RolloutWorker:
                 versions = c.token_versions if c.token_versions else [self.version]
                 samples.append(
                     Sample(
-                        prompt_ids=prompt_ids[g], response_ids=c.token_ids, rollout_logprobs=c.logprobs,
+                        prompt_ids=prompt_ids[g], response_ids=c.token_ids, rollout_logprobs=c.rollout_logprobs,
                         response_text=texts[j], reward=scored.total[j],
                         reward_components={k: v[j] for k, v in scored.components.items()},
                         answer=scored.answers[j], finish_reason=c.finish_reason, policy_version=min(versions),

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from r1.distributed.weight_sync import SyncMembership, free_port, manifest_of, node_ip
+from r1.distributed.bucketed_broadcast import GroupMembership, free_port, manifest_of, node_ip
 from r1.engines.registry import build_train_engine
 
 
@@ -20,7 +20,7 @@ class TrainWorker:
         torch.set_num_threads(max(1, cfg.trainer.torch_threads))
         self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
         self.engine = None
-        self.sync = SyncMembership()  # re-formed when a rollout worker is replaced
+        self.sync = GroupMembership()  # re-formed when a rollout worker is replaced
 
     def address(self) -> tuple[str, int]:
         return node_ip(), free_port()

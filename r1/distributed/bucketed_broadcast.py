@@ -75,7 +75,7 @@ def node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
-class WeightSyncGroup:
+class BroadcastGroup:
     """One member of the sync group. Rank 0 sends; every other rank receives."""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, *, backend: str, timeout_s: float):
@@ -133,7 +133,7 @@ class WeightSyncGroup:
                 offset += spec.numel
 
 
-class SyncMembership:
+class GroupMembership:
     """The current sync group of one process, and the ones it replaced.
 
     When a member dies, the group is re-formed on a new store/port. The old group is *retired*, not destroyed: a
@@ -142,10 +142,10 @@ class SyncMembership:
     """
 
     def __init__(self):
-        self.group: WeightSyncGroup | None = None
-        self._retired: list[WeightSyncGroup] = []
+        self.group: BroadcastGroup | None = None
+        self._retired: list[BroadcastGroup] = []
 
     def join(self, host: str, port: int, rank: int, world_size: int, *, backend: str, timeout_s: float) -> None:
         if self.group is not None:
             self._retired.append(self.group)
-        self.group = WeightSyncGroup(host, port, rank, world_size, backend=backend, timeout_s=timeout_s)
+        self.group = BroadcastGroup(host, port, rank, world_size, backend=backend, timeout_s=timeout_s)

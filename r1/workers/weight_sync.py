@@ -1,0 +1,67 @@
+"""Trainer -> rollout weight sync: which actors take part, when the group is re-formed, what a failure means.
+
+The collective itself (buckets, header, gloo/NCCL group) is ``r1.distributed.bucketed_broadcast``; this module is the
+orchestration around it: training rank 0 sends, every rollout worker receives, and a worker that dies mid-broadcast
+is replaced and brought up to date.
+"""
+
+from __future__ import annotations
+
+import ray
+from ray.exceptions import RayActorError
+
+from r1.workers.pools import RolloutPool, TrainPool
+
+
+class WeightSync:
+    """Trainer rank 0 -> every rollout worker, one bucketed broadcast per sync, on a group of its own."""
+
+    def __init__(self, train: TrainPool, rollout: RolloutPool):
+        self.train, self.rollout = train, rollout
+        self.version = 0
+        rollout.sync = self
+        self._form()
+        self.manifest = ray.get(train.leader.manifest.remote())
+
+    def _form(self) -> None:
+        host, port = ray.get(self.train.leader.address.remote())
+        world = 1 + len(self.rollout.actors)
+        ray.get(
+            [self.train.leader.init_sync.remote(host, port, world)]
+            + [a.init_sync.remote(host, port, i + 1, world) for i, a in enumerate(self.rollout.actors)]
+        )
+
+    def rejoin(self) -> None:
+        """Re-form the group (a member was replaced) and bring every worker to the current version."""
+        self._form()
+        self.push(self.version)
+
+    def push(self, version: int) -> int:
+        """Broadcast the trainer's weights as ``version``; returns bytes sent. Every worker has them staged on
+        return (loaded before its next request). Workers found dead beforehand are replaced first."""
+        if dead := self.rollout.dead_workers():
+            self.rollout.replace(dead)  # rejoin() brings the newcomer to the previous version
+        return self.broadcast(version)
+
+    def broadcast(self, version: int) -> int:
+        """One bucketed broadcast. If a member dies during it, the group is re-formed at once (the dead one
+        replaced) and the version sent again; receives stuck on the old group time out on their own thread."""
+        send = self.train.leader.broadcast_weights.remote(version)
+        recvs = {a.receive_weights.remote(self.manifest, version): i for i, a in enumerate(self.rollout.actors)}
+        pending, dead, broken = list(recvs), [], False
+        while pending and not (dead or broken):
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except RayActorError:
+                dead.append(recvs[done[0]])
+            except ray.exceptions.RayTaskError:
+                broken = True  # a survivor's receive failed because a peer vanished mid-broadcast
+        self.version = version
+        if dead:
+            self.rollout.replace(dead)  # re-forms the group and pushes `version` to everyone
+            return 0
+        if broken:
+            self.rejoin()
+            return 0
+        return ray.get(send)
