@@ -42,21 +42,60 @@ def pool():
     p.close()
 
 
-@pytest.mark.parametrize(
-    "reference, candidate, equal",
-    [
-        ("0.5", "\\frac{1}{2}", True),
-        ("\\frac{1}{2}", "0.5", True),
-        ("0.5", "\\boxed{\\frac{1}{2}}", True),
-        ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", True),
-        ("3", "\\boxed{3}", True),
-        ("85", "86", False),
-        ("x^2", "x*x", True),
-        ("0.5", "", False),
-    ],
-)
-def test_math_verify_equivalences(pool, reference, candidate, equal):
-    assert pool.equivalent(reference, candidate) is equal
+# (reference, answer inside <answer>...</answer>, expected accuracy reward). References are MATH-style LaTeX without
+# delimiters; answers come with and without \\boxed{} / $...$, malformed and adversarial.
+ACCURACY_CASES = [
+    # MATH-style references that the plain-number fallback used to misread (5\sqrt{3} -> 5, 3\pi -> 3)
+    ("5\\sqrt{3}", "5\\sqrt{3}", 1.0),
+    ("5\\sqrt{3}", "\\boxed{5\\sqrt{3}}", 1.0),
+    ("5\\sqrt{3}", "$5\\sqrt 3$", 1.0),
+    ("5\\sqrt{3}", "\\sqrt{75}", 1.0),
+    ("5\\sqrt{3}", "5", 0.0),
+    ("5\\sqrt{3}", "\\boxed{5}", 0.0),
+    ("3\\pi", "3\\pi", 1.0),
+    ("3\\pi", "3", 0.0),
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}", 1.0),
+    ("\\dfrac{1}{2}", "0.5", 1.0),
+    ("0.5", "\\frac{1}{2}", 1.0),
+    ("\\frac{1}{2}", "1/2", 1.0),
+    ("(-\\infty, 3]", "(-\\infty,3]", 1.0),
+    ("(-\\infty, 3]", "(-\\infty, 3)", 0.0),
+    ("10\\%", "10\\%", 1.0),
+    ("\\$18.90", "18.90", 1.0),
+    ("1000", "1,000", 1.0),
+    ("10000", "10,\\!000", 1.0),
+    ("\\text{(B)}", "(B)", 1.0),
+    ("2^{10}", "1024", 1.0),
+    ("x^2+1", "1+x^2", 1.0),
+    ("42", "42.", 1.0),
+    ("42", "The answer is \\boxed{42}.", 1.0),
+    # malformed answers: a prefix that parses is not the answer
+    ("12", "12-", 0.0),
+    ("7", "7*", 0.0),
+    ("5", "5\\sqrt{", 0.0),
+    ("12", "\\boxed{12-}", 0.0),
+    ("12", "", 0.0),
+    # adversarial: several answers, numbers that LaTeX would add up, prose without math
+    ("3", "1 2", 0.0),
+    ("5", "5 or 6", 0.0),
+    ("5", "\\boxed{6}\\boxed{5}", 0.0),
+    ("5", "5, 6", 0.0),
+    ("5", "The answer is 5", 0.0),
+]
+
+
+@pytest.mark.parametrize("reference, answer, expected", ACCURACY_CASES)
+def test_accuracy_reward_reads_whole_answers(reward, reference, answer, expected):
+    """Through the rollout path: extract from the R1-Zero layout, then math-verify in the pool."""
+    response = f"<think> work </think> <answer> {answer} </answer>"
+    assert reward.score([response], [reference]).components["accuracy"] == [expected]
+
+
+@pytest.fixture(scope="module")
+def reward():
+    r = build_reward([("accuracy", 1.0)], verify_timeout_s=5)
+    yield r
+    r.verifier.close()
 
 
 def test_hanging_verification_times_out_to_zero(pool):

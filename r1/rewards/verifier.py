@@ -9,25 +9,50 @@ and is counted; the caller never stalls.
 from __future__ import annotations
 
 import multiprocessing
+import re
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from pebble import ProcessExpired, ProcessPool
 
 
-def _parse(text: str):
-    from math_verify import parse
+# LaTeX delimiters math-verify's LaTeX extraction looks for (an escaped \$ is a currency sign, not a delimiter).
+_DELIMITED = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed")
+# Two numbers side by side ("1 2", "1\ 2"): LaTeX would read them as one expression (their sum), never an answer.
+_NUMBERS_APART = re.compile(r"\d(?:\s|\\[ ;:]|\\quad)+\d")
+# Thin spaces and negative spaces inside numbers are thousands formatting: 10,\!000 and 1\,000 are 10000 and 1000.
+_NUMBER_SPACING = re.compile(r"(?<=\d)(?:\\!|\\,)(?=\d)|(?<=\d,)\\!(?=\d)")
+_PERCENT = re.compile(r"^(.*?)\s*(\\?%)$", re.DOTALL)
 
+
+def parse_math(text: str) -> list:
+    """``text`` (a reference or an extracted answer) as math-verify objects; ``[]`` if it is not one expression.
+
+    - Text with LaTeX delimiters (``$...$``, ``\\(...\\)``, ``\\[...\\]``, ``\\boxed{}``) goes through math-verify's
+      LaTeX extraction, boxed content first: what sits inside the delimiters is the answer, prose around it is not.
+    - Bare text (MATH-style references such as ``5\\sqrt{3}``, or an answer written without ``$``) is one LaTeX
+      expression: it is wrapped in ``$...$`` as a whole and parsed by the LaTeX parser alone. math-verify's default
+      configs would also try its plain-number fallback, which reads ``5\\sqrt{3}`` as 5 and ``12-`` as 12; here a
+      string that does not parse as a whole is no answer. A trailing full stop is dropped and a trailing ``%``
+      kept as a percentage, the way math-verify treats a percent sign after ``$...$``.
+    """
+    from math_verify import LatexExtractionConfig, parse
+
+    text = text.strip()
+    if not _DELIMITED.search(text):
+        body = _NUMBER_SPACING.sub("", text.rstrip(".").strip()).replace("{,}", ",")
+        if not body or _NUMBERS_APART.search(body):
+            return []
+        percent = _PERCENT.match(body)
+        text = f"${percent.group(1)}$\\%" if percent else f"${body}$"
     # Our own timeout guards the call; math-verify's signal-based one must be off inside pool workers.
-    parsed = parse(text, parsing_timeout=None)
-    if not parsed and "$" not in text:
-        parsed = parse(f"${text}$", parsing_timeout=None)
-    return parsed
+    return parse(text, extraction_config=[LatexExtractionConfig(boxed_match_priority=0)],
+                 fallback_mode="no_fallback", parsing_timeout=None)
 
 
 def check_equivalent(reference: str, candidate: str) -> bool:
     """True if ``candidate`` is mathematically equal to ``reference`` per math-verify (runs in a pool worker)."""
-    gold, pred = _parse(reference), _parse(candidate)
+    gold, pred = parse_math(reference), parse_math(candidate)
     if not gold or not pred:
         return False
     from math_verify import verify
