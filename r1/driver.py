@@ -134,7 +134,7 @@ def run(cfg) -> dict:
         logger = MetricsLogger(cfg, run_dir, config_dict)
         step, evals, resumed_step = 0, {}, None
 
-        if cfg.resume and (latest := checkpoints.latest()) is not None:
+        if cfg.resume and (latest := checkpoints.require_latest_for_resume()) is not None:
             state = CheckpointManager.driver_state(latest)
             train.load(str(latest))
             buffer.load_state_dict(state["buffer"])
