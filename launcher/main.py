@@ -60,7 +60,15 @@ def hydra_main(cfg: DictConfig) -> None:
     choices = {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
     cfg.choices = choices
     plain = to_plain(cfg)
-    validate(plain)
+    try:
+        for warning in validate(plain):
+            logging.getLogger("r1").warning(warning)
+        from r1.inputs import check_inputs
+
+        check_inputs(plain)  # also the driver's first step; here so that a bad path is a clean exit 2
+    except ConfigError as err:
+        print(f"r1-launch: {err}", file=sys.stderr)
+        sys.exit(2)
     from r1.driver import run
 
     result = run(plain)

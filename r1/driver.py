@@ -26,7 +26,7 @@ from r1.checkpoint import CheckpointManager
 from r1.cluster import connect
 from r1.data.prompts import PromptSampler
 from r1.eval.held_out import evaluate, print_comparison
-from r1.inputs import prepare_data, prepare_model
+from r1.inputs import check_inputs, prepare_data, prepare_model
 from r1.monitoring.ledger import GroupLedger
 from r1.monitoring.loggers import MetricsLogger
 from r1.monitoring.progress import Progress
@@ -113,6 +113,7 @@ def sampling_params(cfg, version: int, seed: int) -> SamplingParams:
 
 
 def run(cfg) -> dict:
+    check_inputs(cfg)  # before anything expensive: a wrong path fails in milliseconds, naming the key to set
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_dict = OmegaConf.to_container(cfg, resolve=True)

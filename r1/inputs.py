@@ -1,13 +1,37 @@
-"""What a run needs before any worker starts: the base model's path and the prompt sets."""
+"""What a run needs before any worker starts: its input paths checked, the base model's path and the prompt sets."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+from r1.config.validate import ConfigError
 from r1.data.prompts import LoadedPrompts, load_prompts
 
 log = logging.getLogger(__name__)
+
+
+def check_inputs(cfg) -> None:
+    """Every input path exists, checked in milliseconds before anything expensive starts (pretraining a tiny model,
+    starting Ray, loading weights); each problem names the key to set."""
+    problems = []
+    if cfg.model.source == "pretrained" and not (Path(cfg.model.path) / "config.json").is_file():
+        problems.append(
+            f"model.path={cfg.model.path} is not a local Hugging Face model directory (no config.json there) for "
+            f"model {cfg.model.name}. r1 never downloads weights: put the checkpoint there, set R1_MODELS to the "
+            f"directory that holds {cfg.model.name}/ (the model configs read ${{R1_MODELS}}/<org>/<name>), or set "
+            f"model.path=/path/to/model"
+        )
+    if cfg.data.generator is None:
+        for key in ("train_path", "eval_path"):
+            path = cfg.data[key]
+            if not Path(path).is_file():
+                problems.append(
+                    f"data.{key}={path} does not exist: set data.{key} to a jsonl or parquet file with "
+                    f"'{cfg.data.prompt_field}' and '{cfg.data.answer_field}' fields (data=math reads ${{R1_DATA}})"
+                )
+    if problems:
+        raise ConfigError("missing inputs:\n  - " + "\n  - ".join(problems))
 
 
 def prepare_model(cfg) -> str:
@@ -24,8 +48,6 @@ def prepare_model(cfg) -> str:
                 console.print(f"[dim]pretraining tiny base model: step {step}/{total} loss {loss:.3f}[/]")
 
         return str(ensure_tiny_model(cfg.model.tiny, cfg.data, cfg.cache_dir, progress))
-    if not cfg.model.path:
-        raise ValueError(f"model {cfg.model.name!r} needs model.path (a local HF directory)")
     return cfg.model.path
 
 

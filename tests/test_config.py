@@ -1,6 +1,7 @@
 """Every experiment x cluster x model composes and validates; typos fail with the key and the choices."""
 
 import itertools
+import os
 import subprocess
 import sys
 
@@ -98,3 +99,37 @@ def test_cli_prints_resolved_config():
     out = _launch("+experiment=r1_zero", "--cfg", "job")
     assert out.returncode == 0, out.stderr
     assert "group_size: 16" in out.stdout and "lr: 3.0e-06" in out.stdout
+
+
+def test_kl_k1_in_the_loss_is_an_error_and_stale_samples_without_correction_a_warning():
+    with pytest.raises(ConfigError, match="expectation under pi is zero"):
+        validate(compose(["run_dir=x", "algo.kl_kind=k1", "algo.kl_placement=loss", "algo.kl_coef=0.01"]))
+    assert validate(compose(["run_dir=x", "algo.kl_kind=k1", "algo.kl_placement=reward"])) == []
+    assert validate(compose(["run_dir=x", "algo.kl_kind=k1", "algo.kl_coef=0"])) == []  # no KL term at all
+    [warning] = validate(compose(["run_dir=x", "algo.max_staleness=2", "algo.is_correction=false"]))
+    assert "algo.max_staleness=2 with algo.is_correction=false" in warning and "biased" in warning
+    assert validate(compose(["run_dir=x", "algo.max_staleness=2"])) == []
+
+
+def test_user_files_with_the_generator_still_on_is_an_error():
+    with pytest.raises(ConfigError, match="data.generator=null"):
+        validate(compose(["run_dir=x", "data.train_path=mine.jsonl"]))
+
+
+def test_missing_model_weights_fail_at_once_naming_model_path_and_r1_models(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "launcher.main", "model=qwen2_5_7b", f"cache_dir={tmp_path}",
+                          f"run_dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "R1_MODELS": str(tmp_path / "no-models-here")}, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"model.path={tmp_path / 'no-models-here'}/Qwen/Qwen2.5-7B" in out.stderr
+    assert "R1_MODELS" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_missing_prompt_file_fails_before_the_tiny_model_is_pretrained(tmp_path):
+    out = _launch("data.generator=null", "data.train_path=/missing/train.jsonl",
+                  f"data.eval_path={tmp_path / 'eval.jsonl'}", f"cache_dir={tmp_path / 'cache'}",
+                  f"run_dir={tmp_path / 'run'}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "data.train_path=/missing/train.jsonl does not exist" in out.stderr
+    assert f"data.eval_path={tmp_path / 'eval.jsonl'} does not exist" in out.stderr
+    assert not (tmp_path / "cache").exists(), "pretraining started before the paths were checked"

@@ -51,12 +51,14 @@ def check_key(path: str, root=R1Config) -> None:
         cls = tp
 
 
-def validate(cfg) -> None:
-    """Semantic checks on a composed config (strings for enums, as the launcher passes it)."""
+def validate(cfg) -> list[str]:
+    """Semantic checks on a composed config (strings for enums, as the launcher passes it).
+
+    Raises ConfigError listing every problem; returns warnings (legal settings with a consequence worth saying)."""
     from r1.engines.registry import ROLLOUT_ENGINES, TRAIN_ENGINES
     from r1.rewards.registry import BUILTIN_TERMS
 
-    problems = []
+    problems, warnings = [], []
     a, r, t = cfg.algo, cfg.rollout, cfg.trainer
     if a.group_size < 2:
         problems.append(f"algo.group_size={a.group_size}: GRPO needs at least 2 samples per prompt")
@@ -72,6 +74,19 @@ def validate(cfg) -> None:
         problems.append("algo.max_staleness must be >= 0 (0 = on-policy)")
     if a.is_cap < 1:
         problems.append(f"algo.is_cap={a.is_cap}: the importance-weight cap must be >= 1")
+    if a.kl_placement == "loss" and a.kl_coef > 0 and a.kl_kind == "k1":
+        problems.append(
+            "algo.kl_kind=k1 with algo.kl_placement=loss: k1 = log pi - log pi_ref has gradient grad log pi, whose "
+            "expectation under pi is zero, so the KL term would not pull the policy towards the reference. Use k3 "
+            "(DeepSeek-R1) or k2 in the loss, or k1 with algo.kl_placement=reward"
+        )
+    if a.max_staleness >= 1 and not a.is_correction:
+        warnings.append(
+            f"algo.max_staleness={a.max_staleness} with algo.is_correction=false: samples up to {a.max_staleness} "
+            "policy versions old are trained as if on-policy (the PPO ratio is taken against the trainer's own "
+            "pi_old, nothing weighs by pi_old / pi_rollout), so the gradient is biased towards the stale policy. "
+            "Set algo.is_correction=true unless that is what you want to measure"
+        )
     if r.groups_per_request < 0:
         problems.append("rollout.groups_per_request must be >= 0 (0 = one request per worker per step)")
     if r.partial_rollouts and a.max_staleness < 1:
@@ -107,5 +122,11 @@ def validate(cfg) -> None:
         problems.append(f"model {cfg.model.name!r}: set model.path to a local HF directory")
     if cfg.data.generator is None and not (cfg.data.train_path and cfg.data.eval_path):
         problems.append("data: set data.train_path and data.eval_path, or data.generator=arithmetic")
+    if cfg.data.generator is not None and (cfg.data.train_path or cfg.data.eval_path):
+        problems.append(
+            f"data.train_path / data.eval_path are set, but data.generator={cfg.data.generator} writes its own prompt "
+            "files and would ignore them: add data.generator=null to train on your files"
+        )
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return warnings
