@@ -25,6 +25,7 @@ from r1.algo import GRPOLoss, filter_uniform_groups, group_advantages, kl_shaped
 from r1.checkpoint import CheckpointManager
 from r1.cluster import connect
 from r1.data.prompts import PromptSampler
+from r1.data.tokens import TokenRules
 from r1.eval.held_out import evaluate, print_comparison
 from r1.inputs import check_inputs, prepare_data, prepare_model
 from r1.monitoring.ledger import GroupLedger
@@ -126,9 +127,7 @@ def run(cfg) -> dict:
         train = TrainPool(cfg, model_path)
         rollout = RolloutPool(cfg, model_path)
         sync = WeightSync(train, rollout)
-        from transformers import AutoTokenizer
-
-        pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id
+        pad_id = TokenRules.load(model_path).pad_id
         buffer = RolloutBuffer(cfg, rollout, train_set.problems, PromptSampler(len(train_set.problems), cfg.seed),
                                lambda version, seed: sampling_params(cfg, version, seed))
         checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)

@@ -47,7 +47,7 @@ def prepare_model(cfg) -> str:
             if step == 1 or step % 100 == 0 or step == total:
                 console.print(f"[dim]pretraining tiny base model: step {step}/{total} loss {loss:.3f}[/]")
 
-        return str(ensure_tiny_model(cfg.model.tiny, cfg.data, cfg.cache_dir, progress))
+        return str(ensure_tiny_model(cfg.model.tiny, cfg.data, cfg.cache_dir, progress, arch=cfg.model.arch))
     return cfg.model.path
 
 

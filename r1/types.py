@@ -116,7 +116,18 @@ class TrainBatch:
     def trimmed(self) -> TrainBatch:
         """Drop trailing columns that are padding in every row (shards of a batch rarely need the full width)."""
         width = int(self.attention_mask.sum(dim=1).max()) if len(self) else 0
-        return self.select((slice(None), slice(0, width))) if width < self.input_ids.shape[1] else self
+        if width >= self.input_ids.shape[1]:
+            return self
+
+        def cut(t):  # per-token tensors lose the padding columns; per-sequence ones (advantages) stay as they are
+            return None if t is None else t[:, :width]
+
+        return TrainBatch(
+            input_ids=cut(self.input_ids), attention_mask=cut(self.attention_mask),
+            response_mask=cut(self.response_mask), advantages=self.advantages,
+            rollout_logprobs=cut(self.rollout_logprobs), old_logprobs=cut(self.old_logprobs),
+            ref_logprobs=cut(self.ref_logprobs),
+        )
 
 
 def collate(groups: list[Group], advantages: torch.Tensor, pad_id: int) -> TrainBatch:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,14 @@ def tiny_model(cache_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(cache_dir) -> str:
+    """The same, with Llama 3's token conventions (BOS from the tokenizer, no pad token, untied lm_head)."""
+    from r1.inputs import prepare_model
+
+    return prepare_model(compose(TINY + ["model=tiny_llama", f"cache_dir={cache_dir}", "run_dir=unused"]))
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     import ray
 
@@ -50,3 +59,17 @@ def ray_local():
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()
+
+
+@contextmanager
+def pools(cfg, model_path):
+    """A training pool, a rollout pool and their sync group, as the driver builds them; shut down afterwards."""
+    from r1.workers.pools import RolloutPool, TrainPool
+    from r1.workers.weight_sync import WeightSync
+
+    train, rollout = TrainPool(cfg, model_path), RolloutPool(cfg, model_path)
+    try:
+        yield train, rollout, WeightSync(train, rollout)
+    finally:
+        rollout.shutdown()
+        train.shutdown()

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import psutil
 import pytest
@@ -20,13 +19,12 @@ import ray
 import torch
 
 from r1.data.prompts import PromptSampler
+from r1.data.tokens import TokenRules
 from r1.driver import build_batch, make_loss, max_tokens_at, run, sampling_params, train_on
 from r1.inputs import prepare_data
 from r1.monitoring.ledger import read_ledger
-from r1.workers.pools import RolloutPool, TrainPool
 from r1.workers.rollout_buffer import request_seed
-from r1.workers.weight_sync import WeightSync
-from tests.conftest import REPO, TINY, compose
+from tests.conftest import REPO, TINY, compose, pools
 
 pytestmark = pytest.mark.slow
 
@@ -49,17 +47,6 @@ def _step_metrics(run_dir):
     return [m for m in lines if "reward/mean" in m]
 
 
-@contextmanager
-def _pools(cfg, model_path):
-    """A training pool, a rollout pool and their sync group, shut down afterwards."""
-    train, rollout = TrainPool(cfg, model_path), RolloutPool(cfg, model_path)
-    try:
-        yield train, rollout, WeightSync(train, rollout)
-    finally:
-        rollout.shutdown()
-        train.shutdown()
-
-
 def assert_every_group_trained_once(run_dir, buffer_state, total_steps):
     """The no-loss, no-duplicate guarantee: every drawn uid is trained exactly once or still pending."""
     trained = [r["uid"] for r in read_ledger(run_dir)]
@@ -75,13 +62,11 @@ def test_on_policy_async_loop_is_the_synchronous_loop(ray_local, tiny_model, cac
     run(cfg)
     driver = _step_metrics(tmp_path / "async0")
 
-    with _pools(cfg, tiny_model) as (train, rollout, sync):
+    with pools(cfg, tiny_model) as (train, rollout, sync):
         problems = prepare_data(cfg)[0].problems
         sampler = PromptSampler(len(problems), cfg.seed)
         per_request = math.ceil(P / len(rollout.actors))
-        from transformers import AutoTokenizer
-
-        pad_id = AutoTokenizer.from_pretrained(tiny_model).pad_token_id
+        pad_id = TokenRules.load(tiny_model).pad_id
         for step in range(3):
             indices, uids = sampler.next_indices(P), list(range(step * P, (step + 1) * P))
             refs = []
@@ -216,7 +201,7 @@ def test_sigterm_checkpoints_stops_everything_and_resume_loses_nothing(tiny_mode
 
 def test_evaluation_redoes_the_chunk_of_a_dead_worker(ray_local, tiny_model, cache_dir, tmp_path):
     cfg = compose(_overrides(cache_dir, tmp_path / "eval", 1))
-    with _pools(cfg, tiny_model) as (_, rollout, sync):
+    with pools(cfg, tiny_model) as (_, rollout, sync):
         os.kill(ray.get(rollout.actors[0].pid.remote()), signal.SIGKILL)
         problems = [(i, p.prompt, p.answer) for i, p in enumerate(prepare_data(cfg)[1].problems[:4])]
         rows = rollout.evaluate(problems, sampling_params(cfg, 0, seed=5))
@@ -235,7 +220,7 @@ def test_groups_older_than_the_bound_are_discarded_and_regenerated_first(ray_loc
     from r1.workers.rollout_buffer import RolloutBuffer
 
     cfg = compose(_overrides(cache_dir, tmp_path / "stale", 1, "algo.max_staleness=1"))
-    with _pools(cfg, tiny_model) as (_, rollout, sync):
+    with pools(cfg, tiny_model) as (_, rollout, sync):
         problems = prepare_data(cfg)[0].problems
         buffer = RolloutBuffer(cfg, rollout, problems, PromptSampler(len(problems), cfg.seed),
                                lambda version, seed: sampling_params(cfg, version, seed))
@@ -255,7 +240,7 @@ def test_groups_older_than_the_bound_are_discarded_and_regenerated_first(ray_loc
 def test_worker_dying_during_a_broadcast_is_replaced_and_the_version_resent(ray_local, tiny_model, cache_dir,
                                                                            tmp_path):
     cfg = compose(_overrides(cache_dir, tmp_path / "bcast", 1, "sync.timeout_s=600"))
-    with _pools(cfg, tiny_model) as (_, rollout, sync):
+    with pools(cfg, tiny_model) as (_, rollout, sync):
         os.kill(ray.get(rollout.actors[1].pid.remote()), signal.SIGKILL)
         sync.broadcast(1)  # no liveness check first: the death surfaces inside the collective
         assert rollout.replaced == 1

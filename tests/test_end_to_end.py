@@ -3,11 +3,14 @@
 import json
 
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file
 
-from r1.driver import run
-from tests.conftest import TINY, compose
+from r1.data.tokens import TokenRules
+from r1.driver import run, sampling_params
+from r1.inputs import prepare_data
+from tests.conftest import TINY, compose, pools
 
 pytestmark = pytest.mark.slow
 
@@ -84,3 +87,22 @@ def test_data_parallel_trainers_and_kl_in_reward(ray_local, tiny_model, cache_di
     ]))
     assert out["step"] == 2
     assert (tmp_path / "dp" / "checkpoints" / "step_000002" / "policy" / "model.safetensors").exists()
+
+
+def test_llama_tokens_through_rollout_training_and_evaluation(ray_local, tiny_llama, cache_dir, tmp_path):
+    """A tokenizer with BOS and no pad token (Llama 3): prompts keep their BOS in rollouts and evaluation, batches
+    pad with EOS, and the trainer's log-probs of the rollouts equal the rollout engine's."""
+    cfg = _cfg(cache_dir, tmp_path / "llama", total_steps=2, extra=["model=tiny_llama", "eval.every_steps=0"])
+    run(cfg)
+    metrics = [json.loads(line) for line in (tmp_path / "llama" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "reward/mean" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    assert all(m["train/is_log_ratio_abs_mean"] < 1e-4 for m in steps)  # |log pi_trainer - log pi_rollout|
+    assert [m["step"] for m in metrics if "eval/pass@1" in m] == [0, 2]
+
+    bos = TokenRules.load(tiny_llama).bos_id
+    with pools(cfg, tiny_llama) as (_, rollout, _sync):
+        problems = [(i, p.prompt, p.answer) for i, p in enumerate(prepare_data(cfg)[1].problems[:2])]
+        groups = ray.get(rollout.submit(0, problems, sampling_params(cfg, 0, seed=1), [0, 1]))
+        for group in groups:
+            assert all(s.prompt_ids[0] == bos and s.prompt_ids.count(bos) == 1 for s in group.samples)

@@ -65,7 +65,7 @@ class ClusterConfig:
 
 @dataclass
 class TinyModelSpec:
-    """The offline base model of the embedded default: a Qwen2-architecture LM trained on a synthetic corpus."""
+    """The offline base model of the embedded default: a small LM (model.arch) trained on a synthetic corpus."""
 
     hidden_size: int = 128
     num_layers: int = 4
@@ -91,7 +91,9 @@ class ModelConfig:
     source: ModelSource = ModelSource.pretrained
     # HF directory or hub id (must already be local: r1 never downloads at run time). Unused for source=tiny.
     path: str | None = None
-    arch: str = "qwen2"  # qwen2 | llama: recorded for engines that build the model themselves (Megatron)
+    # qwen2 | llama: the tiny model is built as this architecture; engines that build the model themselves
+    # (Megatron) read it too.
+    arch: str = "qwen2"
     dtype: str = "float32"
     tiny: TinyModelSpec = field(default_factory=TinyModelSpec)
 

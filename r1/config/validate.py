@@ -118,6 +118,11 @@ def validate(cfg) -> list[str]:
         problems.append("trainer.num_workers and rollout.num_workers must be >= 1")
     if cfg.eval.k < 1:
         problems.append("eval.k must be >= 1")
+    if cfg.model.source == "tiny":
+        from r1.models.tiny import ARCHS
+
+        if cfg.model.arch not in ARCHS:
+            problems.append(f"model.arch={cfg.model.arch!r}: the tiny model is built as one of {list(ARCHS)}")
     if cfg.model.source == "pretrained" and not cfg.model.path:
         problems.append(f"model {cfg.model.name!r}: set model.path to a local HF directory")
     if cfg.data.generator is None and not (cfg.data.train_path and cfg.data.eval_path):

@@ -2,6 +2,10 @@
 
 Reports, for every sampled token, its log-prob under the *untruncated* policy at temperature T (top-p changes
 which tokens can be drawn, not the policy being optimised) so the trainer can compare with its own recompute.
+
+Only the sampling parameters r1 passes shape the distribution: a checkpoint's ``generation_config.json`` (Qwen and
+Llama ship ``repetition_penalty``, ``top_k``, ``top_p``, ``temperature``) is replaced by a bare one at load time,
+otherwise generation would silently sample from something other than the policy the trainer optimises.
 """
 
 from __future__ import annotations
@@ -11,19 +15,21 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from r1.data.tokens import TokenRules
 from r1.types import Completion, SamplingParams
 
 
 class HFRolloutEngine:
     def __init__(self, model_path: str, *, generate_batch_size: int = 64, dtype: str = "float32"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, GenerationConfig
 
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval().requires_grad_(False)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_id = tokenizer.eos_token_id
+        tokens = TokenRules.load(model_path)
+        self.pad_id, self.eos_id = tokens.pad_id, tokens.eos_id
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=tokens.bos_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id)
         self.generate_batch_size = generate_batch_size
         self._params = dict(self.model.named_parameters())
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from pebble import ProcessExpired, ProcessPool
 
-
 # LaTeX delimiters math-verify's LaTeX extraction looks for (an escaped \$ is a currency sign, not a delimiter).
 _DELIMITED = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed")
 # Two numbers side by side ("1 2", "1\ 2"): LaTeX would read them as one expression (their sum), never an answer.

@@ -15,6 +15,7 @@ import ray
 import torch
 
 from r1.data.template import apply_template
+from r1.data.tokens import TokenRules
 from r1.distributed.bucketed_broadcast import GroupMembership
 from r1.engines.registry import build_rollout_engine
 from r1.eval.metrics import summarize_problem
@@ -24,11 +25,9 @@ from r1.types import Group, Sample, SamplingParams
 
 class RolloutWorker:
     def __init__(self, cfg, model_path: str, index: int):
-        from transformers import AutoTokenizer
-
         torch.set_num_threads(max(1, cfg.rollout.torch_threads))
         self.cfg, self.index = cfg, index
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokens = TokenRules.load(model_path)
         self.engine = build_rollout_engine(cfg, model_path)
         self.reward = build_reward(
             [(t.name, t.weight) for t in cfg.reward.terms],
@@ -43,8 +42,7 @@ class RolloutWorker:
         self._busy_s, self._busy_since = 0.0, None
 
     def _encode(self, prompt: str) -> list[int]:
-        text = apply_template(prompt, self.cfg.data.template)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokens.encode(apply_template(prompt, self.cfg.data.template))
 
     @ray.method(concurrency_group="generate")
     def generate_groups(
@@ -80,7 +78,7 @@ class RolloutWorker:
         completions = self.engine.generate(prompt_ids, params, between_steps=hook)
         if step_s > 0:  # a request lasts as long as a full-length one would, so benchmark timings are known
             time.sleep(max(0.0, t0 + step_s * params.max_new_tokens - time.time()))
-        texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+        texts = self.tokens.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         refs = [ref for _, _, ref in problems for _ in range(params.n)]
         scored = self.reward.score(texts, refs)
         groups = []

@@ -1,0 +1,33 @@
+"""One rule for special tokens, used by the rollout engine, the trainer, evaluation and the tiny model's pretraining.
+
+- **BOS**: a prompt starts with the tokenizer's BOS exactly when the tokenizer itself adds one (Llama 3 does, Qwen2 has
+  none). Encoding with ``add_special_tokens=False`` would drop Llama's BOS, and the policy would then be trained and
+  evaluated on text it never saw in pretraining. EOS is never appended to a prompt.
+- **pad**: padding positions are masked in generation and in training, so any id works; a tokenizer without a pad
+  token (Llama 3) pads with its EOS.
+"""
+
+from __future__ import annotations
+
+
+class TokenRules:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos_id: int = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token: responses could never end")
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        bos = tokenizer.bos_token_id
+        adds_bos = bos is not None and tokenizer("0", add_special_tokens=True)["input_ids"][:1] == [bos]
+        self.bos_id: int | None = bos if adds_bos else None
+
+    @classmethod
+    def load(cls, model_path: str) -> TokenRules:
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(model_path))
+
+    def encode(self, text: str) -> list[int]:
+        """``text`` as the model expects a sequence to start: BOS (if the tokenizer uses one), then the text."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [self.bos_id, *ids] if self.bos_id is not None and ids[:1] != [self.bos_id] else ids
