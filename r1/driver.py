@@ -5,9 +5,13 @@
     -> log -> checkpoint -> evaluate
 
 With ``algo.max_staleness = 0`` this is the synchronous on-policy loop. With ``s >= 1`` the buffer keeps the rollout
-pool generating the next batches (with the newest weights it has) while the training pool updates on this one, and
-the loss corrects for the lag with truncated importance weights. Everything engine-specific sits behind the pools;
-everything algorithmic is a pure function from ``r1.algo``.
+pool generating the next batches (each with the policy version it was requested at) while the training pool updates
+on this one, and the loss corrects for the lag with truncated importance weights. Everything engine-specific sits
+behind the pools; everything algorithmic is a pure function from ``r1.algo``.
+
+``step`` counts loop iterations (what ``trainer.total_steps``, logs, checkpoints and evaluation follow); ``version``
+counts policy updates. They differ only after a step whose every group was dropped by dynamic sampling: such a step
+makes no update, no new version and no weight push.
 """
 
 from __future__ import annotations
@@ -40,23 +44,21 @@ from r1.workers.weight_sync import WeightSync
 log = logging.getLogger(__name__)
 
 
-def max_tokens_at(cfg, step: int) -> int:
-    """The response-length budget in force at ``step`` (the paper raises 32K -> 64K mid-training)."""
+def max_tokens_at(cfg, version: int) -> int:
+    """The response-length budget for policy ``version`` (the paper raises 32K -> 64K mid-training)."""
     stages = sorted(cfg.rollout.length_schedule, key=lambda s: s.from_step)
-    return [s.max_tokens for s in stages if s.from_step <= step][-1]
+    return [s.max_tokens for s in stages if s.from_step <= version][-1]
 
 
-def build_batch(cfg, groups, pad_id: int, train: TrainPool, stats: dict) -> TrainBatch | None:
-    """Groups -> padded batch with ref log-probs and GRPO advantages (None if dynamic sampling drops them all)."""
-    g = cfg.algo.group_size
+def has_signal(group) -> bool:
+    """DAPO's dynamic-sampling filter: a group whose rewards are all equal has zero advantage, hence no gradient."""
+    rewards = torch.tensor([s.reward for s in group.samples])
+    return bool(filter_uniform_groups(rewards, len(rewards))[0])
+
+
+def build_batch(cfg, groups, pad_id: int, train: TrainPool) -> TrainBatch:
+    """Groups -> padded batch with reference log-probs (if KL is on) and GRPO advantages."""
     rewards = torch.tensor([s.reward for grp in groups for s in grp.samples])
-    if cfg.algo.filter_uniform_groups:
-        keep = filter_uniform_groups(rewards, g)
-        stats["algo/groups_dropped_uniform"] = int((~keep).sum())
-        groups = [grp for grp, k in zip(groups, keep.tolist()) if k]
-        rewards = rewards.view(-1, g)[keep].reshape(-1)
-        if not groups:
-            return None
     batch = collate(groups, torch.zeros(len(rewards)), pad_id)
     if cfg.algo.kl_placement != "none" and cfg.algo.kl_coef > 0:
         batch.ref_logprobs = train.compute_logprobs(batch, temperature=cfg.rollout.temperature, reference=True)
@@ -65,7 +67,7 @@ def build_batch(cfg, groups, pad_id: int, train: TrainPool, stats: dict) -> Trai
             rewards, batch.rollout_logprobs, batch.ref_logprobs, batch.response_mask,
             coef=cfg.algo.kl_coef, kind=cfg.algo.kl_kind,
         )
-    batch.advantages = group_advantages(rewards, g, std_normalize=cfg.algo.std_normalize)
+    batch.advantages = group_advantages(rewards, cfg.algo.group_size, std_normalize=cfg.algo.std_normalize)
     return batch
 
 
@@ -79,16 +81,21 @@ def make_loss(cfg, max_tokens: int) -> GRPOLoss:
 
 
 def train_on(cfg, batch: TrainBatch, train: TrainPool, loss: GRPOLoss, step: int) -> dict:
-    """``minibatches_per_step`` optimizer steps over the batch; old log-probs fixed before the first one."""
-    n_mb = cfg.algo.minibatches_per_step
-    if n_mb > 1 or loss.is_cap is not None:  # the proximal policy pi_old, recomputed by the trainer
+    """``minibatches_per_step`` optimizer steps over the batch (fewer only if it has fewer rows).
+
+    With several minibatches, the proximal policy pi_old is fixed by one trainer pass before the first update. With
+    one, pi_old *is* the policy being updated, so the loss takes it from the training forward itself (detached):
+    same update, one forward pass less."""
+    n_mb = min(cfg.algo.minibatches_per_step, len(batch))
+    if n_mb > 1:
         batch.old_logprobs = train.compute_logprobs(batch, temperature=loss.temperature, reference=False)
     # Seeded by the step, not the global RNG, so a resumed run shuffles exactly as the uninterrupted one.
     order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(cfg.seed * 7_919 + step))
     stats: dict[str, float] = {}
-    for chunk in order.chunk(n_mb):
+    for chunk in torch.tensor_split(order, n_mb):  # exactly n_mb chunks whose sizes differ by at most one
         for k, v in train.train_step(batch.select(chunk), loss).items():
             stats[k] = stats.get(k, 0.0) + v / n_mb
+    stats["optimizer_steps"] = n_mb
     return stats
 
 
@@ -129,30 +136,36 @@ def run(cfg) -> dict:
         sync = WeightSync(train, rollout)
         pad_id = TokenRules.load(model_path).pad_id
         buffer = RolloutBuffer(cfg, rollout, train_set.problems, PromptSampler(len(train_set.problems), cfg.seed),
-                               lambda version, seed: sampling_params(cfg, version, seed))
+                               lambda version, seed: sampling_params(cfg, version, seed),
+                               keep=has_signal if cfg.algo.filter_uniform_groups else None)
         checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
-        logger = MetricsLogger(cfg, run_dir, config_dict)
-        step, evals, resumed_step = 0, {}, None
+        step, version, evals, resumed_step = 0, 0, {}, None
 
         if cfg.resume and (latest := checkpoints.require_latest_for_resume()) is not None:
             state = CheckpointManager.driver_state(latest)
             train.load(str(latest))
-            buffer.load_state_dict(state["buffer"])
-            step, evals, resumed_step = state["step"], state.get("evals", {}), state["step"]
-            sync.push(version=step)  # the rollout pool starts from the resumed policy
-            log.info("resumed from %s at step %d", latest, step)
+            buffer.load_state_dict(state["buffer"], latest)
+            step, version, evals = state["step"], state["version"], state["evals"]
+            resumed_step = step
+            sync.push(version=version)  # the rollout pool starts from the resumed policy
+            log.info("resumed from %s at step %d (policy version %d)", latest, step, version)
+        logger = MetricsLogger(cfg, run_dir, config_dict, resumed_step)
         ledger = GroupLedger(run_dir, resumed_step)
         progress = Progress(cfg.trainer.total_steps, start_step=step)
         saved_step = resumed_step
 
-        def save_checkpoint() -> None:
+        def save_checkpoint(settle: bool = True) -> None:
             nonlocal saved_step
-            state = {"step": step, "buffer": buffer.state_dict(), "evals": evals, "model_path": str(model_path)}
-            checkpoints.save(step, state, lambda d: train.save(str(d), cfg.checkpoint.save_optimizer))
+            if settle:  # groups generated by older versions cannot be regenerated after a resume: keep them
+                buffer.settle(version)
+            state = {"step": step, "version": version, "buffer": buffer.state_dict(), "evals": evals,
+                     "model_path": str(model_path)}
+            checkpoints.save(step, state, lambda d: (train.save(str(d), cfg.checkpoint.save_optimizer),
+                                                     buffer.save_groups(d)))
             saved_step = step
 
         def run_eval(tag: str) -> None:
-            evals[tag] = evaluate(cfg, rollout, eval_set, step)
+            evals[tag] = evaluate(cfg, rollout, eval_set, step, version)
             logger.log({f"eval/{k}": v for k, v in evals[tag].items()}, step=step)
             progress.note(f"[cyan]eval @ step {step}[/]: " + ", ".join(f"{k} {v:.3f}" for k, v in evals[tag].items()))
 
@@ -162,36 +175,45 @@ def run(cfg) -> dict:
 
             while step < cfg.trainer.total_steps and not stop.requested:
                 t_step, busy_before = time.time(), rollout.busy_seconds()
-                # 1-2. a batch of rewarded groups, generated by policy versions >= step - max_staleness
-                groups = buffer.take(step, lambda: stop.requested)
-                if groups is None:
+                # 1-2. a batch of rewarded groups, generated by policy versions >= version - max_staleness
+                taken = buffer.take(version, lambda: stop.requested)
+                if taken is None:
                     break
                 t_wait = time.time() - t_step
-                metrics = rollout_metrics(groups) | buffer.metrics(groups, step)
+                metrics = rollout_metrics(taken.groups + taken.dropped) | buffer.metrics(taken, version)
+                ledger.record(step + 1, version, taken.dropped, trained=False)
+                ledger.record(step + 1, version, taken.groups, trained=True)
 
-                # 3. advantages (and reference / old log-probs), 4. update the policy
-                t0 = time.time()
-                batch = build_batch(cfg, groups, pad_id, train, metrics)
-                if batch is not None:
-                    loss = make_loss(cfg, max_tokens_at(cfg, step))
+                # 3. advantages (and reference log-probs), 4. update the policy -- unless dynamic sampling dropped
+                #    every group: then no update, no new version, no weight push
+                t0, batch, sent = time.time(), None, 0
+                if taken.groups:
+                    batch = build_batch(cfg, taken.groups, pad_id, train)
+                    loss = make_loss(cfg, max_tokens_at(cfg, version))
                     metrics.update({f"train/{k}": v for k, v in train_on(cfg, batch, train, loss, step).items()})
+                    version += 1
+                else:
+                    metrics["train/optimizer_steps"] = 0
+                    progress.note(f"[yellow]step {step + 1}: all {taken.examined} groups had equal rewards; no "
+                                  f"update (algo.max_sampling_rounds={cfg.algo.max_sampling_rounds})[/]")
                 t_train = time.time() - t0
                 step += 1
 
                 # 5. push the new policy to the rollout pool, which already generates the next batch(es);
                 #    top the buffer up with the new version; refresh the reference policy on schedule
                 t0 = time.time()
-                sent = sync.push(version=step)
+                if batch is not None:
+                    sent = sync.push(version=version)
+                    if cfg.algo.ref_update_interval and version % cfg.algo.ref_update_interval == 0:
+                        train.update_reference()
                 if step < cfg.trainer.total_steps:
-                    buffer.fill(step)
+                    buffer.fill(version)
                 t_sync = time.time() - t0
-                if cfg.algo.ref_update_interval and step % cfg.algo.ref_update_interval == 0:
-                    train.update_reference()
 
                 # 6. log
                 t_total = time.time() - t_step
                 t_gen = sum(b - a for a, b in zip(busy_before, rollout.busy_seconds())) / len(busy_before)
-                gen_tokens = sum(len(s.response_ids) for g in groups for s in g.samples)
+                gen_tokens = sum(len(s.response_ids) for g in taken.groups + taken.dropped for s in g.samples)
                 train_tokens = int(batch.attention_mask.sum()) if batch is not None else 0
                 metrics.update({
                     "time/step_s": t_total, "time/generate_s": t_gen, "time/train_s": t_train,
@@ -201,17 +223,16 @@ def run(cfg) -> dict:
                     "perf/overlap_efficiency": t_total / max(t_gen, t_train, 1e-9),
                     "perf/gen_tokens_per_s": gen_tokens / max(t_gen, 1e-9),
                     "perf/train_tokens_per_s": train_tokens / max(t_train, 1e-9),
-                    "perf/sync_MB_per_s": sent / 2**20 / max(t_sync, 1e-9), "policy/version": step,
-                    "data/epoch": buffer.sampler.epoch,
+                    "perf/sync_MB": sent / 2**20, "perf/sync_MB_per_s": sent / 2**20 / max(t_sync, 1e-9),
+                    "policy/version": version, "data/epoch": buffer.sampler.epoch,
                 })
                 metrics.update({f"verifier/{k}": v for k, v in rollout.verifier_stats().items()})
                 logger.log(metrics, step=step)
-                ledger.record(step, groups)
                 progress.step(step, metrics)
                 if cfg.logger.log_samples:
                     logger.log_table("samples", ["prompt", "response", "reward"], [
                         [train_set.problems[g.prompt_index].prompt, g.samples[0].response_text, g.samples[0].reward]
-                        for g in groups[: cfg.logger.log_samples]], step=step)
+                        for g in taken.groups[: cfg.logger.log_samples]], step=step)
 
                 # 7. checkpoint, 8. evaluate
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
@@ -219,18 +240,18 @@ def run(cfg) -> dict:
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.trainer.total_steps:
                     run_eval(f"step_{step}")
 
-            if stop.requested:  # stopped early: a resumable checkpoint of exactly where we are
+            if stop.requested:  # stopped early: a resumable checkpoint of exactly where we are, written at once
                 if saved_step != step:
-                    save_checkpoint()
+                    save_checkpoint(settle=False)
                 progress.note(f"[yellow]stopped by {signal.Signals(stop.signum).name} at step {step}[/]; checkpoint "
                               f"written; continue with: r1-launch resume=true run_dir={run_dir}")
-                return {"step": step, "evals": evals, "run_dir": str(run_dir), "stopped_by": stop.signum,
-                        "buffer": buffer.state_dict()}
+                return {"step": step, "version": version, "evals": evals, "run_dir": str(run_dir),
+                        "stopped_by": stop.signum, "buffer": buffer.state_dict()}
             run_eval("final")
             save_checkpoint()
         if "base" in evals:
             print_comparison(evals["base"], evals["final"], progress.console)
-        return {"step": step, "evals": evals, "run_dir": str(run_dir), "stopped_by": None,
+        return {"step": step, "version": version, "evals": evals, "run_dir": str(run_dir), "stopped_by": None,
                 "buffer": buffer.state_dict()}
     finally:
         for sink in (ledger, logger):

@@ -70,3 +70,72 @@ def test_launcher_runs_with_offline_wandb_and_resumes_the_same_wandb_run(tiny_mo
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_a_run_killed_between_checkpoints_resumes_with_each_step_once(tiny_model, cache_dir, tmp_path):
+    """SIGKILL (a lost node: no handler runs) after step 3 is logged, the last checkpoint at step 2, groups in flight
+    (max_staleness=1). resume=true redoes step 3: metrics.jsonl and groups.jsonl hold every step once, W&B continues
+    the same run at step 3, and the trajectory equals an uninterrupted run's."""
+    import signal
+    import time
+
+    import psutil
+
+    from r1.monitoring.ledger import read_ledger
+    from r1.monitoring.loggers import _stable_run_id
+
+    run_dir, straight = tmp_path / "killed", tmp_path / "straight"
+    common = ["trainer.total_steps=4", "checkpoint.every_steps=2", "algo.max_staleness=1",
+              "rollout.groups_per_request=1", "eval.at_start=false", "checkpoint.keep_last=5"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"WANDB_SILENT": "true", "RAY_DEDUP_LOGS": "0"})
+    args = [a for a in TINY if not a.startswith("logger=")] + [
+        f"cache_dir={cache_dir}", "algo.prompts_per_step=2", "algo.group_size=2", "eval.k=2", "eval.max_problems=2",
+        "eval.every_steps=0", "eval.max_new_tokens=12", "rollout.length_schedule=[{from_step: 0, max_tokens: 12}]",
+        "rollout.num_workers=2", *common]
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.main", *args, "logger=wandb", f"run_dir={run_dir}",
+                             "trainer.simulated_update_s=1.5"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and any(json.loads(x)["step"] == 3 for x in metrics.read_text().splitlines()):
+                break
+            time.sleep(0.05)
+        tree = [proc, *psutil.Process(proc.pid).children(recursive=True)]
+        for p in tree:
+            p.send_signal(signal.SIGKILL)
+        psutil.wait_procs(tree, timeout=30)
+    finally:
+        for p in psutil.Process().children(recursive=True):  # never leave a run behind, whatever failed above
+            if p.is_running() and "launcher.main" in " ".join(p.cmdline()):
+                p.kill()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002", "killed too late"
+    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+    resumed = subprocess.run([sys.executable, "-m", "launcher.main", *args, "logger=wandb", f"run_dir={run_dir}",
+                              "resume=true"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                             check=False)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval/pass@1" in r] == [4]
+    ledger = read_ledger(run_dir)
+    assert sorted(r["step"] for r in ledger) == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert len({r["uid"] for r in ledger}) == len(ledger)
+
+    wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(wandb_runs) == 2
+    again = read_run(wandb_runs[-1])
+    assert again["run_id"] == _stable_run_id(run_dir)
+    logged = {h["_step"]: h for h in again["history"]}
+    assert min(logged) == 3 and logged[3]["reward/mean"] == pytest.approx(rows[2]["reward/mean"])
+
+    done = subprocess.run([sys.executable, "-m", "launcher.main", *args, "logger=none", f"run_dir={straight}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    uninterrupted = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward/mean"] for r in uninterrupted if "reward/mean" in r] == \
+        [r["reward/mean"] for r in rows if "reward/mean" in r]
+    assert [(r["step"], r["uid"]) for r in read_ledger(straight)] == [(r["step"], r["uid"]) for r in ledger]

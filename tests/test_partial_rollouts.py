@@ -37,8 +37,18 @@ def test_weights_change_mid_generation_and_tokens_record_their_version(tiny_mode
     # tokens before the swap were sampled from the old weights: their log-probs are the old model's
     reference = _teacher_forced_logprobs(old_model, prompt, longest.token_ids)
     assert torch.allclose(torch.tensor(longest.rollout_logprobs[:3]), reference[:3], atol=1e-4)
-    # after it, the new weights are in force (the old model would give other log-probs)
+    # after it, the new weights are in force (the old model would give other log-probs) ...
     assert not torch.allclose(torch.tensor(longest.rollout_logprobs[3:]), reference[3:], atol=1e-3)
+    # ... exactly as the new model computes them on top of the prefix the old one had cached (the KV cache is kept
+    # across the swap): forwards 0-2 (prompt, tokens 0-1) ran on the old weights, forward 3 onwards on the new
+    new_model = HFRolloutEngine(tiny_model)
+    new_model.load_weights(new_weights)
+    tokens = longest.token_ids
+    with torch.no_grad():
+        cache = old_model(input_ids=torch.tensor([prompt + tokens[:2]]), use_cache=True).past_key_values
+        logits = new_model.model(input_ids=torch.tensor([tokens[2:-1]]), past_key_values=cache).logits[0]
+    after_swap = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(tokens[3:]).unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(torch.tensor(longest.rollout_logprobs[3:]), after_swap, atol=1e-4)
     # and the engine now serves the new weights
     for (name, t), (_, expected) in zip(engine.named_weights(), new_weights):
         assert torch.equal(t, expected), name

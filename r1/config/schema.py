@@ -179,7 +179,10 @@ class AlgoConfig:
     kl_kind: KLKind = KLKind.k3
     kl_placement: KLPlacement = KLPlacement.loss
     ref_update_interval: int = 400  # steps between refreshes of the reference policy (0 = never)
-    filter_uniform_groups: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
+    # DAPO dynamic sampling: drop groups whose rewards are all equal (no gradient) and sample more prompts in their
+    # place, until the batch holds prompts_per_step groups or max_sampling_rounds batches' worth were examined.
+    filter_uniform_groups: bool = False
+    max_sampling_rounds: int = 4
     # Asynchronous GRPO: a sample may be up to this many policy versions old when trained on (0 = on-policy, the
     # synchronous loop). Generation of the next batches overlaps training of the current one.
     max_staleness: int = 0

@@ -66,6 +66,8 @@ def validate(cfg) -> list[str]:
         problems.append("algo.prompts_per_step must be >= 1")
     if not 1 <= a.minibatches_per_step <= a.prompts_per_step * a.group_size:
         problems.append(f"algo.minibatches_per_step={a.minibatches_per_step} must be in [1, batch size]")
+    if a.max_sampling_rounds < 1:
+        problems.append(f"algo.max_sampling_rounds={a.max_sampling_rounds}: must be >= 1 (1 = no extra sampling)")
     if a.clip_low < 0 or a.clip_high < 0:
         problems.append("algo.clip_low / algo.clip_high must be >= 0")
     if a.kl_coef < 0:

@@ -2,11 +2,18 @@
 
 Data parallel over ``torch.distributed`` (gloo on CPU): every rank holds the full model, takes a shard of each
 mini-batch and gradients are summed with weights ``units_rank / units_global``, so the update equals the
-single-process update on the whole mini-batch regardless of how it was sharded or micro-batched.
+single-process update on the whole mini-batch regardless of how it was sharded or micro-batched. A rank whose
+shard is empty (fewer rows than ranks) still takes part in every collective, with zero gradients.
+
+Mixed precision: parameters and optimizer state are fp32 ("master weights") whatever ``model.dtype`` says, and the
+forward/backward passes run under autocast in ``model.dtype``. Stepping AdamW directly on bf16 parameters would
+round most updates at lr 3e-6 to nothing (bf16 keeps 8 significant bits). The rollout pool and the exported policy
+get the weights in the serving dtype; checkpoints also keep the fp32 masters, so resume is exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Iterator
@@ -61,8 +68,10 @@ class HFTrainEngine:
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else (
+            torch.device("cpu"))
+        self.serving_dtype = getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)  # fp32 master weights
         self.model.to(self.device).train()
         self.model.config.use_cache = False
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if with_reference else None
@@ -76,13 +85,20 @@ class HFTrainEngine:
         self.micro_batch_size = micro_batch_size
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
+    def _autocast(self):
+        """Forward/backward in the serving dtype (bf16/fp16); a no-op for fp32."""
+        if self.serving_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.serving_dtype)
+
     # --- forward passes ---------------------------------------------------------------------------------------
     def _micro_batches(self, batch: TrainBatch) -> Iterator[TrainBatch]:
         for start in range(0, len(batch), self.micro_batch_size):
             yield batch.select(slice(start, start + self.micro_batch_size)).trimmed()
 
     def _logits(self, model, mb: TrainBatch) -> torch.Tensor:
-        out = model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device))
+        with self._autocast():
+            out = model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device))
         return out.logits
 
     @torch.no_grad()
@@ -124,12 +140,15 @@ class HFTrainEngine:
                 totals[k] = totals.get(k, 0.0) + v * weight
 
         if self.distributed:
+            # Every rank reduces every parameter (a rank with an empty shard, or a parameter this shard did not
+            # reach, contributes zeros) and the stats of all ranks: the collectives match whatever the shards held.
             for p in self.model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-            packed = torch.tensor(list(totals.values()))
-            dist.all_reduce(packed)
-            totals = dict(zip(totals, packed.tolist()))
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+            per_rank: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
+            dist.all_gather_object(per_rank, totals)
+            totals = {k: sum(r.get(k, 0.0) for r in per_rank) for k in dict.fromkeys(k for r in per_rank for k in r)}
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -142,21 +161,26 @@ class HFTrainEngine:
             self.reference.load_state_dict(self.model.state_dict())
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy in the serving dtype (what the rollout pool loads): the fp32 masters, cast."""
         for name, param in self.model.named_parameters():
-            yield name, param.detach()
+            yield name, param.detach().to(self.serving_dtype)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def save(self, path: Path, *, with_optimizer: bool) -> None:
-        """Policy as an HF safetensors directory (loadable by ``from_pretrained``), plus optimizer and reference."""
-        path = Path(path)
-        self.model.save_pretrained(path / "policy", safe_serialization=True)
-        if self.reference is not None:
-            from safetensors.torch import save_file
+        """Policy as an HF safetensors directory in the serving dtype (loadable by ``from_pretrained``), the fp32
+        master weights if they differ from it, optimizer and reference."""
+        from safetensors.torch import save_file
 
-            state = {k: v.contiguous() for k, v in self.reference.state_dict().items()}
-            # tied weights share storage; safetensors refuses duplicates, so keep the parameter names only
-            names = {n for n, _ in self.reference.named_parameters()}
-            save_file({k: v for k, v in state.items() if k in names}, str(path / "reference.safetensors"))
+        path = Path(path)
+        policy = {n: p.detach().to(self.serving_dtype).contiguous() for n, p in self.model.named_parameters()}
+        self.model.save_pretrained(path / "policy", state_dict=policy, safe_serialization=True)
+        config = json.loads((path / "policy" / "config.json").read_text())
+        config["dtype"] = str(self.serving_dtype).removeprefix("torch.")
+        (path / "policy" / "config.json").write_text(json.dumps(config, indent=2))
+        if self.serving_dtype != torch.float32:
+            save_file(self._parameters(self.model), str(path / "master_weights.safetensors"))
+        if self.reference is not None:
+            save_file(self._parameters(self.reference), str(path / "reference.safetensors"))
         if with_optimizer:
             torch.save(
                 {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
@@ -164,15 +188,21 @@ class HFTrainEngine:
             )
         (path / "engine.json").write_text(json.dumps({"engine": "hf", "with_optimizer": with_optimizer}))
 
+    @staticmethod
+    def _parameters(model) -> dict[str, torch.Tensor]:
+        """Parameters by name (tied weights appear once: safetensors refuses shared storage)."""
+        return {n: p.detach().contiguous() for n, p in model.named_parameters()}
+
     def load(self, path: Path) -> None:
         from safetensors.torch import load_file
 
         path = Path(path)
-        policy = load_safetensors_dir(path / "policy")
-        self.model.load_state_dict(policy, strict=False)
+        master = path / "master_weights.safetensors"
+        policy = load_file(str(master)) if master.exists() else load_safetensors_dir(path / "policy")
         missing = {n for n, _ in self.model.named_parameters()} - set(policy)
         if missing:
             raise RuntimeError(f"checkpoint {path} lacks parameters {sorted(missing)[:5]}")
+        self.model.load_state_dict({k: v.float() for k, v in policy.items()}, strict=False)
         if self.reference is not None and (path / "reference.safetensors").exists():
             self.reference.load_state_dict(load_file(str(path / "reference.safetensors")), strict=False)
         if (path / "optimizer.pt").exists():

@@ -7,13 +7,14 @@ from rich.table import Table
 from r1.types import SamplingParams
 
 
-def evaluate(cfg, rollout, eval_set, step: int) -> dict[str, float]:
+def evaluate(cfg, rollout, eval_set, step: int, version: int) -> dict[str, float]:
+    """The held-out metrics of policy ``version`` (at driver step ``step``, which seeds the sampling)."""
     problems = eval_set.problems[: cfg.eval.max_problems] if cfg.eval.max_problems else eval_set.problems
     params = SamplingParams(
         n=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
         max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed * 7919 + step,
     )
-    rows = rollout.evaluate([(i, p.prompt, p.answer) for i, p in enumerate(problems)], params)
+    rows = rollout.evaluate([(i, p.prompt, p.answer) for i, p in enumerate(problems)], params, version)
     n = len(rows)
     return {
         "pass@1": sum(r["pass1"] for r in rows) / n,

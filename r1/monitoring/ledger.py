@@ -1,7 +1,8 @@
-"""``groups.jsonl``: one line per prompt group trained on (step, uid, prompt, policy version, staleness, reward).
+"""``groups.jsonl``: one line per prompt group consumed by a step: trained on, or dropped by dynamic sampling.
 
-The audit trail of the rollout buffer: every uid appears once, whatever was killed, discarded or resumed. On
-resume, lines of steps after the checkpoint are dropped (those steps are redone).
+The audit trail of the rollout buffer: every uid appears once, whatever was killed, discarded or resumed (``step,
+uid, prompt_index, version, staleness, reward_mean, trained``). On resume, lines of steps after the checkpoint are
+dropped (those steps are redone), the same rule as ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -9,23 +10,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from r1.monitoring.step_log import open_step_log
 from r1.types import Group
 
 
 class GroupLedger:
     def __init__(self, run_dir: Path, resumed_step: int | None = None):
-        self.path = Path(run_dir) / "groups.jsonl"
-        if resumed_step is not None and self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
-        self._file = self.path.open("a")
+        self._file = open_step_log(Path(run_dir) / "groups.jsonl", resumed_step)
 
-    def record(self, step: int, groups: list[Group]) -> None:
+    def record(self, step: int, version: int, groups: list[Group], *, trained: bool) -> None:
+        """Groups consumed by ``step``, whose update was made from policy ``version``."""
         for g in groups:
             self._file.write(json.dumps({
                 "step": step, "uid": g.uid, "prompt_index": g.prompt_index, "version": g.policy_version,
-                "staleness": step - 1 - g.policy_version,
-                "reward_mean": sum(s.reward for s in g.samples) / len(g.samples),
+                "staleness": version - g.policy_version,
+                "reward_mean": sum(s.reward for s in g.samples) / len(g.samples), "trained": trained,
             }) + "\n")
         self._file.flush()
 

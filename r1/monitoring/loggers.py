@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+from r1.monitoring.step_log import open_step_log
+
 
 def wandb_mode(requested: str) -> str:
     if requested != "auto":
@@ -20,10 +22,8 @@ def wandb_mode(requested: str) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, cfg, run_dir: Path, config_dict: dict):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a")
+    def __init__(self, cfg, run_dir: Path, config_dict: dict, resumed_step: int | None = None):
+        self._file = open_step_log(Path(run_dir) / "metrics.jsonl", resumed_step)
         self.wandb_run = None
         if cfg.logger.backend == "wandb":
             import wandb
@@ -38,7 +38,10 @@ class MetricsLogger:
         record = {"step": step, "time": time.time(), **metrics}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self.wandb_run is not None:
+        # A resumed W&B run continues after the last step it holds (``starting_step``); steps the resumed run redoes
+        # before that (killed after logging, before checkpointing) keep their first values there, as W&B's history
+        # is append-only. metrics.jsonl, truncated at the checkpoint, holds the redone values.
+        if self.wandb_run is not None and step >= self.wandb_run.starting_step:
             self.wandb_run.log(metrics, step=step)
 
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:

@@ -127,9 +127,10 @@ class RolloutPool:
         return _spawn(self._remote_cls, self.pg, index, r.cpus_per_worker, r.gpus_per_worker,
                       (self.cfg, self.model_path, index))
 
-    def submit(self, worker: int, problems, params: SamplingParams, uids: list[int]):
-        """Queue one generation request on ``worker``; returns its ObjectRef (a list of Group)."""
-        return self.actors[worker].generate_groups.remote(problems, params, uids)
+    def submit(self, worker: int, problems, params: SamplingParams, uids: list[int], version: int):
+        """Queue one generation request on ``worker``, to be generated with policy ``version``; returns its
+        ObjectRef (a list of Group)."""
+        return self.actors[worker].generate_groups.remote(problems, params, uids, version)
 
     def dead_workers(self) -> list[int]:
         """Indices of workers whose actor has died (a ping that fails)."""
@@ -152,7 +153,7 @@ class RolloutPool:
         if self.sync is not None:
             self.sync.rejoin()
 
-    def _fan_out(self, method: str, problems: list[tuple[int, str, str]], params: SamplingParams) -> list:
+    def _fan_out(self, method: str, problems: list[tuple[int, str, str]], params: SamplingParams, *args) -> list:
         """One chunk per worker; a chunk whose worker dies is redone on its replacement."""
         chunks = split_evenly(problems, len(self.actors))
         results: dict[int, list] = {}
@@ -160,7 +161,7 @@ class RolloutPool:
             todo = [i for i, c in enumerate(chunks) if c and i not in results]
             futures = {
                 i: getattr(self.actors[i], method).remote(
-                    chunks[i], SamplingParams(**{**params.__dict__, "seed": params.seed * 1009 + i}))
+                    chunks[i], SamplingParams(**{**params.__dict__, "seed": params.seed * 1009 + i}), *args)
                 for i in todo
             }
             dead = []
@@ -173,8 +174,9 @@ class RolloutPool:
                 self.replace(dead)
         return [item for i in sorted(results) for item in results[i]]
 
-    def evaluate(self, problems: list[tuple[int, str, str]], params: SamplingParams) -> list[dict]:
-        return self._fan_out("evaluate", problems, params)
+    def evaluate(self, problems: list[tuple[int, str, str]], params: SamplingParams, version: int) -> list[dict]:
+        """Evaluation requests queue behind the generation requests already sent, and use policy ``version``."""
+        return self._fan_out("evaluate", problems, params, version)
 
     def verifier_stats(self) -> dict[str, int]:
         total: dict[str, int] = {}

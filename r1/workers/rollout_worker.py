@@ -2,7 +2,9 @@
 
 Generation and weight reception run on separate threads (Ray concurrency groups ``generate`` and ``sync``), so a
 weight update never waits for a request in flight: the new weights are *staged* when they arrive and loaded at the
-next safe point, i.e. before the next request, or between two decode steps with ``rollout.partial_rollouts``.
+next safe point. A request carries the policy version it was made at, and is generated with exactly that version:
+staged versions up to it are loaded before it starts, newer ones stay staged for the requests that ask for them.
+With ``rollout.partial_rollouts`` the newest staged version is also loaded between two decode steps of a request.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class RolloutWorker:
         self.reward.verifier.warm_up()  # not mid-run, on the first step whose responses contain an answer
         self.version = 0
         self.sync = GroupMembership()  # re-formed when a rollout worker is replaced
-        self._staged: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
+        self._staged: dict[int, list[tuple[str, torch.Tensor]]] = {}  # received, not yet loaded, by version
         self._lock = threading.Lock()
         self._busy_s, self._busy_since = 0.0, None
 
@@ -46,21 +48,22 @@ class RolloutWorker:
 
     @ray.method(concurrency_group="generate")
     def generate_groups(
-        self, problems: list[tuple[int, str, str]], params: SamplingParams, uids: list[int] | None = None,
+        self, problems: list[tuple[int, str, str]], params: SamplingParams, uids: list[int], version: int,
         allow_partial: bool = True,
     ) -> list[Group]:
-        """G completions per (index, prompt, reference), scored; groups tagged with uid and policy versions."""
+        """G completions per (index, prompt, reference) with policy ``version``, scored; groups tagged with uid and
+        the versions that produced them."""
         start = time.time()
         self._busy_since = start
         try:
-            return self._generate_groups(problems, params, uids, allow_partial)
+            return self._generate_groups(problems, params, uids, version, allow_partial)
         finally:
             self._busy_s += time.time() - start
             self._busy_since = None
 
-    def _generate_groups(self, problems, params, uids, allow_partial) -> list[Group]:
+    def _generate_groups(self, problems, params, uids, version, allow_partial) -> list[Group]:
         prompt_ids = [self._encode(p) for _, p, _ in problems]
-        self.apply_staged()  # the request boundary: newest weights first
+        self.apply_staged(up_to=version)  # the request boundary: the version this request was made at
         partial = allow_partial and self.cfg.rollout.partial_rollouts
         step_s = self.cfg.rollout.simulated_decode_step_s
         hook = None
@@ -96,13 +99,13 @@ class RolloutWorker:
                         token_versions=c.token_versions,
                     )
                 )
-            groups.append(Group(index, ref, samples, uid=uids[g] if uids else -1))
+            groups.append(Group(index, ref, samples, uid=uids[g]))
         return groups
 
     @ray.method(concurrency_group="generate")
-    def evaluate(self, problems: list[tuple[int, str, str]], params: SamplingParams) -> list[dict]:
+    def evaluate(self, problems: list[tuple[int, str, str]], params: SamplingParams, version: int) -> list[dict]:
         """Per problem: pass@1 over k samples, cons@k correctness, format rate, mean response length."""
-        groups = self.generate_groups(problems, params, allow_partial=False)
+        groups = self.generate_groups(problems, params, [-1] * len(problems), version, allow_partial=False)
         verifier = self.reward.verifier
         out = []
         for group in groups:
@@ -144,15 +147,20 @@ class RolloutWorker:
         arriving = self.sync.group.receive(manifest, int(self.cfg.sync.bucket_mb * 2**20), version)
         staged = [(n, t.clone()) for n, t in arriving]
         with self._lock:
-            self._staged = (version, staged)
+            self._staged[version] = staged
 
-    def apply_staged(self) -> int:
-        """Load staged weights, if any; returns the policy version now in force."""
+    def apply_staged(self, up_to: int | None = None) -> int:
+        """Load the newest staged version that is at most ``up_to`` (None: the newest), forget older staged ones;
+        returns the policy version now in force."""
         with self._lock:
-            staged, self._staged = self._staged, None
-        if staged is not None:
-            self.engine.load_weights(staged[1])
-            self.version = staged[0]
+            usable = [v for v in self._staged if up_to is None or v <= up_to]
+            newest = max(usable, default=None)
+            weights = self._staged.pop(newest) if newest is not None else None
+            for v in usable:
+                self._staged.pop(v, None)
+        if weights is not None:
+            self.engine.load_weights(weights)
+            self.version = newest
         return self.version
 
     def loaded_weights(self) -> list[tuple[str, torch.Tensor]]:

@@ -63,6 +63,7 @@ class TrainWorker:
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def save(self, path: str, with_optimizer: bool) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)  # every rank writes here; none may wait for rank 0 to create it
         if self.rank == 0:
             from transformers import AutoTokenizer
 

@@ -8,9 +8,13 @@ is replaced and brought up to date.
 from __future__ import annotations
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from r1.workers.pools import RolloutPool, TrainPool
+
+
+class WeightSyncError(RuntimeError):
+    """The trainer could not send a policy version; the rollout pool still serves the previous one."""
 
 
 class WeightSync:
@@ -44,19 +48,27 @@ class WeightSync:
         return self.broadcast(version)
 
     def broadcast(self, version: int) -> int:
-        """One bucketed broadcast. If a member dies during it, the group is re-formed at once (the dead one
-        replaced) and the version sent again; receives stuck on the old group time out on their own thread."""
+        """One bucketed broadcast. If a receiver dies during it, the group is re-formed at once (the dead one
+        replaced) and the version sent again; receives stuck on the old group time out on their own thread. If the
+        sender fails, the receivers would wait for buckets that never come: the group is re-formed for them and
+        the failure raised at once as ``WeightSyncError``."""
         send = self.train.leader.broadcast_weights.remote(version)
         recvs = {a.receive_weights.remote(self.manifest, version): i for i, a in enumerate(self.rollout.actors)}
-        pending, dead, broken = list(recvs), [], False
+        pending, dead, broken, sent = [send, *recvs], [], False, 0
         while pending and not (dead or broken):
             done, pending = ray.wait(pending, num_returns=1)
             try:
-                ray.get(done[0])
-            except RayActorError:
-                dead.append(recvs[done[0]])
-            except ray.exceptions.RayTaskError:
-                broken = True  # a survivor's receive failed because a peer vanished mid-broadcast
+                result = ray.get(done[0])
+            except (RayActorError, RayTaskError) as err:
+                if done[0] == send:
+                    self._sender_failed(version, err)
+                if isinstance(err, RayActorError):
+                    dead.append(recvs[done[0]])
+                else:
+                    broken = True  # a survivor's receive failed because a peer vanished mid-broadcast
+                continue
+            if done[0] == send:
+                sent = result
         self.version = version
         if dead:
             self.rollout.replace(dead)  # re-forms the group and pushes `version` to everyone
@@ -64,4 +76,13 @@ class WeightSync:
         if broken:
             self.rejoin()
             return 0
-        return ray.get(send)
+        return sent
+
+    def _sender_failed(self, version: int, err: Exception):
+        try:
+            self._form()  # the rollout workers join a fresh group (their stuck receives time out on the old one)
+        except (RayActorError, RayTaskError) as reform_err:
+            raise WeightSyncError(
+                f"training rank 0 failed while sending policy version {version}, and the sync group could not be "
+                f"re-formed: {reform_err}") from err
+        raise WeightSyncError(f"training rank 0 failed while sending policy version {version}: {err}") from err
