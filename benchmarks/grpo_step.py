@@ -1,6 +1,6 @@
 """Benchmark: GRPO steps of the default experiment, and weight-sync bandwidth vs a raw gloo broadcast.
 
-    .venv/bin/python benchmarks/grpo_step.py [--steps 3] [hydra overrides ...]
+    .venv/bin/python benchmarks/grpo_step.py [--steps 3] [--warmup 1] [hydra overrides ...]
 
 Prints a table; copy it, with machine and date, into benchmarks/RESULTS.md. Not a test: no thresholds.
 """
@@ -43,6 +43,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="leading steps left out of the means")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. cache_dir=/path")
     args = ap.parse_args()
     run_dir = Path(tempfile.mkdtemp(prefix="r1-bench-"))
@@ -52,7 +53,7 @@ def main() -> None:
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     run(cfg)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "reward/mean" in r][1:] or [r for r in rows if "reward/mean" in r]  # skip warm-up
+    steps = [r for r in rows if "reward/mean" in r][args.warmup:] or [r for r in rows if "reward/mean" in r]
 
     def mean(key):
         return sum(r[key] for r in steps) / len(steps)
@@ -80,6 +81,7 @@ def main() -> None:
         ("step time (s)", f"{mean('time/step_s'):.2f}"),
         ("generation (s) / tokens/s", f"{mean('time/generate_s'):.2f} / {mean('perf/gen_tokens_per_s'):.0f}"),
         ("train (s) / tokens/s", f"{mean('time/train_s'):.2f} / {mean('perf/train_tokens_per_s'):.0f}"),
+        ("steps in the means", f"{args.warmup + 1}-{args.steps}"),
         ("weight sync (s) / MiB/s", f"{sync_s:.4f} / {sync_bytes / 2**20 / sync_s:.0f}"),
         ("raw gloo broadcast (s) / MiB/s", f"{raw_s:.4f} / {sync_bytes / 2**20 / raw_s:.0f}"),
         ("sync overhead vs raw", f"{sync_s / raw_s:.2f}x"),

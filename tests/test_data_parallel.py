@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 
 G = 4
 VARIANTS = {
+    "grpo": ["algo=grpo", "algo.kl_coef=0"],
     "grpo_kl_in_loss": ["algo=grpo", "algo.kl_coef=0.05"],
     "kl_in_reward": ["algo=grpo", "algo.kl_placement=reward", "algo.kl_kind=k1", "algo.kl_coef=0.05"],
     "dapo": ["algo=dapo", "algo.minibatches_per_step=2"],
