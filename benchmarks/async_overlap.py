@@ -81,8 +81,8 @@ def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    out = [f"machine: {platform.machine()}, {os.cpu_count()} cores; date: {time.strftime('%Y-%m-%d')}; "
-           f"{args.steps} steps per run, means over steps 3..{args.steps}"]
+    out = [(f"machine: {platform.machine()}, {os.cpu_count()} cores; date: {time.strftime('%Y-%m-%d')}; "
+            f"{args.steps} steps per run, means over steps 3..{args.steps}")]
 
     if not args.skip_real:
         rows, base = [], None

@@ -70,7 +70,7 @@ def test_async_options_are_checked():
 
 def _launch(*args):
     return subprocess.run([sys.executable, "-m", "launcher.main", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
 
 
 def test_cli_typo_in_key_fails_before_anything_starts():

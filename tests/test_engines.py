@@ -17,8 +17,8 @@ PROMPTS = ["1 + 2", "3 + 4 + 5 + 6", "7", "8 + 9 + 1"]  # different lengths: lef
 
 
 def _train_engine(model_path, **kw):
-    args = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=0, grad_clip=1.0, micro_batch_size=3,
-                with_reference=False)
+    args = {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 1.0,
+            "micro_batch_size": 3, "with_reference": False}
     return HFTrainEngine(model_path, **{**args, **kw})
 
 

@@ -11,8 +11,8 @@ from tests.conftest import TINY, compose
 
 
 def _engine(model_path, **kw):
-    args = dict(lr=3e-6, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=0, grad_clip=1.0, micro_batch_size=4,
-                with_reference=False)
+    args = {"lr": 3e-6, "betas": (0.9, 0.99), "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 1.0,
+            "micro_batch_size": 4, "with_reference": False}
     return HFTrainEngine(model_path, **{**args, **kw})
 
 

@@ -31,11 +31,11 @@ def print_comparison(base: dict, final: dict, console) -> None:
     table.add_column("base model", justify="right")
     table.add_column("trained policy", justify="right")
     table.add_column("change", justify="right")
-    for key in base:
+    for key, before in base.items():
         if key == "problems":
             continue
         scale = 1.0 if key == "response_length" else 100.0
         unit = "" if key == "response_length" else " pts"
-        table.add_row(key, f"{base[key] * scale:.1f}", f"{final[key] * scale:.1f}",
-                      f"{(final[key] - base[key]) * scale:+.1f}{unit}")
+        table.add_row(key, f"{before * scale:.1f}", f"{final[key] * scale:.1f}",
+                      f"{(final[key] - before) * scale:+.1f}{unit}")
     console.print(table)

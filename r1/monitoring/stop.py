@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from typing import Self
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class GracefulStop:
         log.warning("%s received: stopping after the current step (checkpoint, then shut down both pools); "
                     "send it again to abort now", signal.Signals(signum).name)
 
-    def __enter__(self) -> GracefulStop:
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)

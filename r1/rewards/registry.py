@@ -35,7 +35,7 @@ def _load_user_term(spec: str) -> Callable[[str, str], float]:
     except (ImportError, AttributeError) as err:
         raise ValueError(f"reward term {spec!r} cannot be imported: {err}") from err
     if not callable(fn):
-        raise ValueError(f"reward term {spec!r} is not callable")
+        raise TypeError(f"reward term {spec!r} is not callable")
     return fn
 
 

@@ -101,7 +101,7 @@ class VerifierPool:
             except FutureTimeout:
                 self.stats.timeouts += 1
                 results.append(False)
-            except (ProcessExpired, Exception):  # a crash in sympy/antlr must cost a reward, not the run
+            except (ProcessExpired, Exception):  # noqa: BLE001 -- a crash in sympy/antlr costs a reward, not the run
                 self.stats.errors += 1
                 results.append(False)
         return results
