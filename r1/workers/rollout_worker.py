@@ -105,7 +105,8 @@ class RolloutWorker:
     @ray.method(concurrency_group="generate")
     def evaluate(self, problems: list[tuple[int, str, str]], params: SamplingParams, version: int) -> list[dict]:
         """Per problem: pass@1 over k samples, cons@k correctness, format rate, mean response length."""
-        groups = self.generate_groups(problems, params, [-1] * len(problems), version, allow_partial=False)
+        # not through generate_groups: evaluation is not rollout work, busy_seconds() leaves it out
+        groups = self._generate_groups(problems, params, [-1] * len(problems), version, allow_partial=False)
         verifier = self.reward.verifier
         out = []
         for group in groups:
@@ -128,7 +129,8 @@ class RolloutWorker:
         return {"checked": s.checked, "timeouts": s.timeouts, "errors": s.errors}
 
     def busy_seconds(self) -> float:
-        """Cumulative time spent generating, including the request in progress (for pool idle-time metrics)."""
+        """Cumulative time spent generating rollouts (not evaluations), including the request in progress (for
+        generation-time and pool idle-time metrics)."""
         since = self._busy_since
         return self._busy_s + (time.time() - since if since is not None else 0.0)
 
