@@ -68,8 +68,8 @@ class HFTrainEngine:
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else (
-            torch.device("cpu"))
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.serving_dtype = getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)  # fp32 master weights
         self.model.to(self.device).train()
