@@ -3,7 +3,7 @@
 Layout under ``<run_dir>/checkpoints``::
 
     step_000050/            policy/ (HF safetensors + tokenizer), reference.safetensors, optimizer.pt,
-                            rng_rank*.pt, rollouts.pt, driver_state.json (written last: the completeness mark)
+                            rng_rank*.pt, rollouts.pkl, driver_state.json (written last: the completeness mark)
     latest                  text file naming the newest complete step directory
 
 A save writes ``step_N.tmp-<pid>``, and only a complete one is renamed into place; ``latest`` is replaced atomically

@@ -106,7 +106,7 @@ class RolloutBuffer:
     # --- the two operations of the driver loop ------------------------------------------------------------------
     def fill(self, version: int) -> None:
         """Request generation for as many groups as the staleness bound allows, at policy ``version``."""
-        while self.resubmit:  # exactly the requests a checkpoint recorded (same seeds, same batches); counted already
+        while self.resubmit:  # first, exactly the requests a checkpoint recorded (same seeds, same batches)
             self._submit(self.resubmit.popleft(), version)
         room = (self.max_staleness + 1) * self.batch_size - self._outstanding()
         while room > 0:
@@ -166,13 +166,13 @@ class RolloutBuffer:
     def _in_flight_groups(self) -> int:
         return sum(len(r.entries) for r in self.in_flight.values())
 
+    # (both below run right after fill(), which has submitted every restored request: ``resubmit`` is empty)
     def _outstanding(self) -> int:
-        return self._in_flight_groups() + len(self.ready) + sum(map(len, self.resubmit)) + len(self._taking)
+        return self._in_flight_groups() + len(self.ready) + len(self._taking)
 
     def _oldest_outstanding(self) -> int | None:
         heads = [self.queue[0][0]] if self.queue else []
         heads += [min(u for u, _ in r.entries) for r in self.in_flight.values()]
-        heads += [min(u for u, _ in entries) for entries in self.resubmit]
         if self.ready:
             heads.append(min(self.ready))
         return min(heads, default=None)

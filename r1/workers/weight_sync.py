@@ -42,7 +42,8 @@ class WeightSync:
 
     def push(self, version: int) -> int:
         """Broadcast the trainer's weights as ``version``; returns bytes sent. Every worker has them staged on
-        return (loaded before its next request). Workers found dead beforehand are replaced first."""
+        return (loaded when a request made at that version starts). Workers found dead beforehand are replaced
+        first."""
         if dead := self.rollout.dead_workers():
             self.rollout.replace(dead)  # rejoin() brings the newcomer to the previous version
         return self.broadcast(version)
