@@ -71,7 +71,11 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
     from r1.driver import run
 
-    result = run(plain)
+    try:
+        result = run(plain)
+    except ConfigError as err:  # found once the model is known (e.g. an architecture vLLM cannot serve)
+        print(f"r1-launch: {err}", file=sys.stderr)
+        sys.exit(2)
     if result.get("stopped_by"):  # stopped by SIGINT/SIGTERM after a checkpoint: the conventional 128 + signal
         sys.exit(128 + int(result["stopped_by"]))
 

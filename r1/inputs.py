@@ -47,8 +47,25 @@ def prepare_model(cfg) -> str:
             if step == 1 or step % 100 == 0 or step == total:
                 console.print(f"[dim]pretraining tiny base model: step {step}/{total} loss {loss:.3f}[/]")
 
-        return str(ensure_tiny_model(cfg.model.tiny, cfg.data, cfg.cache_dir, progress, arch=cfg.model.arch))
-    return cfg.model.path
+        path = str(ensure_tiny_model(cfg.model.tiny, cfg.data, cfg.cache_dir, progress, arch=cfg.model.arch))
+    else:
+        path = cfg.model.path
+    if cfg.rollout.engine == "vllm":
+        check_vllm_can_serve(cfg, path)
+    return path
+
+
+def check_vllm_can_serve(cfg, model_path: str) -> None:
+    """Before any engine starts: the model's architecture, context and KV cache suit vLLM (ConfigError if not)."""
+    from r1.engines.vllm_rollout import check_servable
+
+    r = cfg.rollout
+    try:
+        check_servable(model_path, max_model_len=r.vllm.max_model_len, kv_cache_mb=r.vllm.kv_cache_mb,
+                       dtype=cfg.model.dtype,
+                       max_tokens=max([s.max_tokens for s in r.length_schedule] + [cfg.eval.max_new_tokens]))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def prepare_data(cfg) -> tuple[LoadedPrompts, LoadedPrompts]:

@@ -51,6 +51,26 @@ def tiny_llama(cache_dir) -> str:
     return prepare_model(compose(TINY + ["model=tiny_llama", f"cache_dir={cache_dir}", "run_dir=unused"]))
 
 
+# vLLM's CPU attention needs a head dimension of 32 or more: the same tiny models with one attention head
+TINY_VLLM = TINY + ["model.tiny.num_heads=1"]
+
+
+@pytest.fixture(scope="session")
+def vllm_qwen2(cache_dir) -> str:
+    """Tiny Qwen2 (tied embeddings) that vLLM can serve."""
+    from r1.inputs import prepare_model
+
+    return prepare_model(compose(TINY_VLLM + [f"cache_dir={cache_dir}", "run_dir=unused"]))
+
+
+@pytest.fixture(scope="session")
+def vllm_llama(cache_dir) -> str:
+    """Tiny Llama 3 (untied lm_head, BOS, no pad) that vLLM can serve."""
+    from r1.inputs import prepare_model
+
+    return prepare_model(compose(TINY_VLLM + ["model=tiny_llama", f"cache_dir={cache_dir}", "run_dir=unused"]))
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

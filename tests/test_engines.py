@@ -1,5 +1,6 @@
 """The engines against independent references: the trainer's recompute, a fresh engine, the tokenizer itself."""
 
+import asyncio
 import json
 import shutil
 
@@ -47,7 +48,7 @@ def test_rollout_logprobs_equal_the_trainers_recompute(model_path):
     prompts = [tokens.encode(apply_template(p)) for p in PROMPTS]
     assert len({len(p) for p in prompts}) == len(PROMPTS)
     params = SamplingParams(n=3, temperature=0.7, top_p=1.0, max_new_tokens=12, seed=11)
-    completions = rollout.generate(prompts, params)
+    completions = asyncio.run(rollout.generate(prompts, params))
     groups = [Group(i, "0", [Sample(prompts[i], c.token_ids, c.rollout_logprobs, "", 0.0, {}, None, c.finish_reason, 0)
                              for c in completions[i * 3:(i + 1) * 3]]) for i in range(len(prompts))]
     batch = collate(groups, torch.zeros(len(completions)), tokens.pad_id)
@@ -68,7 +69,7 @@ def test_checkpoint_generation_config_does_not_shape_sampling(tiny_model, tmp_pa
     }))
     prompts = [TokenRules.load(tiny_model).encode(apply_template(p)) for p in PROMPTS]
     params = SamplingParams(n=4, temperature=1.0, top_p=1.0, max_new_tokens=10, seed=5)
-    got = HFRolloutEngine(str(poisoned)).generate(prompts, params)
-    want = HFRolloutEngine(tiny_model).generate(prompts, params)  # a fresh engine on the bare model
+    got = asyncio.run(HFRolloutEngine(str(poisoned)).generate(prompts, params))
+    want = asyncio.run(HFRolloutEngine(tiny_model).generate(prompts, params))  # a fresh engine, bare model
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     assert [c.rollout_logprobs for c in got] == [c.rollout_logprobs for c in want]

@@ -121,6 +121,17 @@ class LengthStage:
 
 
 @dataclass
+class VLLMConfig:
+    """vLLM engine settings (``rollout.engine=vllm``), one engine per rollout worker."""
+
+    tensor_parallel_size: int = 1  # GPUs (or CPU worker processes) per engine; workers are data-parallel
+    max_model_len: int | None = None  # prompt + response tokens per sequence; null = the model's context length
+    kv_cache_mb: int = 0  # KV-cache size per engine; 0 = vLLM's own sizing (gpu_memory_utilization / 4 GiB on CPU)
+    gpu_memory_utilization: float = 0.85  # GPU share vLLM may use when kv_cache_mb is 0
+    max_num_seqs: int = 256  # sequences decoded together (continuous batching)
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "hf"
     num_workers: int = 2
@@ -141,6 +152,10 @@ class RolloutConfig:
     # Emulate a large model's speed: each decode step takes at least this long and a request at least
     # max_tokens x this (orchestration benchmarks and fault drills on CPU; 0 = real speed).
     simulated_decode_step_s: float = 0.0
+    # An engine with requests in flight that produces no token for this long is declared dead: its worker is
+    # replaced and its requests redone once.
+    stall_timeout_s: float = 300.0
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass

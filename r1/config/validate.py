@@ -51,6 +51,34 @@ def check_key(path: str, root=R1Config) -> None:
         cls = tp
 
 
+def _vllm_problems(cfg) -> list[str]:
+    r, v = cfg.rollout, cfg.rollout.vllm
+    problems = []
+    if r.simulated_decode_step_s > 0:
+        problems.append("rollout.simulated_decode_step_s emulates decode latency in the HF engine only: use "
+                        "rollout.engine=hf for orchestration drills, or set it to 0")
+    if v.tensor_parallel_size < 1 or v.max_num_seqs < 1 or v.kv_cache_mb < 0:
+        problems.append("rollout.vllm: tensor_parallel_size and max_num_seqs must be >= 1, kv_cache_mb >= 0")
+    if not 0 < v.gpu_memory_utilization <= 1:
+        problems.append("rollout.vllm.gpu_memory_utilization must be in (0, 1]")
+    longest = max(s.max_tokens for s in r.length_schedule) if r.length_schedule else 0
+    if v.max_model_len is not None and v.max_model_len <= max(longest, cfg.eval.max_new_tokens):
+        problems.append(
+            f"rollout.vllm.max_model_len={v.max_model_len} leaves no room for a prompt before the longest response "
+            f"({max(longest, cfg.eval.max_new_tokens)} tokens, rollout.length_schedule / eval.max_new_tokens)")
+    if r.gpus_per_worker == 0:  # CPU engines: each pins its own cores (VLLM_CPU_OMP_THREADS_BIND)
+        import os
+
+        cores = len(os.sched_getaffinity(0))
+        wanted = r.num_workers * v.tensor_parallel_size * max(1, r.torch_threads)
+        if wanted > cores:
+            problems.append(
+                f"rollout.engine=vllm on CPU: {r.num_workers} engine(s) x tensor_parallel_size "
+                f"{v.tensor_parallel_size} x torch_threads {r.torch_threads} = {wanted} cores, this machine has "
+                f"{cores}: lower rollout.num_workers or rollout.torch_threads")
+    return problems
+
+
 def validate(cfg) -> list[str]:
     """Semantic checks on a composed config (strings for enums, as the launcher passes it).
 
@@ -102,6 +130,10 @@ def validate(cfg) -> list[str]:
         problems.append(f"rollout.engine={r.engine!r}: choose one of {list(ROLLOUT_ENGINES)}")
     if t.engine not in TRAIN_ENGINES:
         problems.append(f"trainer.engine={t.engine!r}: choose one of {list(TRAIN_ENGINES)}")
+    if r.stall_timeout_s <= 0:
+        problems.append("rollout.stall_timeout_s must be > 0")
+    if r.engine == "vllm":
+        problems += _vllm_problems(cfg)
     if r.temperature <= 0:
         problems.append("rollout.temperature must be > 0 for GRPO sampling")
     if not 0 < r.top_p <= 1 or not 0 < cfg.eval.top_p <= 1:

@@ -3,6 +3,10 @@
 Reports, for every sampled token, its log-prob under the *untruncated* policy at temperature T (top-p changes
 which tokens can be drawn, not the policy being optimised) so the trainer can compare with its own recompute.
 
+It implements the same asynchronous, request-level protocol as the vLLM engine, simply: calls run one at a time on a
+thread, and a weight update arriving during one is loaded between two of its decode steps (the KV cache of earlier
+tokens is kept, as vLLM's pause(keep) does), with every token labelled by the version that sampled it.
+
 Only the sampling parameters r1 passes shape the distribution: a checkpoint's ``generation_config.json`` (Qwen and
 Llama ship ``repetition_penalty``, ``top_k``, ``top_p``, ``temperature``) is replaced by a bare one at load time,
 otherwise generation would silently sample from something other than the policy the trainer optimises.
@@ -10,7 +14,10 @@ otherwise generation would silently sample from something other than the policy 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -20,7 +27,8 @@ from r1.types import Completion, SamplingParams
 
 
 class HFRolloutEngine:
-    def __init__(self, model_path: str, *, generate_batch_size: int = 64, dtype: str = "float32"):
+    def __init__(self, model_path: str, *, generate_batch_size: int = 64, dtype: str = "float32",
+                 decode_step_s: float = 0.0):
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -32,25 +40,72 @@ class HFRolloutEngine:
             bos_token_id=tokens.bos_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id)
         self.generate_batch_size = generate_batch_size
         self._params = dict(self.model.named_parameters())
+        self.decode_step_s = decode_step_s  # emulated decode latency (orchestration benchmarks, fault drills)
+        self.version = 0
+        self.last_token_time = time.time()
+        self._one_at_a_time = threading.Lock()
+        self._weights_lock = threading.Lock()  # guards _pending and _generating
+        self._pending: tuple[list, int, threading.Event] | None = None
+        self._generating = False
+
+    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """See ``RolloutEngine.generate``: runs on a thread, after the calls already queued."""
+        return await asyncio.to_thread(self._generate_queued, prompts, params)
+
+    async def update_weights(self, weights: list[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load now if idle, else between two decode steps of the call in flight; returns once loaded."""
+        done = threading.Event()
+        with self._weights_lock:
+            self._pending = (weights, version, done)
+            if not self._generating:
+                self._load_pending()
+        await asyncio.to_thread(done.wait)
+
+    def _load_pending(self) -> None:  # with _weights_lock held
+        if self._pending is not None:
+            weights, version, done = self._pending
+            self.load_weights(weights)
+            self.version, self._pending = version, None
+            done.set()
+
+    def _between_steps(self) -> int:
+        """Called before the first and after every decode step: the only point where weights may change."""
+        if self.decode_step_s > 0:  # this step ends no earlier than decode_step_s after the previous one
+            time.sleep(max(0.0, self.last_token_time + self.decode_step_s - time.time()))
+        self.last_token_time = time.time()
+        with self._weights_lock:
+            self._load_pending()
+            return self.version
+
+    def _generate_queued(self, prompts, params) -> list[Completion]:
+        with self._one_at_a_time:
+            with self._weights_lock:
+                self._load_pending()
+                self._generating = True
+            try:
+                t0 = time.time()
+                completions = self._generate(prompts, params)
+                if self.decode_step_s > 0:  # a request lasts as long as a full-length one would
+                    time.sleep(max(0.0, t0 + self.decode_step_s * params.max_new_tokens - time.time()))
+                return completions
+            finally:
+                with self._weights_lock:
+                    self._load_pending()  # an update that arrived after the last decode step
+                    self._generating = False
 
     @torch.no_grad()
-    def generate(
-        self, prompts: list[list[int]], params: SamplingParams, between_steps: Callable[[], int] | None = None
-    ) -> list[Completion]:
-        """See ``RolloutEngine.generate``; ``between_steps`` runs between decode steps (weights may change there)."""
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         expanded = [p for p in prompts for _ in range(params.n)]
         gen = torch.Generator(device="cpu").manual_seed(params.seed)
         completions: list[Completion] = []
         for start in range(0, len(expanded), self.generate_batch_size):
             # One seed per micro-batch, derived from the request seed: reproducible for a fixed request.
             torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
-            completions.extend(
-                self._generate_batch(expanded[start : start + self.generate_batch_size], params, between_steps)
-            )
+            completions.extend(self._generate_batch(expanded[start : start + self.generate_batch_size], params))
         return completions
 
-    def _generate_batch(self, prompts, params: SamplingParams, between_steps) -> list[Completion]:
-        hook = _StepHook(between_steps) if between_steps is not None else None
+    def _generate_batch(self, prompts, params: SamplingParams) -> list[Completion]:
+        hook = _StepHook(self._between_steps)
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -70,7 +125,7 @@ class HFRolloutEngine:
             eos_token_id=self.eos_id,
             return_dict_in_generate=True,
             output_logits=True,
-            logits_processor=LogitsProcessorList([hook]) if hook else None,
+            logits_processor=LogitsProcessorList([hook]),
         )
         new_tokens = out.sequences[:, width:].cpu()
         logits = torch.stack(out.logits, dim=1).float().cpu()  # [B, T, V], before temperature/top-p
@@ -83,19 +138,22 @@ class HFRolloutEngine:
                 end, reason = tokens.index(self.eos_id) + 1, "stop"  # the EOS is part of the response
             else:
                 end, reason = len(tokens), "length"
-            versions = hook.labels[:end] if hook else None
-            completions.append(Completion(tokens[:end], picked[row, :end].tolist(), reason, versions))
+            completions.append(Completion(tokens[:end], picked[row, :end].tolist(), reason, hook.labels[:end]))
         return completions
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         for name, tensor in weights:
             try:
                 self._params[name].copy_(tensor)
             except KeyError:
                 raise KeyError(f"rollout model has no parameter {name!r}") from None
 
+    def shutdown(self) -> None:
+        """Nothing to release: the model goes with the process."""
+
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The serving model's parameters (for checks that a sync is bit-exact)."""
         for name, param in self.model.named_parameters():
             yield name, param.detach()
 
@@ -109,7 +167,7 @@ class _StepHook(LogitsProcessor):
     recorded log-probs are exactly the distribution each token was sampled from.
     """
 
-    def __init__(self, hook: Callable[[], int]):
+    def __init__(self, hook):
         self.hook = hook
         self.current = hook()
         self.labels: list[int] = []

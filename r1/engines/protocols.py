@@ -1,12 +1,12 @@
 """What the driver and workers need from a training engine and a rollout engine, and nothing more.
 
-The CPU implementations (``hf_train``, ``hf_rollout``) and the GPU ones (Megatron-core, vLLM; their own issues)
-implement these, so swapping engines is a config choice (``trainer.engine``, ``rollout.engine``).
+The HF implementations (``hf_train``, ``hf_rollout``: simple references), vLLM (``vllm_rollout``) and Megatron-core
+(its own issue) implement these, so swapping engines is a config choice (``trainer.engine``, ``rollout.engine``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -47,19 +47,24 @@ class TrainEngine(Protocol):
     def load(self, path: Path) -> None: ...
 
 
+class EngineDead(RuntimeError):
+    """The rollout engine can serve no more requests (its processes died); the worker must be replaced."""
+
+
 class RolloutEngine(Protocol):
-    def generate(
-        self, prompts: list[list[int]], params: SamplingParams, between_steps: Callable[[], int] | None = None
-    ) -> list[Completion]:
-        """``params.n`` completions per prompt, in group order (all of prompt 0, then prompt 1, ...).
+    """Request-level and asynchronous: a rollout worker keeps many ``generate`` calls in flight on one engine (vLLM
+    batches them continuously) and decides *when* a new policy version is loaded (``update_weights``)."""
 
-        With ``between_steps``, the engine calls it before the first and after every decode step; the hook may load
-        new weights and returns the policy version now in force, which the engine records per token in
-        ``Completion.token_versions`` (partial rollouts, simulated decode latency).
-        """
+    version: int  # the policy version now in force
+    last_token_time: float  # when the engine last produced a token (the rollout worker's stall watchdog reads it)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy named tensors (HF names, as sent by ``TrainEngine.named_weights``) into the serving model."""
+    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """``params.n`` completions per prompt, in group order (all of prompt 0, then prompt 1, ...). Each completion
+        carries its tokens' processed log-probs and, per token, the policy version that sampled it."""
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The serving model's parameters (for checks that a sync is bit-exact)."""
+    async def update_weights(self, weights: list[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load ``weights`` (the full HF state dict, as ``TrainEngine.named_weights`` sends it) as ``version``.
+        Requests in flight are not aborted: they continue from their KV cache with the new weights. Returns once
+        the new version is in force."""
+
+    def shutdown(self) -> None: ...

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 TRAIN_ENGINES = ("hf",)
-ROLLOUT_ENGINES = ("hf",)
+ROLLOUT_ENGINES = ("hf", "vllm")
 
 
 def build_train_engine(cfg, model_path: str):
@@ -25,9 +25,24 @@ def build_train_engine(cfg, model_path: str):
     raise ValueError(f"trainer.engine={cfg.trainer.engine!r} is not available; choose one of {TRAIN_ENGINES}")
 
 
-def build_rollout_engine(cfg, model_path: str):
-    if cfg.rollout.engine == "hf":
+def build_rollout_engine(cfg, model_path: str, index: int = 0):
+    """The engine of rollout worker ``index`` (engines on one CPU machine each get their own cores)."""
+    r = cfg.rollout
+    if r.engine == "hf":
         from r1.engines.hf_rollout import HFRolloutEngine
 
-        return HFRolloutEngine(model_path, generate_batch_size=cfg.rollout.generate_batch_size, dtype=cfg.model.dtype)
-    raise ValueError(f"rollout.engine={cfg.rollout.engine!r} is not available; choose one of {ROLLOUT_ENGINES}")
+        return HFRolloutEngine(model_path, generate_batch_size=r.generate_batch_size, dtype=cfg.model.dtype,
+                               decode_step_s=r.simulated_decode_step_s)
+    if r.engine == "vllm":
+        from r1.engines.vllm_rollout import VLLMRolloutEngine, cpu_cores_of
+
+        v = r.vllm
+        return VLLMRolloutEngine(
+            model_path, dtype=cfg.model.dtype, tensor_parallel_size=v.tensor_parallel_size,
+            max_model_len=v.max_model_len, kv_cache_mb=v.kv_cache_mb,
+            gpu_memory_utilization=v.gpu_memory_utilization, max_num_seqs=v.max_num_seqs,
+            bucket_mb=cfg.sync.bucket_mb, seed=cfg.seed * 1009 + index,
+            max_tokens=max([s.max_tokens for s in r.length_schedule] + [cfg.eval.max_new_tokens]),
+            cpu_cores=None if r.gpus_per_worker > 0 else cpu_cores_of(index, v.tensor_parallel_size * r.torch_threads),
+        )
+    raise ValueError(f"rollout.engine={r.engine!r} is not available; choose one of {ROLLOUT_ENGINES}")

@@ -30,6 +30,8 @@ def pool_bundles(num_workers: int, cpus: float, gpus: float) -> list[dict[str, f
 
 log = logging.getLogger(__name__)
 
+REQUESTS_IN_FLIGHT = 1000  # per rollout worker: far more than a step's requests; the engine batches them
+
 
 def _make_placement_group(num_workers: int, cpus: float, gpus: float, strategy: str, name: str):
     pg = placement_group(pool_bundles(num_workers, cpus, gpus), strategy=strategy, name=name)
@@ -37,9 +39,9 @@ def _make_placement_group(num_workers: int, cpus: float, gpus: float, strategy: 
     return pg
 
 
-def _spawn(remote_cls, pg, index: int, cpus: float, gpus: float, args):
+def _spawn(remote_cls, pg, index: int, cpus: float, gpus: float, args, max_concurrency: int = 2):
     return remote_cls.options(
-        num_cpus=cpus, num_gpus=gpus, max_concurrency=2,
+        num_cpus=cpus, num_gpus=gpus, max_concurrency=max_concurrency,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
     ).remote(*args)
 
@@ -106,7 +108,7 @@ class TrainPool:
 
 
 class RolloutPool:
-    """Rollout workers; each runs one generation request at a time (queued on the worker) plus weight sync."""
+    """Rollout workers; each keeps many generation requests in flight (asyncio actors) plus weight sync."""
 
     def __init__(self, cfg, model_path: str):
         r = cfg.rollout
@@ -115,9 +117,10 @@ class RolloutPool:
             r.num_workers, r.cpus_per_worker, r.gpus_per_worker, cfg.cluster.placement_strategy,
             f"r1-rollout-{cfg.name}",
         )
-        # generation and weight reception on separate threads (see rollout_worker); sync has 2 so that re-forming
-        # the group after a member died never queues behind a receive stuck on the dead member
-        self._remote_cls = ray.remote(concurrency_groups={"generate": 1, "sync": 2})(RolloutWorker)
+        # generation (the default group: many requests at once) and weight reception (group "sync") on separate
+        # threads (see rollout_worker); sync has 2 so that re-forming the group after a member died never queues
+        # behind a receive stuck on the dead member
+        self._remote_cls = ray.remote(concurrency_groups={"sync": 2})(RolloutWorker)
         self.actors = [self._spawn(i) for i in range(r.num_workers)]
         self.sync = None  # the WeightSync that feeds this pool (r1.workers.weight_sync); replacements rejoin it
         self.replaced = 0
@@ -125,7 +128,7 @@ class RolloutPool:
     def _spawn(self, index: int):
         r = self.cfg.rollout
         return _spawn(self._remote_cls, self.pg, index, r.cpus_per_worker, r.gpus_per_worker,
-                      (self.cfg, self.model_path, index))
+                      (self.cfg, self.model_path, index), max_concurrency=REQUESTS_IN_FLIGHT)
 
     def submit(self, worker: int, problems, params: SamplingParams, uids: list[int], version: int):
         """Queue one generation request on ``worker``, to be generated with policy ``version``; returns its
@@ -138,7 +141,7 @@ class RolloutPool:
         dead = []
         for i, ref in enumerate(pings):
             try:
-                ray.get(ref, timeout=60)
+                ray.get(ref, timeout=600)  # a replacement may still be starting its engine
             except RayActorError:
                 dead.append(i)
         return dead

