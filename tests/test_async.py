@@ -123,11 +123,12 @@ def test_partial_rollouts_mix_versions_within_the_bound(ray_local, tiny_model, c
 
 
 def _generating_rollout_workers():
-    """Rollout worker processes busy in a generation request (Ray titles a worker with its current task)."""
+    """Rollout worker processes (asyncio actors, titled ``ray::RolloutWorker``). After the first step of an async
+    run with one group per request every worker has requests in flight: the decode is slowed to 50 ms a token."""
     procs = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::RolloutWorker.generate_groups"):
+        if cmd.startswith("ray::RolloutWorker"):
             procs.append(p)
     return procs
 

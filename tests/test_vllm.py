@@ -2,11 +2,13 @@
 a fresh engine loaded from the trainer's exported weights, and HF forward passes of the old and new weights."""
 
 import asyncio
+import contextlib
 import json
 import shutil
 import threading
 import time
 
+import psutil
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -214,3 +216,86 @@ def test_more_engines_than_cores_is_a_clear_error():
     cores = len(os.sched_getaffinity(0))
     with pytest.raises(ConfigError, match=rf"= {2 * (cores + 1)} cores, this machine has {cores}"):
         validate(_cfg(f"rollout.num_workers={cores + 1}", "rollout.torch_threads=2"))
+
+
+# --- the rollout pool on vLLM, end to end through the driver -------------------------------------------------
+
+VLLM_RUN = ["rollout=vllm", "rollout.vllm.kv_cache_mb=32", "rollout.vllm.max_num_seqs=64",
+            "algo.is_correction=true"]
+
+
+def _run_overrides(cache_dir, run_dir, steps, *extra):
+    from tests.conftest import TINY_VLLM
+    from tests.test_async import ASYNC
+
+    return TINY_VLLM + ASYNC + VLLM_RUN + [f"cache_dir={cache_dir}", f"run_dir={run_dir}",
+                                          f"trainer.total_steps={steps}", *extra]
+
+
+@pytest.mark.parametrize("staleness,partial", [(0, False), (1, False), (1, True)])
+def test_grpo_on_vllm_end_to_end(ray_local, vllm_qwen2, cache_dir, tmp_path, staleness, partial):
+    """Sync, async and async with partial rollouts: the staleness bound holds for every token, every group is
+    trained exactly once, and on-policy tokens' log-probs are the trainer's."""
+    from r1.driver import run as run_driver
+    from r1.monitoring.ledger import read_ledger
+    from tests.test_async import _step_metrics, assert_every_group_trained_once
+
+    run_dir = tmp_path / f"vllm{staleness}{partial}"
+    out = run_driver(compose(_run_overrides(cache_dir, run_dir, 4, f"algo.max_staleness={staleness}",
+                                            f"rollout.partial_rollouts={str(partial).lower()}")))
+    assert_every_group_trained_once(run_dir, out["buffer"], 4)
+    ledger = read_ledger(run_dir)
+    assert max(r["staleness"] for r in ledger) <= staleness
+    for m in _step_metrics(run_dir):
+        if m["staleness/max"] == 0:  # on-policy samples: vLLM's log-probs are the trainer's
+            assert m["train/is_log_ratio_abs_mean"] < 1e-5, m
+    if staleness:
+        assert max(r["staleness"] for r in ledger) == 1, "generation never overlapped training"
+
+
+def _engine_cores():
+    return [p for p in psutil.process_iter(["name", "cmdline"])
+            if "EngineCore" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])]
+
+
+def test_dead_and_stalled_engines_are_replaced_and_their_groups_redone_once(ray_local, vllm_qwen2, cache_dir,
+                                                                            tmp_path):
+    """One engine is killed (SIGKILL: vLLM reports it dead), another stops producing tokens (SIGSTOP: the
+    watchdog's rollout.stall_timeout_s): both workers are replaced, every group is trained exactly once."""
+    import signal
+
+    from r1.driver import run as run_driver
+    from tests.test_async import _step_metrics, assert_every_group_trained_once
+
+    run_dir = tmp_path / "faults"
+    faults = []
+
+    def inject():
+        deadline = time.time() + 600
+        while time.time() < deadline and len(faults) < 2:
+            steps = len(_step_metrics(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+            cores = _engine_cores()
+            if steps >= 1 and not faults and cores:
+                cores[0].send_signal(signal.SIGKILL)
+                faults.append(cores[0])
+            elif steps >= 3 and len(faults) == 1 and cores:
+                cores[-1].send_signal(signal.SIGSTOP)
+                faults.append(cores[-1])
+            time.sleep(0.2)
+
+    injector = threading.Thread(target=inject, daemon=True)
+    injector.start()
+    try:
+        out = run_driver(compose(_run_overrides(
+            cache_dir, run_dir, 6, "algo.max_staleness=1", "rollout.groups_per_request=1",
+            "rollout.stall_timeout_s=20")))
+    finally:
+        for p in faults[1:]:  # the stopped engine, if its worker's exit did not take it along
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    injector.join(timeout=5)
+    assert len(faults) == 2, "the faults were not injected"
+    last = _step_metrics(run_dir)[-1]
+    assert last["rollout/workers_replaced_total"] >= 2
+    assert last["buffer/redone_after_worker_loss_total"] >= 2
+    assert_every_group_trained_once(run_dir, out["buffer"], 6)

@@ -151,8 +151,15 @@ class RolloutWorker:
 
     # --- engine health -------------------------------------------------------------------------------------------
     def _engine_failed(self, err: BaseException):
+        import psutil
+
         log.error("rollout worker %d: engine failed (%s: %s); exiting so the pool replaces this worker",
                   self.index, type(err).__name__, err)
+        for child in psutil.Process().children(recursive=True):  # a stalled engine would outlive us
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
         os._exit(1)
 
     async def _watchdog(self) -> None:
