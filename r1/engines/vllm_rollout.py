@@ -82,7 +82,7 @@ def check_servable(model_path: str, *, max_model_len: int | None, max_tokens: in
 class VLLMRolloutEngine:
     def __init__(self, model_path: str, *, dtype: str, tensor_parallel_size: int, max_model_len: int | None,
                  kv_cache_mb: int, gpu_memory_utilization: float, max_num_seqs: int, bucket_mb: float, seed: int,
-                 max_tokens: int, cpu_cores: str | None):
+                 max_tokens: int, cpu_cores: str | None, update_timeout_s: float = 600.0):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -105,6 +105,7 @@ class VLLMRolloutEngine:
         )
         self.llm = AsyncLLM.from_engine_args(args)
         self.version = 0
+        self.update_timeout_s = update_timeout_s
         self.last_token_time = time.time()
         self._transfer: BroadcastGroup | None = None
         self._labelled: asyncio.Task | None = None  # vLLM labels tokens only once a weight version is set
@@ -117,6 +118,7 @@ class VLLMRolloutEngine:
         await self._labelled
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        self._check_alive()
         try:
             per_prompt = await asyncio.gather(*(self._one(p, params) for p in prompts))
         except EngineDeadError as err:
@@ -158,16 +160,28 @@ class VLLMRolloutEngine:
         """Load ``weights`` (the full HF state dict) as ``version``; requests in flight are kept and continue."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        self._check_alive()
         try:
-            await self.llm.pause_generation(mode="keep", clear_cache=False)
-            try:
-                await self._transfer_weights(weights, version)
-                await self.llm.reset_prefix_cache()  # cached prompt KV was computed by the previous weights
-            finally:
-                await self.llm.resume_generation()
-        except EngineDeadError as err:
-            raise EngineDead(str(err)) from err
+            # a call into an engine that dies meanwhile may never be answered: bounded, then judged
+            await asyncio.wait_for(self._update(weights, version), timeout=self.update_timeout_s)
+        except (EngineDeadError, TimeoutError) as err:
+            self._check_alive()
+            raise EngineDead(f"weight update to version {version} failed: {type(err).__name__} {err}") from err
         self.version = version
+
+    async def _update(self, weights, version: int) -> None:
+        await self.llm.pause_generation(mode="keep", clear_cache=False)
+        try:
+            await self._transfer_weights(weights, version)
+            # cached KV was computed by the previous weights: drop it, including that of requests in flight,
+            # which vLLM recomputes from their tokens (the new weights then sample every later token)
+            await self.llm.reset_prefix_cache(reset_running_requests=True)
+        finally:
+            await self.llm.resume_generation()
+
+    def _check_alive(self) -> None:
+        if self.llm.errored:
+            raise EngineDead("the vLLM engine core is dead")
 
     async def _transfer_weights(self, weights, version: int) -> None:
         if self._transfer is None:

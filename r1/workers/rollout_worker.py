@@ -55,6 +55,7 @@ class RolloutWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._turn: asyncio.Condition | None = None  # request admission and weight loading, on the event loop
         self._running: int = 0  # requests generating now
+        self._accepted: int = 0  # requests taken and not yet generated (waiting for their turn, or generating)
         self._rollouts_running, self._busy_s, self._busy_since = 0, 0.0, None
 
     async def _setup(self) -> None:
@@ -85,15 +86,19 @@ class RolloutWorker:
 
     async def _generate_groups(self, problems, params, uids, version) -> list[Group]:
         prompt_ids = [self._encode(p) for _, p, _ in problems]
-        await self._admit(version)
+        self._accepted += 1
         try:
-            completions = await self.engine.generate(prompt_ids, params)
-        except EngineDead as err:
-            self._engine_failed(err)
+            await self._admit(version)
+            try:
+                completions = await self.engine.generate(prompt_ids, params)
+            except EngineDead as err:
+                self._engine_failed(err)
+            finally:
+                async with self._turn:
+                    self._running -= 1
+                    self._turn.notify_all()
         finally:
-            async with self._turn:
-                self._running -= 1
-                self._turn.notify_all()
+            self._accepted -= 1
         texts = self.tokens.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         refs = [ref for _, _, ref in problems for _ in range(params.n)]
         scored = await asyncio.to_thread(self.reward.score, texts, refs)  # off the event loop: decoding goes on
@@ -166,11 +171,11 @@ class RolloutWorker:
         timeout = self.cfg.rollout.stall_timeout_s
         while True:
             await asyncio.sleep(min(5.0, timeout / 4))
-            if self._running and time.time() - self.engine.last_token_time > timeout:
+            if self._accepted and time.time() - self.engine.last_token_time > timeout:
                 self._engine_failed(TimeoutError(
-                    f"{self._running} request(s) in flight and no token for {timeout:.0f} s "
+                    f"{self._accepted} request(s) waiting or in flight and no token for {timeout:.0f} s "
                     "(rollout.stall_timeout_s)"))
-            if not self._running:
+            if not self._accepted:
                 self.engine.last_token_time = time.time()  # idle is not stalled
 
     # --- bookkeeping ---------------------------------------------------------------------------------------------
