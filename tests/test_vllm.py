@@ -183,6 +183,43 @@ def test_update_mid_generation_keeps_requests_and_labels_tokens(run, vllm_qwen2)
     assert (got - new_lp).abs().mean() < (got - old_lp).abs().mean()
 
 
+def test_tensor_parallel_engine_takes_pushed_weights_on_every_rank(run, vllm_qwen2, tmp_path):
+    """TP=2 on CPU (two vLLM worker processes, one core each): both ranks join the r1_gloo group and load the full
+    state dict, sharding it; the served log-probs are then the new weights' (HF teacher forcing)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from r1.engines.vllm_rollout import VLLMRolloutEngine, cpu_cores_of
+
+    tok = AutoTokenizer.from_pretrained(vllm_qwen2)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(  # 2 heads of 32 dims: divisible by TP=2, servable by CPU attention
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model.save_pretrained(tmp_path / "tp")
+    tok.save_pretrained(tmp_path / "tp")
+    assert cpu_cores_of(0, 2, 1) == "0-0|1-1"
+
+    async def make():
+        return VLLMRolloutEngine(str(tmp_path / "tp"), dtype="float32", tensor_parallel_size=2, max_model_len=None,
+                                 kv_cache_mb=32, gpu_memory_utilization=0.85, max_num_seqs=16, bucket_mb=0.05,
+                                 seed=0, max_tokens=16, cpu_cores=cpu_cores_of(0, 2, 1))
+
+    engine = run(make())
+    try:
+        new = AutoModelForCausalLM.from_pretrained(tmp_path / "tp", dtype=torch.float32)
+        with torch.no_grad():
+            for p in new.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        run(engine.update_weights([(n, p.detach()) for n, p in new.named_parameters()], version=3))
+        prompt = [5, 6, 7, 8]
+        a, b = run(engine.generate([prompt], SamplingParams(n=2, temperature=0.0, max_new_tokens=12)))
+    finally:
+        engine.shutdown()
+    assert a.token_ids == b.token_ids and a.token_versions == [3] * len(a.token_ids)  # greedy: n equal samples
+    assert (torch.tensor(a.rollout_logprobs) - _teacher_forced(new, prompt, a.token_ids)).abs().max() < 1e-4
+
+
 # --- bad input: clear errors, before any engine starts ------------------------------------------------------
 
 

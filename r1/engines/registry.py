@@ -44,6 +44,6 @@ def build_rollout_engine(cfg, model_path: str, index: int = 0):
             bucket_mb=cfg.sync.bucket_mb, seed=cfg.seed * 1009 + index,
             max_tokens=max([s.max_tokens for s in r.length_schedule] + [cfg.eval.max_new_tokens]),
             update_timeout_s=r.stall_timeout_s,
-            cpu_cores=None if r.gpus_per_worker > 0 else cpu_cores_of(index, v.tensor_parallel_size * r.torch_threads),
+            cpu_cores=None if r.gpus_per_worker > 0 else cpu_cores_of(index, v.tensor_parallel_size, max(1, r.torch_threads)),
         )
     raise ValueError(f"rollout.engine={r.engine!r} is not available; choose one of {ROLLOUT_ENGINES}")

@@ -32,11 +32,12 @@ from r1.engines.protocols import EngineDead
 from r1.types import Completion, SamplingParams
 
 
-def cpu_cores_of(index: int, cores: int) -> str:
-    """``VLLM_CPU_OMP_THREADS_BIND`` of engine ``index``: its own consecutive cores (they default to all cores, so
-    engines on one machine would otherwise fight over every core)."""
-    first = index * cores
-    return f"{first}-{first + cores - 1}"
+def cpu_cores_of(index: int, tensor_parallel_size: int, threads: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` of engine ``index``: ``threads`` consecutive cores of its own per tensor-parallel
+    rank, ranks separated by ``|`` (vLLM's format). Unbound, every engine would use every core of the machine."""
+    first = index * tensor_parallel_size * threads
+    ranks = [first + r * threads for r in range(tensor_parallel_size)]
+    return "|".join(f"{c}-{c + threads - 1}" for c in ranks)
 
 
 def check_servable(model_path: str, *, max_model_len: int | None, max_tokens: int, kv_cache_mb: int,
@@ -131,15 +132,15 @@ class VLLMRolloutEngine:
 
         greedy = params.temperature <= 0
         sampling = VSampling(
-            n=params.n, temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
+            n=1 if greedy else params.n,  # vLLM refuses n > 1 with greedy decoding: its n would all be equal temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
             top_k=-1, max_tokens=params.max_new_tokens, logprobs=0, stop_token_ids=[self.eos_id],
             ignore_eos=False, skip_special_tokens=False, detokenize=False,
             # no per-request seed: vLLM's CPU sampler cannot rewind a request's own generator when it discards a
             # token ("CPU Generator does not use offset"), which kills the engine; the engine's seed applies
             output_kind=RequestOutputKind.DELTA,
         )
-        ids: dict[int, list[int]] = {j: [] for j in range(params.n)}
-        logps: dict[int, list[float]] = {j: [] for j in range(params.n)}
+        ids: dict[int, list[int]] = {j: [] for j in range(sampling.n)}
+        logps: dict[int, list[float]] = {j: [] for j in range(sampling.n)}
         final: dict[int, object] = {}
         async for out in self.llm.generate({"prompt_token_ids": prompt}, sampling, request_id=uuid.uuid4().hex):
             self.last_token_time = time.time()
@@ -150,9 +151,11 @@ class VLLMRolloutEngine:
                     final[c.index] = c
         completions = []
         for j in range(params.n):
-            c = final[j]
+            src = min(j, sampling.n - 1)  # greedy: the one completion, n times
+            c, tokens = final[src], list(ids[src])
             reason = "stop" if c.finish_reason == "stop" else "length"
-            completions.append(Completion(ids[j], logps[j], reason, _token_versions(c.weight_versions, len(ids[j]))))
+            completions.append(Completion(tokens, list(logps[src]), reason,
+                                          _token_versions(c.weight_versions, len(tokens))))
         return completions
 
     # --- weights ------------------------------------------------------------------------------------------------
