@@ -306,18 +306,24 @@ def test_dead_and_stalled_engines_are_replaced_and_their_groups_redone_once(ray_
 
     run_dir = tmp_path / "faults"
     faults = []
+    earlier = {p.pid for p in _engine_cores()}  # engines of earlier tests still shutting down are not this run's
+
+    def live():
+        return [p for p in _engine_cores() if p.pid not in earlier and p not in faults
+                and p.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_STOPPED)]
 
     def inject():
         deadline = time.time() + 600
         while time.time() < deadline and len(faults) < 2:
             steps = len(_step_metrics(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
-            cores = _engine_cores()
-            if steps >= 1 and not faults and cores:
-                cores[0].send_signal(signal.SIGKILL)
-                faults.append(cores[0])
-            elif steps >= 2 and len(faults) == 1 and len(cores) == 2:  # the replacement is up
-                cores[-1].send_signal(signal.SIGSTOP)
-                faults.append(cores[-1])
+            with contextlib.suppress(psutil.Error):
+                cores = live()
+                if steps >= 1 and not faults and len(cores) == 2:
+                    cores[0].send_signal(signal.SIGKILL)
+                    faults.append(cores[0])
+                elif faults and len(faults) == 1 and len(cores) == 2:  # the replacement is up: stall the other
+                    cores[0].send_signal(signal.SIGSTOP)
+                    faults.append(cores[0])
             time.sleep(0.2)
 
     injector = threading.Thread(target=inject, daemon=True)
