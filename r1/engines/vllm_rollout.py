@@ -193,6 +193,8 @@ class VLLMRolloutEngine:
             raise EngineDead("the vLLM engine core is dead")
 
     async def _transfer_weights(self, weights, version: int) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
         if self._transfer is None:
             await self._open_transfer()
         names = {n for n, _ in weights}
@@ -202,9 +204,8 @@ class VLLMRolloutEngine:
             weights = [*weights, ("lm_head.weight", dict(weights)["model.embed_tokens.weight"])]
         manifest = manifest_of(weights)
         await self.llm.start_weight_update()
-        receive = asyncio.ensure_future(
-            self.llm.collective_rpc("update_weights", kwargs={
-                "update_info": vllm_transfer.update_info(manifest, version, self.bucket_bytes)}))
+        receive = asyncio.ensure_future(self.llm.update_weights(WeightTransferUpdateRequest(
+            update_info=vllm_transfer.update_info(manifest, version, self.bucket_bytes))))
         # the broadcast blocks until vLLM's workers have received every bucket: off the event loop
         await asyncio.to_thread(self._transfer.send, weights, manifest, self.bucket_bytes, version)
         await receive
@@ -220,7 +221,6 @@ class VLLMRolloutEngine:
         self._transfer = await asyncio.to_thread(
             BroadcastGroup, host, port, 0, 1 + self.tp, backend="gloo", timeout_s=600.0)
         await init
-        await self.llm.update_weight_version(str(self.version))
 
     def shutdown(self) -> None:
         self.llm.shutdown()

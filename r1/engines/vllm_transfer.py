@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 BACKEND = "r1_gloo"
 
 
@@ -105,6 +103,3 @@ def update_info(manifest, version: int, bucket_bytes: int) -> dict:
         "dtype_names": [s.dtype for s in manifest], "shapes": [list(s.shape) for s in manifest],
     }
 
-
-def to_cpu(named) -> list[tuple[str, torch.Tensor]]:
-    return [(n, t.detach().to("cpu")) for n, t in named]
