@@ -68,3 +68,22 @@ def test_arithmetic_splits_are_disjoint_and_solutions_score(tmp_path):
     docs = pretraining_corpus(50, num_operands=4, low=0, high=9, mix={"careful": 1, "careless": 0, "malformed": 0},
                               seed=0)
     assert all(d.startswith(R1_ZERO_TEMPLATE[:40]) for d in docs)
+
+
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_llama"])
+def test_the_loaded_tokenizer_encodes_as_the_tiny_model_was_pretrained(model, request):
+    """transformers 5 rebuilds a qwen2 checkpoint's tokenizer from its own code (Qwen2's regex: a digit's leading
+    space becomes a token of its own); r1 must encode exactly as the tokenizer.json the model was trained with, here
+    read by the `tokenizers` library itself."""
+    from tokenizers import Tokenizer
+
+    from r1.data.tokens import TokenRules
+
+    path = request.getfixturevalue(model)
+    rules = TokenRules.load(path)
+    written = Tokenizer.from_file(f"{path}/tokenizer.json")
+    for doc in pretraining_corpus(20, num_operands=4, low=0, high=9, seed=5,
+                                  mix={"careful": 0.4, "careless": 0.4, "malformed": 0.2}):
+        expected = written.encode(doc, add_special_tokens=rules.bos_id is not None).ids
+        assert rules.encode(doc) == expected
+        assert rules.tokenizer.decode(expected, skip_special_tokens=True).strip() == doc.strip()

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from r1.data.tokens import load_tokenizer
 from r1.distributed.bucketed_broadcast import GroupMembership, free_port, manifest_of, node_ip
 from r1.engines.registry import build_train_engine
 
@@ -65,11 +66,9 @@ class TrainWorker:
     def save(self, path: str, with_optimizer: bool) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)  # every rank writes here; none may wait for rank 0 to create it
         if self.rank == 0:
-            from transformers import AutoTokenizer
-
             self.engine.save(Path(path), with_optimizer=with_optimizer)
             # a checkpoint's policy/ is a complete HF model directory: weights, config and tokenizer
-            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(Path(path) / "policy")
+            load_tokenizer(self.model_path).save_pretrained(Path(path) / "policy")
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
         torch.save(rng, Path(path) / f"rng_rank{self.rank}.pt")
 
