@@ -103,3 +103,57 @@ def test_one_minibatch_takes_pi_old_from_the_training_forward(tiny_model):
     calls = _count_forwards(engine2)
     train_on(cfg2, batch, engine2, make_loss(cfg2, 20), step=0)
     assert len(calls) == 2 + 2  # pi_old over the whole batch once, then one forward per minibatch
+
+
+def _varied_prompts_batch(rows: int = 6, width: int = 24) -> TrainBatch:
+    """Prompts of 5-12 tokens, responses up to the row's length: the first response column differs per row."""
+    g = torch.Generator().manual_seed(3)
+    batch = synthetic_batch(rows, seed=3, width=width)
+    starts = torch.randint(5, 13, (rows,), generator=g)
+    batch.response_mask = batch.attention_mask.float() * (torch.arange(width) >= starts[:, None]).float()
+    batch.rollout_logprobs = batch.rollout_logprobs.abs().neg() * batch.response_mask
+    return batch
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_and_entropy_equal_a_full_vocabulary_pass_where_the_loss_reads_them(tiny_model, temperature):
+    """The engine projects only positions that predict response tokens, with one log-softmax for both log-prob and
+    entropy; the HF model's own full forward (every position, two separate softmaxes) must give the same numbers on
+    the response mask."""
+    engine = _engine(tiny_model)
+    batch = _varied_prompts_batch()
+    mask = batch.response_mask.bool()
+    with torch.no_grad():
+        logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1] / temperature
+    full_logp = torch.nn.functional.pad(torch.log_softmax(logits, -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0],
+                                        (1, 0))
+    full_entropy = torch.nn.functional.pad(torch.distributions.Categorical(logits=logits).entropy(), (1, 0))
+
+    recomputed = engine.compute_logprobs(batch, temperature=temperature)
+    assert torch.allclose(recomputed[mask], full_logp[mask], atol=1e-6, rtol=0)
+    stats = engine.train_step(batch, GRPOLoss(temperature=temperature))
+    # the stat is each micro-batch's token mean, weighted by its share of the sequences (micro_batch_size 4)
+    expected_entropy = sum(float(full_entropy[i:i + 4][mask[i:i + 4]].mean()) * len(mask[i:i + 4]) / len(mask)
+                           for i in range(0, len(mask), 4))
+    assert stats["entropy"] == pytest.approx(expected_entropy, abs=1e-5)
+
+
+def test_reference_logprobs_inside_the_update_equal_a_separate_pass(tiny_model):
+    """A KL-in-loss update computes the reference log-probs itself, per micro-batch: the same update, bit for bit,
+    as the two-call way (reference pass first, then the update with them)."""
+    loss = GRPOLoss(kl_coef=0.05, kl_in_loss=True)
+    assert loss.needs_reference
+    batch = _varied_prompts_batch(rows=10)
+    inside = _engine(tiny_model, lr=1e-3, with_reference=True)
+    for p in inside.reference.parameters():  # a reference that differs from the policy, so the KL term acts
+        p.data.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    two_calls = _engine(tiny_model, lr=1e-3, with_reference=True)
+    two_calls.reference.load_state_dict(inside.reference.state_dict())
+
+    stats = inside.train_step(batch.select(slice(None)), loss)
+    explicit = batch.select(slice(None))
+    explicit.ref_logprobs = two_calls.compute_logprobs(explicit, temperature=1.0, reference=True)
+    explicit_stats = two_calls.train_step(explicit, loss)
+    assert stats["kl"] == explicit_stats["kl"] > 0
+    for (name, a), b in zip(_params(inside).items(), _params(two_calls).values()):
+        assert torch.equal(a, b), name

@@ -48,6 +48,11 @@ class GRPOLoss:
             stats["kl"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
         return loss, stats
 
+    @property
+    def needs_reference(self) -> bool:
+        """The KL term reads ``batch.ref_logprobs``: the train engine computes them where the batch lacks them."""
+        return self.kl_in_loss and self.kl_coef > 0
+
     def units(self, batch) -> float:
         if self.agg == "token_mean":
             return float(batch.response_mask.sum())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,16 +28,27 @@ from r1.engines.protocols import LossFn
 from r1.types import TrainBatch
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[B, L] log p(input_ids[t] | < t) at the sampling temperature; position 0 has no prediction and gets 0."""
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return F.pad(picked, (1, 0))
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, *, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(targets) under ``logits / temperature`` ([B, N, V] -> [B, N]), and (no grad) the entropy of each
+    distribution: both from one log-softmax, the largest tensor of a small-model step."""
+    logits = logits.float()
+    if temperature != 1.0:  # (x / 1.0 is x: skip a full-vocabulary copy)
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
+    return picked, entropy
 
 
-def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return F.pad(-(logp.exp() * logp).sum(-1), (1, 0))
+def first_response_column(batch: TrainBatch) -> int:
+    """The first column holding a response token in any row (>= 1: position 0 has no prediction)."""
+    columns = batch.response_mask.any(dim=0).nonzero()
+    return max(1, int(columns[0])) if len(columns) else 1
 
 
 def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
@@ -96,10 +108,19 @@ class HFTrainEngine:
         for start in range(0, len(batch), self.micro_batch_size):
             yield batch.select(slice(start, start + self.micro_batch_size)).trimmed()
 
-    def _logits(self, model, mb: TrainBatch) -> torch.Tensor:
+    def _response_logprobs(self, model, mb: TrainBatch, temperature: float, *, with_entropy: bool = False):
+        """Log-probs [B, L] of ``mb.input_ids`` (0 before the first response column) and their entropy.
+
+        Only the positions that predict a response token are projected to the vocabulary (``logits_to_keep``): on
+        an R1 prompt template of ~100 tokens that skips most of the LM head and log-softmax work, which the loss
+        never reads (its mask is 0 on prompts)."""
+        start = first_response_column(mb)
+        ids = mb.input_ids.to(self.device)
         with self._autocast():
-            out = model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device))
-        return out.logits
+            out = model(input_ids=ids, attention_mask=mb.attention_mask.to(self.device),
+                        logits_to_keep=ids.shape[1] - start + 1)  # positions start-1 .. L-1 (the last predicts none)
+        picked, entropy = token_logprobs(out.logits[:, :-1], ids[:, start:], temperature, with_entropy=with_entropy)
+        return F.pad(picked, (start, 0)), (F.pad(entropy, (start, 0)) if entropy is not None else None)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch, *, temperature: float, reference: bool = False) -> torch.Tensor:
@@ -111,7 +132,7 @@ class HFTrainEngine:
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
         for start in range(0, len(batch), self.micro_batch_size):
             mb = batch.select(slice(start, start + self.micro_batch_size)).trimmed()
-            logp = token_logprobs(self._logits(model, mb), mb.input_ids.to(self.device), temperature)
+            logp, _ = self._response_logprobs(model, mb, temperature)
             out[start : start + len(mb), : logp.shape[1]] = logp.cpu()
         model.train(was_training)
         return out
@@ -126,18 +147,23 @@ class HFTrainEngine:
 
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
+        seconds = {"forward_s": 0.0, "backward_s": 0.0}
         for mb in self._micro_batches(batch):
-            logits = self._logits(self.model, mb)
-            ids = mb.input_ids.to(self.device)
-            logp = token_logprobs(logits, ids, loss_fn.temperature)
-            with torch.no_grad():
-                entropy = token_entropy(logits, loss_fn.temperature)
+            start = time.perf_counter()
+            if loss_fn.needs_reference and mb.ref_logprobs is None:
+                with torch.no_grad():
+                    mb.ref_logprobs, _ = self._response_logprobs(self.reference, mb, loss_fn.temperature)
+            logp, entropy = self._response_logprobs(self.model, mb, loss_fn.temperature, with_entropy=True)
             loss, stats = loss_fn(logp, mb.to(self.device), entropy)
             weight = loss_fn.units(mb) / units_global
+            mid = time.perf_counter()
             (loss * weight).backward()
+            seconds["forward_s"] += mid - start
+            seconds["backward_s"] += time.perf_counter() - mid
             stats = {"loss": loss.item(), **stats}
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v * weight
+        start = time.perf_counter()
 
         if self.distributed:
             # Every rank reduces every parameter (a rank with an empty shard, or a parameter this shard did not
@@ -154,7 +180,7 @@ class HFTrainEngine:
         self.scheduler.step()
         totals["grad_norm"] = float(grad_norm)
         totals["lr"] = self.scheduler.get_last_lr()[0]
-        return totals
+        return totals | seconds | {"optimizer_s": time.perf_counter() - start}
 
     def update_reference(self) -> None:
         if self.reference is not None:

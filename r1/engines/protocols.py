@@ -19,6 +19,7 @@ class LossFn(Protocol):
     """An algorithm's loss, handed to the train engine, which knows nothing about what it computes."""
 
     temperature: float
+    needs_reference: bool  # the loss reads ``batch.ref_logprobs``; the engine fills them in if the batch has none
 
     def __call__(
         self, logp: torch.Tensor, batch: TrainBatch, entropy: torch.Tensor | None
@@ -31,10 +32,13 @@ class LossFn(Protocol):
 
 class TrainEngine(Protocol):
     def compute_logprobs(self, batch: TrainBatch, *, temperature: float, reference: bool = False) -> torch.Tensor:
-        """[B, L] log-probs of ``batch.input_ids`` under the policy (or the reference policy), no grad."""
+        """[B, L] log-probs of ``batch.input_ids`` under the policy (or the reference policy), no grad. Exact
+        where ``batch.response_mask`` is 1 (what every loss reads); an engine may skip prompt positions (0 there)."""
 
     def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step on this rank's shard of a mini-batch (grads are averaged across ranks)."""
+        """One optimizer step on this rank's shard of a mini-batch (grads are averaged across ranks). Reference
+        log-probs the loss needs are computed here, micro-batch by micro-batch (no separate call, no transfer).
+        Stats include ``forward_s``, ``backward_s`` and ``optimizer_s`` (this rank's seconds)."""
 
     def update_reference(self) -> None:
         """Make the reference policy a copy of the current policy."""
