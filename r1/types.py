@@ -6,7 +6,7 @@ engine (HF, vLLM, Megatron) speaks the same language.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -64,6 +64,24 @@ class Group:
     @property
     def policy_version(self) -> int:
         return min(s.policy_version for s in self.samples)
+
+
+@dataclass
+class WorkerTotals:
+    """A rollout worker's running totals since it started. They travel with every result it returns, so the driver
+    never makes a round trip to ask for them."""
+
+    busy_s: float = 0.0  # time with at least one rollout request generating (evaluation not counted)
+    reward_s: float = 0.0  # time scoring rollouts' rewards
+    verifier: dict[str, int] = field(default_factory=dict)  # math-verify checks, timeouts, errors
+
+
+@dataclass
+class Rollouts:
+    """What one generation request returns: its scored groups, and the worker's totals as it finished."""
+
+    groups: list[Group]
+    totals: WorkerTotals
 
 
 @dataclass

@@ -77,7 +77,7 @@ def test_on_policy_async_loop_is_the_synchronous_loop(ray_local, tiny_model, cac
                 params = sampling_params(cfg, step, request_seed(cfg.seed, chunk[0][0], 0))
                 todo = [(i, problems[i].prompt, problems[i].answer) for _, i in chunk]
                 refs.append(rollout.submit(r % len(rollout.actors), todo, params, [u for u, _ in chunk], step))
-            groups = [g for ref in refs for g in ray.get(ref)]
+            groups = [g for ref in refs for g in ray.get(ref).groups]
             assert all(g.policy_version == step for g in groups)
             batch = build_batch(cfg, groups, pad_id, train)
             stats = train_on(cfg, batch, train, make_loss(cfg, max_tokens_at(cfg, step)), step)
@@ -212,7 +212,7 @@ def test_evaluation_redoes_the_chunk_of_a_dead_worker(ray_local, tiny_model, cac
         # the replacement joined the re-formed sync group: a push reaches it (it now generates as version 1) and
         # leaves it bit-identical to the surviving worker
         sync.push(1)
-        [group] = ray.get(rollout.submit(0, problems[:1], sampling_params(cfg, 1, seed=6), [0], 1))
+        [group] = ray.get(rollout.submit(0, problems[:1], sampling_params(cfg, 1, seed=6), [0], 1)).groups
         assert group.policy_version == 1
         new, old = ray.get([a.loaded_weights.remote() for a in rollout.actors])
         assert [n for n, _ in new] == [n for n, _ in old]
@@ -264,9 +264,9 @@ def test_worker_dying_during_a_broadcast_is_replaced_and_the_version_resent(ray_
         sync.broadcast(1)  # no liveness check first: the death surfaces inside the collective
         assert rollout.replaced == 1
         problems = [(i, p.prompt, p.answer) for i, p in enumerate(prepare_data(cfg)[0].problems[:2])]
-        groups = ray.get([rollout.submit(w, problems[w:w + 1], sampling_params(cfg, 1, seed=w), [w], 1)
-                          for w in range(2)])
-        assert [g.policy_version for [g] in groups] == [1, 1]
+        results = ray.get([rollout.submit(w, problems[w:w + 1], sampling_params(cfg, 1, seed=w), [w], 1)
+                           for w in range(2)])
+        assert [g.policy_version for r in results for g in r.groups] == [1, 1]
 
 
 def _trajectory(run_dir):
@@ -385,9 +385,9 @@ def test_a_failing_sender_fails_the_push_at_once_and_the_pool_rejoins(ray_local,
         ray.get(train.leader.__ray_call__.remote(lambda worker: delattr(worker.engine, "named_weights")))
         sync.push(2)
         problems = [(i, p.prompt, p.answer) for i, p in enumerate(prepare_data(cfg)[0].problems[:2])]
-        groups = ray.get([rollout.submit(w, problems[w:w + 1], sampling_params(cfg, 2, seed=w), [w], 2)
-                          for w in range(2)])
-        assert [g.policy_version for [g] in groups] == [2, 2]
+        results = ray.get([rollout.submit(w, problems[w:w + 1], sampling_params(cfg, 2, seed=w), [w], 2)
+                           for w in range(2)])
+        assert [g.policy_version for r in results for g in r.groups] == [2, 2]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -401,7 +401,7 @@ def test_after_a_push_every_rollout_worker_serves_the_trainers_weights(ray_local
     with pools(cfg, tiny_model) as (train, rollout, sync):
         problems = [(i, p.prompt, p.answer) for i, p in enumerate(prepare_data(cfg)[0].problems[:P])]
         groups = [g for w in range(2) for g in ray.get(rollout.submit(
-            w, problems[w * 2:w * 2 + 2], sampling_params(cfg, 0, seed=w), [w * 2, w * 2 + 1], 0))]
+            w, problems[w * 2:w * 2 + 2], sampling_params(cfg, 0, seed=w), [w * 2, w * 2 + 1], 0)).groups]
         batch = build_batch(cfg, groups, TokenRules.load(tiny_model).pad_id, train)
         train_on(cfg, batch, train, make_loss(cfg, 8), step=0)
         sync.push(1)

@@ -93,6 +93,6 @@ def test_llama_tokens_through_rollout_training_and_evaluation(ray_local, tiny_ll
     bos = TokenRules.load(tiny_llama).bos_id
     with pools(cfg, tiny_llama) as (_, rollout, _sync):
         problems = [(i, p.prompt, p.answer) for i, p in enumerate(prepare_data(cfg)[1].problems[:2])]
-        groups = ray.get(rollout.submit(0, problems, sampling_params(cfg, 0, seed=1), [0, 1], 0))
+        groups = ray.get(rollout.submit(0, problems, sampling_params(cfg, 0, seed=1), [0, 1], 0)).groups
         for group in groups:
             assert all(s.prompt_ids[0] == bos and s.prompt_ids.count(bos) == 1 for s in group.samples)

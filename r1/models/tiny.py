@@ -177,7 +177,8 @@ def ensure_tiny_model(spec, data_cfg, cache_dir: str | Path, progress=None, arch
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "pretrain.json").write_text(
-        json.dumps({"params": n_params, "seconds": time.time() - start, "final_loss": losses[-1], "losses": losses})
+        json.dumps({"params": n_params, "seconds": time.time() - start,
+                    "final_loss": losses[-1] if losses else None, "losses": losses})
     )
     tmp.rename(target)
     return target

@@ -9,6 +9,7 @@ weights; callers re-submit its lost work.
 from __future__ import annotations
 
 import logging
+import time
 
 import ray
 import torch
@@ -32,6 +33,15 @@ log = logging.getLogger(__name__)
 
 REQUESTS_IN_FLIGHT = 1000  # per rollout worker: far more than a step's requests; the engine batches them
 
+# glibc malloc for training workers: one arena, no trimming, no mmap for large blocks. A training step allocates and
+# frees the same large activations every micro-batch; by default glibc hands them back to the kernel (mmap'd blocks,
+# trimmed thread arenas) and every step faults them in again page by page: 60-100K page faults and 20-25% of the
+# step's compute on the project's 2-core VM (benchmarks/RESULTS.md). The worker's methods run on Ray's threads,
+# which would each get a secondary arena of at most 64 MiB, too small to keep those blocks: hence one arena.
+TRAIN_WORKER_ENV = {
+    "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**40),
+}
+
 
 def _make_placement_group(num_workers: int, cpus: float, gpus: float, strategy: str, name: str):
     pg = placement_group(pool_bundles(num_workers, cpus, gpus), strategy=strategy, name=name)
@@ -39,17 +49,20 @@ def _make_placement_group(num_workers: int, cpus: float, gpus: float, strategy: 
     return pg
 
 
-def _spawn(remote_cls, pg, index: int, cpus: float, gpus: float, args, max_concurrency: int = 2):
+def _spawn(remote_cls, pg, index: int, cpus: float, gpus: float, args, max_concurrency: int = 2,
+           env: dict[str, str] | None = None):
     return remote_cls.options(
         num_cpus=cpus, num_gpus=gpus, max_concurrency=max_concurrency,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
+        **({"runtime_env": {"env_vars": env}} if env else {}),  # (merged with the job's own env_vars)
     ).remote(*args)
 
 
-def _make_actors(cls, num_workers: int, cpus: float, gpus: float, strategy: str, name: str, make_args):
+def _make_actors(cls, num_workers: int, cpus: float, gpus: float, strategy: str, name: str, make_args,
+                 env: dict[str, str] | None = None):
     pg = _make_placement_group(num_workers, cpus, gpus, strategy, name)
     remote_cls = ray.remote(cls)
-    return pg, [_spawn(remote_cls, pg, i, cpus, gpus, make_args(i)) for i in range(num_workers)]
+    return pg, [_spawn(remote_cls, pg, i, cpus, gpus, make_args(i), env=env) for i in range(num_workers)]
 
 
 def split_evenly(items: list, parts: int) -> list[list]:
@@ -69,10 +82,11 @@ class TrainPool:
         self.world_size = t.num_workers
         self.pg, self.actors = _make_actors(
             TrainWorker, t.num_workers, t.cpus_per_worker, t.gpus_per_worker, cfg.cluster.placement_strategy,
-            f"r1-train-{cfg.name}", lambda i: (cfg, model_path, i, t.num_workers),
+            f"r1-train-{cfg.name}", lambda i: (cfg, model_path, i, t.num_workers), env=TRAIN_WORKER_ENV,
         )
         addr, port = ray.get(self.actors[0].address.remote())
         ray.get([a.setup.remote(addr, port) for a in self.actors])
+        self.seconds = dict.fromkeys(("forward_s", "backward_s", "optimizer_s", "ray_s"), 0.0)
 
     @property
     def leader(self):
@@ -83,14 +97,33 @@ class TrainPool:
         return [batch.select(torch.tensor(ix, dtype=torch.long)) for ix in index]
 
     def compute_logprobs(self, batch: TrainBatch, *, temperature: float, reference: bool) -> torch.Tensor:
+        start = time.perf_counter()
         parts = ray.get(
             [a.compute_logprobs.remote(s, temperature, reference) for a, s in zip(self.actors, self._shards(batch))]
         )
-        return torch.cat(parts, dim=0)
+        worker_s = max(s for _, s in parts)
+        self._account(time.perf_counter() - start, worker_s, forward_s=worker_s)
+        return torch.cat([logprobs for logprobs, _ in parts], dim=0)
 
     def train_step(self, batch: TrainBatch, loss_fn) -> dict[str, float]:
+        """Stats of the step (already all-reduced across ranks; ``*_s`` timings are rank 0's)."""
+        start = time.perf_counter()
         stats = ray.get([a.train_step.remote(s, loss_fn) for a, s in zip(self.actors, self._shards(batch))])
-        return stats[0]  # already all-reduced across ranks
+        worker_s = max(s.pop("worker_s") for s in stats)
+        self._account(time.perf_counter() - start, worker_s,
+                      **{k: stats[0].pop(k) for k in ("forward_s", "backward_s", "optimizer_s")})
+        return stats[0]
+
+    def _account(self, call_s: float, worker_s: float, **parts: float) -> None:
+        self.seconds["ray_s"] += call_s - worker_s
+        for k, v in parts.items():
+            self.seconds[k] += v
+
+    def pop_seconds(self) -> dict[str, float]:
+        """Seconds since the last call: the trainer's forward passes, backward, optimizer (rank 0's clock) and the
+        Ray round trips around them (a call's driver time minus its slowest rank's time)."""
+        out, self.seconds = self.seconds, dict.fromkeys(self.seconds, 0.0)
+        return out
 
     def update_reference(self) -> None:
         ray.get([a.update_reference.remote() for a in self.actors])
@@ -132,19 +165,8 @@ class RolloutPool:
 
     def submit(self, worker: int, problems, params: SamplingParams, uids: list[int], version: int):
         """Queue one generation request on ``worker``, to be generated with policy ``version``; returns its
-        ObjectRef (a list of Group)."""
+        ObjectRef (``Rollouts``: the groups, and the worker's totals)."""
         return self.actors[worker].generate_groups.remote(problems, params, uids, version)
-
-    def dead_workers(self) -> list[int]:
-        """Indices of workers whose actor has died (a ping that fails)."""
-        pings = [a.pid.remote() for a in self.actors]
-        dead = []
-        for i, ref in enumerate(pings):
-            try:
-                ray.get(ref, timeout=600)  # a replacement may still be starting its engine
-            except RayActorError:
-                dead.append(i)
-        return dead
 
     def replace(self, dead: list[int]) -> None:
         """Start fresh workers in the dead ones' bundles; they rejoin the sync group with the current weights."""
@@ -180,16 +202,6 @@ class RolloutPool:
     def evaluate(self, problems: list[tuple[int, str, str]], params: SamplingParams, version: int) -> list[dict]:
         """Evaluation requests queue behind the generation requests already sent, and use policy ``version``."""
         return self._fan_out("evaluate", problems, params, version)
-
-    def verifier_stats(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for stats in ray.get([a.verifier_stats.remote() for a in self.actors]):
-            for k, v in stats.items():
-                total[k] = total.get(k, 0) + v
-        return total
-
-    def busy_seconds(self) -> list[float]:
-        return ray.get([a.busy_seconds.remote() for a in self.actors])
 
     def shutdown(self) -> None:
         try:

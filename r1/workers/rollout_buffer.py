@@ -40,7 +40,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from r1.data.prompts import PromptSampler
-from r1.types import Group, SamplingParams
+from r1.types import Group, Rollouts, SamplingParams, WorkerTotals
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class RolloutBuffer:
         self.discarded_stale = 0
         self.redone_after_loss = 0
         self.dropped_uniform = 0
+        self.worker_totals: dict[int, WorkerTotals] = {}  # the latest totals each worker sent with a result
 
     # --- the two operations of the driver loop ------------------------------------------------------------------
     def fill(self, version: int) -> None:
@@ -193,7 +194,7 @@ class RolloutBuffer:
     def _collect(self, ref) -> None:
         request = self.in_flight.pop(ref)
         try:
-            groups: list[Group] = ray.get(ref)
+            rollouts: Rollouts = ray.get(ref)
         except RayActorError:
             # the worker died mid-request: its prompts go back to the front of the queue, to be generated once more
             self.redone_after_loss += len(request.entries)
@@ -201,8 +202,9 @@ class RolloutBuffer:
             if self.pool.actors[request.worker] is request.actor:  # not replaced yet (by a sibling request)
                 self.pool.replace([request.worker])
             return
-        for group in groups:
+        for group in rollouts.groups:
             self.ready[group.uid] = group
+        self.worker_totals[request.worker] = rollouts.totals
 
     def _discard(self, group: Group) -> None:
         self.discarded_stale += 1

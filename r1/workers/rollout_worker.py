@@ -32,7 +32,7 @@ from r1.engines.protocols import EngineDead
 from r1.engines.registry import build_rollout_engine
 from r1.eval.metrics import summarize_problem
 from r1.rewards import build_reward, format_reward
-from r1.types import Group, Sample, SamplingParams
+from r1.types import Group, Rollouts, Sample, SamplingParams, WorkerTotals
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class RolloutWorker:
         self._turn: asyncio.Condition | None = None  # request admission and weight loading, on the event loop
         self._running: int = 0  # requests generating now
         self._accepted: int = 0  # requests taken and not yet generated (waiting for their turn, or generating)
-        self._rollouts_running, self._busy_s, self._busy_since = 0, 0.0, None
+        self._rollouts_running, self._busy_s, self._busy_since, self._reward_s = 0, 0.0, None, 0.0
 
     async def _setup(self) -> None:
         if self._turn is None:
@@ -69,22 +69,23 @@ class RolloutWorker:
     # --- requests ------------------------------------------------------------------------------------------------
     async def generate_groups(
         self, problems: list[tuple[int, str, str]], params: SamplingParams, uids: list[int], version: int
-    ) -> list[Group]:
+    ) -> Rollouts:
         """G completions per (index, prompt, reference) with policy ``version``, scored; groups tagged with uid and
-        the versions that produced them."""
+        the versions that produced them; with this worker's totals."""
         await self._setup()
         self._rollouts_running += 1
         if self._rollouts_running == 1:
             self._busy_since = time.time()
         try:
-            return await self._generate_groups(problems, params, uids, version)
+            groups = await self._generate_groups(problems, params, uids, version, rollout=True)
         finally:
             self._rollouts_running -= 1
             if self._rollouts_running == 0:
                 self._busy_s += time.time() - self._busy_since
                 self._busy_since = None
+        return Rollouts(groups, self.totals())
 
-    async def _generate_groups(self, problems, params, uids, version) -> list[Group]:
+    async def _generate_groups(self, problems, params, uids, version, rollout: bool) -> list[Group]:
         prompt_ids = [self._encode(p) for _, p, _ in problems]
         self._accepted += 1
         try:
@@ -101,7 +102,10 @@ class RolloutWorker:
             self._accepted -= 1
         texts = self.tokens.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         refs = [ref for _, _, ref in problems for _ in range(params.n)]
+        start = time.time()
         scored = await asyncio.to_thread(self.reward.score, texts, refs)  # off the event loop: decoding goes on
+        if rollout:
+            self._reward_s += time.time() - start
         groups = []
         for g, (index, _, ref) in enumerate(problems):
             samples = []
@@ -135,8 +139,8 @@ class RolloutWorker:
     async def evaluate(self, problems: list[tuple[int, str, str]], params: SamplingParams, version: int) -> list[dict]:
         """Per problem: pass@1 over k samples, cons@k correctness, format rate, mean response length."""
         await self._setup()
-        # not through generate_groups: evaluation is not rollout work, busy_seconds() leaves it out
-        groups = await self._generate_groups(problems, params, [-1] * len(problems), version)
+        # not through generate_groups: evaluation is not rollout work, the busy and reward totals leave it out
+        groups = await self._generate_groups(problems, params, [-1] * len(problems), version, rollout=False)
         verifier = self.reward.verifier
         out = []
         for group in groups:
@@ -179,15 +183,14 @@ class RolloutWorker:
                 self.engine.last_token_time = time.time()  # idle is not stalled
 
     # --- bookkeeping ---------------------------------------------------------------------------------------------
-    def verifier_stats(self) -> dict[str, int]:
-        s = self.reward.verifier.stats
-        return {"checked": s.checked, "timeouts": s.timeouts, "errors": s.errors}
-
-    def busy_seconds(self) -> float:
-        """Cumulative time with at least one rollout request generating (not evaluations), including now (for
-        generation-time and pool idle-time metrics)."""
+    def totals(self) -> WorkerTotals:
+        """Running totals (busy time includes a request generating now: the generation-time and idle-time
+        metrics)."""
         since = self._busy_since
-        return self._busy_s + (time.time() - since if since is not None else 0.0)
+        s = self.reward.verifier.stats
+        return WorkerTotals(
+            busy_s=self._busy_s + (time.time() - since if since is not None else 0.0), reward_s=self._reward_s,
+            verifier={"checked": s.checked, "timeouts": s.timeouts, "errors": s.errors})
 
     def pid(self) -> int:
         return os.getpid()

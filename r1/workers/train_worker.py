@@ -37,15 +37,18 @@ class TrainWorker:
         self.engine = build_train_engine(self.cfg, self.model_path)
 
     # --- compute ----------------------------------------------------------------------------------------------
-    def compute_logprobs(self, batch, temperature: float, reference: bool):
-        return self.engine.compute_logprobs(batch, temperature=temperature, reference=reference)
+    def compute_logprobs(self, batch, temperature: float, reference: bool) -> tuple[torch.Tensor, float]:
+        """The log-probs, and the seconds this rank spent on them (the pool tells its Ray overhead from that)."""
+        start = time.perf_counter()
+        logprobs = self.engine.compute_logprobs(batch, temperature=temperature, reference=reference)
+        return logprobs, time.perf_counter() - start
 
     def train_step(self, batch, loss_fn) -> dict[str, float]:
-        start = time.time()
+        start = time.perf_counter()
         stats = self.engine.train_step(batch, loss_fn)
         # emulated update latency (trainer.simulated_update_s) for orchestration benchmarks
-        time.sleep(max(0.0, start + self.cfg.trainer.simulated_update_s - time.time()))
-        return stats
+        time.sleep(max(0.0, start + self.cfg.trainer.simulated_update_s - time.perf_counter()))
+        return stats | {"worker_s": time.perf_counter() - start}
 
     def update_reference(self) -> None:
         self.engine.update_reference()

@@ -42,10 +42,8 @@ class WeightSync:
 
     def push(self, version: int) -> int:
         """Broadcast the trainer's weights as ``version``; returns bytes sent. Every worker has them staged on
-        return (loaded when a request made at that version starts). Workers found dead beforehand are replaced
-        first."""
-        if dead := self.rollout.dead_workers():
-            self.rollout.replace(dead)  # rejoin() brings the newcomer to the previous version
+        return (loaded when a request made at that version starts). No liveness ping first: a worker that died
+        since the last push fails its receive at once, and ``broadcast`` replaces it and sends again."""
         return self.broadcast(version)
 
     def broadcast(self, version: int) -> int:
