@@ -55,19 +55,6 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-def response_logprobs(model, batch, temperature: float, with_entropy: bool = False):
-    """The trainer's arithmetic (``r1.engines.hf_train``): logits only where they predict response tokens, one
-    log-softmax for log-prob and entropy."""
-    from r1.engines.hf_train import first_response_column, token_logprobs
-
-    first = first_response_column(batch)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   logits_to_keep=batch.input_ids.shape[1] - first + 1).logits[:, :-1]
-    logp, entropy = token_logprobs(logits, batch.input_ids[:, first:], temperature, with_entropy=with_entropy)
-    pad = torch.nn.functional.pad
-    return pad(logp, (first, 0)), (pad(entropy, (first, 0)) if entropy is not None else None)
-
-
 def floor_steps(cfg, model_path: str, train_set, steps: int, gen_threads: int, train_threads: int) -> list[dict]:
     """The GRPO step as a plain loop in this process; per-step timings."""
     from transformers import AutoModelForCausalLM
@@ -78,6 +65,7 @@ def floor_steps(cfg, model_path: str, train_set, steps: int, gen_threads: int, t
     from r1.data.tokens import TokenRules
     from r1.driver import make_loss, max_tokens_at, sampling_params
     from r1.engines.hf_rollout import HFRolloutEngine
+    from r1.engines.hf_train import response_logprobs
     from r1.rewards import build_reward
     from r1.types import Group, Sample, collate
 

@@ -157,3 +157,63 @@ def test_reference_logprobs_inside_the_update_equal_a_separate_pass(tiny_model):
     assert stats["kl"] == explicit_stats["kl"] > 0
     for (name, a), b in zip(_params(inside).items(), _params(two_calls).values()):
         assert torch.equal(a, b), name
+
+
+def _groups_batch(tiny_model, prompts=(7, 10, 9), group=4, seed=0, longer=False) -> TrainBatch:
+    """GRPO-shaped batch: each prompt (of the given lengths) with ``group`` responses shorter than it (``longer``:
+    longer than it), rows shuffled as the update sees them."""
+    from r1.types import Group, Sample, collate
+
+    g = torch.Generator().manual_seed(seed)
+    groups = []
+    for i, plen in enumerate(prompts):
+        prompt = torch.randint(3, 300, (plen,), generator=g).tolist()
+        samples = []
+        for _ in range(group):
+            n = int(torch.randint(plen + 1, plen + 4, (1,), generator=g) if longer else
+                    torch.randint(1, plen, (1,), generator=g))
+            samples.append(Sample(prompt, torch.randint(3, 300, (n,), generator=g).tolist(),
+                                  (-torch.rand(n, generator=g)).tolist(), "", 0.0, {}, None, "stop", 0))
+        groups.append(Group(i, "0", samples))
+    batch = collate(groups, torch.randn(len(prompts) * group, generator=g), 0)
+    return batch.select(torch.randperm(len(batch), generator=g))
+
+
+def test_shared_prompt_packing_gives_the_rows_logprobs_entropy_and_gradients(tiny_model):
+    """Each group packed as [prompt | responses...] with a 4-D mask and position ids: the log-probs, entropies and
+    gradients equal the HF model's own forward of every row on its own (the reference, unpacked and unpadded)."""
+    from r1.engines.prompt_packing import pack_by_prompt
+
+    batch = _groups_batch(tiny_model)
+    packed = pack_by_prompt(batch)
+    assert packed is not None and len(packed.input_ids) == 3  # one row per prompt
+    engine = _engine(tiny_model, micro_batch_size=64)
+    logp, entropy = engine._response_logprobs(engine.model, batch, 0.7, with_entropy=True)
+    (logp * batch.response_mask).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in engine.model.named_parameters()}
+
+    engine.model.zero_grad()
+    mask = batch.response_mask.bool()
+    total = 0.0
+    for row in range(len(batch)):
+        n = int(batch.attention_mask[row].sum())
+        ids = batch.input_ids[row : row + 1, :n]
+        logits = engine.model(input_ids=ids).logits[0, :-1] / 0.7
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+        cols = mask[row, 1:n]
+        assert torch.allclose(logp[row, 1:n][cols], lp[cols].detach(), atol=2e-5, rtol=0)
+        ent = torch.distributions.Categorical(logits=logits.detach()).entropy()
+        assert torch.allclose(entropy[row, 1:n][cols], ent[cols], atol=2e-5, rtol=0)
+        total = total + lp[cols].sum()
+    total.backward()
+    for name, p in engine.model.named_parameters():
+        assert torch.allclose(packed_grads[name], p.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_groups_with_long_responses_or_no_shared_prompt_are_not_packed(tiny_model):
+    """A prompt shorter than its longest response is left unpacked (its attention would cost more than the prompt
+    tokens it saves), and so is a batch whose rows share no prompt."""
+    from r1.engines.prompt_packing import pack_by_prompt
+
+    assert pack_by_prompt(_groups_batch(tiny_model, prompts=(4, 5), longer=True)) is None
+    assert pack_by_prompt(synthetic_batch(6)) is None

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from r1.engines.prompt_packing import pack_by_prompt
 from r1.engines.protocols import LossFn
 from r1.types import TrainBatch
 
@@ -49,6 +50,36 @@ def first_response_column(batch: TrainBatch) -> int:
     """The first column holding a response token in any row (>= 1: position 0 has no prediction)."""
     columns = batch.response_mask.any(dim=0).nonzero()
     return max(1, int(columns[0])) if len(columns) else 1
+
+
+def response_logprobs(model, batch: TrainBatch, temperature: float, *, with_entropy: bool = False,
+                      device: torch.device | str = "cpu", autocast=None):
+    """Log-probs [B, L] of ``batch.input_ids`` where ``batch.response_mask`` is 1 (0 before the first response
+    column; prompt positions are not computed), and, with ``with_entropy``, the entropy there (no grad).
+
+    Rows that share a prompt (a GRPO group) are packed into one sequence whose prompt is computed once
+    (``r1.engines.prompt_packing``). Otherwise only the positions that predict a response token are projected to
+    the vocabulary (``logits_to_keep``): the loss never reads the others."""
+    autocast = autocast if autocast is not None else contextlib.nullcontext()
+    if (packed := pack_by_prompt(batch)) is not None:
+        with autocast:
+            out = model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
+                        position_ids=packed.position_ids.to(device))
+        src, dst = tuple(i.to(device) for i in packed.src), tuple(i.to(device) for i in packed.dst)
+        picked, entropy = token_logprobs(out.logits[src][None], packed.targets.to(device)[None], temperature,
+                                         with_entropy=with_entropy)
+
+        def unpack(values):
+            return torch.zeros(batch.input_ids.shape, dtype=values.dtype, device=device).index_put(dst, values[0])
+
+        return unpack(picked), (unpack(entropy) if entropy is not None else None)
+    start = first_response_column(batch)
+    ids = batch.input_ids.to(device)
+    with autocast:
+        out = model(input_ids=ids, attention_mask=batch.attention_mask.to(device),
+                    logits_to_keep=ids.shape[1] - start + 1)  # positions start-1 .. L-1 (the last predicts none)
+    picked, entropy = token_logprobs(out.logits[:, :-1], ids[:, start:], temperature, with_entropy=with_entropy)
+    return F.pad(picked, (start, 0)), (F.pad(entropy, (start, 0)) if entropy is not None else None)
 
 
 def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
@@ -109,18 +140,8 @@ class HFTrainEngine:
             yield batch.select(slice(start, start + self.micro_batch_size)).trimmed()
 
     def _response_logprobs(self, model, mb: TrainBatch, temperature: float, *, with_entropy: bool = False):
-        """Log-probs [B, L] of ``mb.input_ids`` (0 before the first response column) and their entropy.
-
-        Only the positions that predict a response token are projected to the vocabulary (``logits_to_keep``): on
-        an R1 prompt template of ~100 tokens that skips most of the LM head and log-softmax work, which the loss
-        never reads (its mask is 0 on prompts)."""
-        start = first_response_column(mb)
-        ids = mb.input_ids.to(self.device)
-        with self._autocast():
-            out = model(input_ids=ids, attention_mask=mb.attention_mask.to(self.device),
-                        logits_to_keep=ids.shape[1] - start + 1)  # positions start-1 .. L-1 (the last predicts none)
-        picked, entropy = token_logprobs(out.logits[:, :-1], ids[:, start:], temperature, with_entropy=with_entropy)
-        return F.pad(picked, (start, 0)), (F.pad(entropy, (start, 0)) if entropy is not None else None)
+        return response_logprobs(model, mb, temperature, with_entropy=with_entropy, device=self.device,
+                                 autocast=self._autocast())
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch, *, temperature: float, reference: bool = False) -> torch.Tensor:
