@@ -7,9 +7,10 @@ the prompt is ~75% of every row the trainer reads. Packed, a group becomes one s
 
 in which every response attends to the prompt and to its own earlier tokens only (a 4-D attention mask) and
 continues the prompt's positions (explicit position ids): each response sees exactly what it sees in its own row.
-A response token's log-prob is read at the position that predicts it (the prompt's last position for the first
-token of every response) and put back where the unpacked batch has it, so a loss sees the same tensors as without
-packing; only the floating-point order of some sums differs.
+A response token's log-prob is read at the position that predicts it and put back where the unpacked batch has it,
+so a loss sees the same tensors as without packing; only the floating-point order of some sums differs. (Each
+response carries its own copy of the prompt's last token, which predicts its first token: no position serves two
+responses, so no gradient is summed in a run-dependent order, and the update is reproducible bit for bit.)
 
 A group is packed when its prompt is longer than its longest response. Past that point the packed row's attention
 (quadratic in its length) costs more than the prompt tokens it saves: with 32K-token responses nothing is packed.
@@ -58,28 +59,31 @@ def pack_by_prompt(batch: TrainBatch) -> PackedBatch | None:
     if len(sequences) == sum(len(rows) for rows in groups.values()):
         return None
 
-    width = max(s[0][1] + sum(end - start for _, start, end in s) for s in sequences)
+    # [prompt minus its last token | last token, response 1 | last token, response 2 | ...]: each response's part
+    # starts with its own copy of the prompt's last token, so every position predicts exactly one token. (Read from
+    # one shared position, the first tokens' gradients would be summed into it by a CPU kernel whose order varies.)
+    width = max(s[0][1] - 1 + sum(end - start + 1 for _, start, end in s) for s in sequences)
     packed = torch.zeros(len(sequences), width, dtype=ids.dtype)
     positions = torch.zeros(len(sequences), width, dtype=torch.long)
     segment = torch.full((len(sequences), width), -1, dtype=torch.long)  # 0 prompt, k response k, -1 padding
     src_row, src_col, dst_row, dst_col = [], [], [], []
     for p, parts in enumerate(sequences):
         first_row, prompt_len, _ = parts[0]
-        packed[p, :prompt_len] = ids[first_row, :prompt_len]
-        positions[p, :prompt_len] = torch.arange(prompt_len)
-        segment[p, :prompt_len] = 0
-        offset = prompt_len
+        shared = prompt_len - 1
+        packed[p, :shared] = ids[first_row, :shared]
+        positions[p, :shared] = torch.arange(shared)
+        segment[p, :shared] = 0
+        offset = shared
         for k, (row, start, end) in enumerate(parts, start=1):
             n = end - start
-            packed[p, offset:offset + n] = ids[row, start:end]
-            positions[p, offset:offset + n] = torch.arange(start, end)
-            segment[p, offset:offset + n] = k
-            # token j is predicted at the prompt's last position (j = 0) or at token j - 1 of the same response
-            src_col.append(torch.cat([torch.tensor([prompt_len - 1]), torch.arange(offset, offset + n - 1)]))
+            packed[p, offset:offset + n + 1] = ids[row, start - 1:end]
+            positions[p, offset:offset + n + 1] = torch.arange(start - 1, end)
+            segment[p, offset:offset + n + 1] = k
+            src_col.append(torch.arange(offset, offset + n))  # token j is predicted by the token before it
             src_row.append(torch.full((n,), p))
             dst_row.append(torch.full((n,), row))
             dst_col.append(torch.arange(start, end))
-            offset += n
+            offset += n + 1
 
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     key_visible = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
