@@ -48,3 +48,48 @@ def test_training_workers_reuse_their_step_memory_instead_of_faulting_it_in_agai
         pool.shutdown()
     assert default > 2000, f"the reference worker should refault its activations ({default:.0f} faults per step)"
     assert tuned < default / 5, (tuned, default)  # measured: ~2K vs ~33K (the rest: Ray receiving the batch)
+
+
+def _record_engine_threads(worker) -> None:
+    """Make the worker note the native thread id of every engine call it makes from now on."""
+    import threading
+
+    worker.engine_threads = set()
+    for name in ("train_step", "compute_logprobs", "update_reference", "save", "load"):
+        call = getattr(worker.engine, name)
+
+        def noted(*args, _call=call, **kwargs):
+            worker.engine_threads.add(threading.get_native_id())
+            return _call(*args, **kwargs)
+
+        setattr(worker.engine, name, noted)
+
+
+def test_every_torch_call_of_a_training_worker_runs_on_one_thread(ray_local, tiny_model, tmp_path):
+    """Ray runs the actor's methods on a pool of threads; each thread that starts an OpenMP region gets a team of
+    its own, and with more OpenMP threads than cores libgomp stops spinning between regions (a tiny update ran 1.4x
+    slower, ~8K context switches/s). So the worker hands every engine call to one compute thread of its own."""
+    cfg = compose(TINY + ["run_dir=unused", "trainer.torch_threads=2"])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 200, (8, 24), generator=g)
+    response = (torch.arange(24) >= 8).float().expand(8, 24).clone()
+    batch = TrainBatch(ids, torch.ones_like(ids), response, torch.randn(8, generator=g),
+                       rollout_logprobs=-torch.rand(8, 24, generator=g) * response)
+    loss = make_loss(cfg, 24)
+    pool = TrainPool(cfg, tiny_model)
+    try:
+        ray.get(pool.leader.__ray_call__.remote(_record_engine_threads))
+        for step in range(6):
+            pool.compute_logprobs(batch, temperature=1.0, reference=True)
+            pool.train_step(batch, loss)
+            if step % 2:
+                pool.update_reference()
+        pool.save(str(tmp_path / "ckpt"), with_optimizer=True)
+        pool.load(str(tmp_path / "ckpt"))
+        threads = ray.get(pool.leader.__ray_call__.remote(lambda w: w.engine_threads))
+        assert len(threads) == 1, f"engine calls ran on {len(threads)} threads: {threads}"
+        torch_threads = ray.get(pool.leader.__ray_call__.remote(
+            lambda w: w.compute_thread.submit(torch.get_num_threads).result()))
+        assert torch_threads == 2  # trainer.torch_threads, on the thread that computes
+    finally:
+        pool.shutdown()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,9 +18,30 @@ from r1.distributed.bucketed_broadcast import GroupMembership, free_port, manife
 from r1.engines.registry import build_train_engine
 
 
+def on_compute_thread(method):
+    """Run ``method`` on the worker's one compute thread (see ``TrainWorker``)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        return self.compute_thread.submit(method, self, *args, **kwargs).result()
+
+    return run
+
+
 class TrainWorker:
+    """Every torch call of the worker runs on one thread of its own, whichever of Ray's threads received the call.
+
+    Ray runs a threaded actor's methods on a pool of threads, and each thread that starts an OpenMP region gets an
+    OpenMP team of its own. Once there are more OpenMP threads than cores, libgomp stops spin-waiting between
+    regions, so every one of the thousands of small regions in a step pays a futex wake-up: ~8K context switches/s
+    and a tiny-model update 1.4x slower than the same call in a plain process (benchmarks/RESULTS.md, issue 16).
+    The methods that touch no tensors (``address``, ``init_sync``, ``manifest``) stay on Ray's threads, so the sync
+    group can be re-formed while a broadcast is stuck on a dead peer.
+    """
+
     def __init__(self, cfg, model_path: str, rank: int, world_size: int):
-        torch.set_num_threads(max(1, cfg.trainer.torch_threads))
+        self.compute_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r1-compute")
+        self.compute_thread.submit(torch.set_num_threads, max(1, cfg.trainer.torch_threads)).result()
         self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
         self.engine = None
         self.sync = GroupMembership()  # re-formed when a rollout worker is replaced
@@ -26,6 +49,7 @@ class TrainWorker:
     def address(self) -> tuple[str, int]:
         return node_ip(), free_port()
 
+    @on_compute_thread
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the data-parallel group (gloo on CPU, NCCL on GPU) and build the engine."""
         if self.world_size > 1:
@@ -37,12 +61,14 @@ class TrainWorker:
         self.engine = build_train_engine(self.cfg, self.model_path)
 
     # --- compute ----------------------------------------------------------------------------------------------
+    @on_compute_thread
     def compute_logprobs(self, batch, temperature: float, reference: bool) -> tuple[torch.Tensor, float]:
         """The log-probs, and the seconds this rank spent on them (the pool tells its Ray overhead from that)."""
         start = time.perf_counter()
         logprobs = self.engine.compute_logprobs(batch, temperature=temperature, reference=reference)
         return logprobs, time.perf_counter() - start
 
+    @on_compute_thread
     def train_step(self, batch, loss_fn) -> dict[str, float]:
         start = time.perf_counter()
         stats = self.engine.train_step(batch, loss_fn)
@@ -50,6 +76,7 @@ class TrainWorker:
         time.sleep(max(0.0, start + self.cfg.trainer.simulated_update_s - time.perf_counter()))
         return stats | {"worker_s": time.perf_counter() - start}
 
+    @on_compute_thread
     def update_reference(self) -> None:
         self.engine.update_reference()
 
@@ -61,11 +88,13 @@ class TrainWorker:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.sync.join(host, port, 0, world_size, backend=backend, timeout_s=self.cfg.sync.timeout_s)
 
+    @on_compute_thread
     def broadcast_weights(self, version: int) -> int:
         named = list(self.engine.named_weights())
         return self.sync.group.send(named, manifest_of(named), int(self.cfg.sync.bucket_mb * 2**20), version)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
+    @on_compute_thread
     def save(self, path: str, with_optimizer: bool) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)  # every rank writes here; none may wait for rank 0 to create it
         if self.rank == 0:
@@ -75,6 +104,7 @@ class TrainWorker:
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
         torch.save(rng, Path(path) / f"rng_rank{self.rank}.pt")
 
+    @on_compute_thread
     def load(self, path: str) -> None:
         self.engine.load(Path(path))
         rng_file = Path(path) / f"rng_rank{self.rank}.pt"
