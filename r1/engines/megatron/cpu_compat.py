@@ -29,7 +29,8 @@ def _to_cpu(device):
 
 class CudaToCpu(TorchFunctionMode):
     """Tensor factories and ``.to`` calls that name ``"cuda"`` get the CPU (the pipeline schedules allocate their
-    token counters with ``device="cuda"``; ``Tensor.to(torch.cuda.current_device())`` appears throughout).
+    token counters with ``device="cuda"``; ``Tensor.to(torch.cuda.current_device())`` appears throughout), and
+    ``Tensor.type()`` names CPU tensors as their CUDA types.
     A torch function mode is per thread: ``apply()`` enters it on the calling thread, which must be the thread
     that computes (the training worker runs every engine call on one compute thread)."""
 
@@ -39,7 +40,12 @@ class CudaToCpu(TorchFunctionMode):
             kwargs["device"] = _to_cpu(kwargs["device"])
         if func is torch.Tensor.to and args:
             args = tuple(_to_cpu(a) for a in args)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and out.startswith("torch."):
+            # Megatron's optimizers (distrib_optimizer, optimizer, clip_grads) dispatch on the type *string*
+            # ("torch.cuda.FloatTensor" for fp32 params, ...) and raise for anything else
+            return out.replace("torch.", "torch.cuda.", 1)
+        return out
 
 
 def apply() -> None:
