@@ -1,0 +1,255 @@
+"""Train engine on Megatron-core: TP x PP x CP model parallelism, data parallel over the rest, distributed optimizer.
+
+The GRPO step is the HF engine's, expressed in Megatron's terms: the same ``LossFn`` from ``r1.algo`` (no second
+copy of the algorithm), the same weighting of micro-batches by ``loss_fn.units`` so the update does not depend on
+how a mini-batch was split, run through Megatron's forward-backward schedule (pipeline schedules at PP > 1). The
+model returns hidden states; log-probs are projected from them vocab-parallel and in chunks
+(``r1.engines.megatron.logprobs``), so the [tokens x vocab] logits never exist whole.
+
+Every rank of the training pool builds one; all of them must make the same calls in the same order (each call is
+collective over the model-parallel and data-parallel groups).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from r1.engines.megatron import bridge as mbridge
+from r1.engines.megatron import cpu_compat
+from r1.engines.megatron.layout import ParallelLayout, initialize
+from r1.engines.megatron.logprobs import vocab_parallel_logprobs
+from r1.engines.protocols import LossFn
+from r1.types import TrainBatch
+
+
+def _returns_hidden_states(model) -> None:
+    """The GPT model's output layer passes its input through: the log-probs project the hidden states themselves.
+    (Only the last pipeline stage has one.)"""
+    if model.post_process:
+        model.output_layer.forward = lambda hidden, weight=None, runtime_gather_output=None: (hidden, None)
+
+
+def _output_weight(model) -> torch.Tensor:
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+class MegatronTrainEngine:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        layout: ParallelLayout,
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float,
+        warmup_steps: int,
+        grad_clip: float,
+        micro_batch_size: int,
+        with_reference: bool,
+        dtype: str = "float32",
+        seed: int = 0,
+        logprob_chunk_tokens: int = 4096,
+    ):
+        from megatron.core import parallel_state
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        if layout.cp > 1:
+            raise ValueError("context parallelism is not wired into the Megatron engine's forward yet: use cp=1")
+        cpu_compat.apply()
+        if not dist.is_initialized():  # a single rank still needs Megatron's process groups
+            dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+        self.layout = layout
+        initialize(layout, dist.get_world_size(), seed)
+        self.ps = parallel_state
+        self.dp = layout.dp(dist.get_world_size())
+        self.bf16 = dtype == "bfloat16"
+        self.serving_dtype = getattr(torch, dtype)
+        self.bridge = mbridge.make_bridge(model_path, tp_size=layout.tp,
+                                          params_dtype=torch.bfloat16 if self.bf16 else torch.float32)
+        cpu = not torch.cuda.is_available()
+        self.chunks = self.bridge.get_model(
+            weight_path=model_path, bf16=self.bf16, fp16=False, wrap_with_ddp=True, use_cpu_initialization=cpu,
+            ddp_config={"use_distributed_optimizer": True, "grad_reduce_in_fp32": True,
+                        "overlap_grad_reduce": False, "overlap_param_gather": False},
+        )
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.utils import get_model_config
+
+        # what Megatron-LM's training loop sets up: after the last micro-batch, the schedule reduces gradients over
+        # DP (and the tied embedding's over the first and last pipeline stage); without it each rank steps alone
+        config = get_model_config(self.chunks[0])
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
+        self.reference = mbridge.load(self.bridge, model_path, bf16=self.bf16) if with_reference else None
+        for chunk in self.chunks + (self.reference or []):
+            _returns_hidden_states(_unwrap(chunk))
+        for chunk in self.reference or []:
+            chunk.eval().requires_grad_(False)
+        self.lr, self.warmup_steps, self.steps_done = lr, warmup_steps, 0
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=betas[0],
+                            adam_beta2=betas[1], adam_eps=1e-8, clip_grad=grad_clip, bf16=self.bf16,
+                            params_dtype=torch.float32, use_distributed_optimizer=True),
+            self.chunks,
+        )
+        self.micro_batch_size = micro_batch_size
+        self.logprob_chunk_tokens = logprob_chunk_tokens
+        self.vocab_size = self.bridge.vocab_size
+
+    # --- forward passes ---------------------------------------------------------------------------------------
+    def _micro_batches(self, batch: TrainBatch) -> list[TrainBatch]:
+        return [batch.select(slice(s, s + self.micro_batch_size)).trimmed()
+                for s in range(0, len(batch), self.micro_batch_size)]
+
+    def _response_logprobs(self, chunk, mb: TrainBatch, hidden: torch.Tensor, temperature: float,
+                           with_entropy: bool):
+        """[B, L] log-probs (and entropies) where ``mb.response_mask`` is 1, zero elsewhere."""
+        predicts = mb.response_mask[:, 1:].bool()  # position t-1 predicts token t
+        rows, cols = predicts.nonzero(as_tuple=True)
+        logp, entropy = vocab_parallel_logprobs(
+            hidden[rows, cols], _output_weight(_unwrap(chunk)), mb.input_ids[rows, cols + 1],
+            vocab_size=self.vocab_size, temperature=temperature, chunk_tokens=self.logprob_chunk_tokens,
+            with_entropy=with_entropy)
+
+        def place(values):
+            out = torch.zeros(mb.input_ids.shape, dtype=values.dtype)
+            return out.index_put((rows, cols + 1), values)
+
+        return place(logp), (place(entropy) if entropy is not None else None)
+
+    def _run(self, chunks, micro_batches: list[TrainBatch], on_output, *, forward_only: bool) -> list:
+        """Megatron's forward-backward schedule over ``micro_batches``; ``on_output(mb, chunk, hidden)`` runs on the
+        last pipeline stage and returns (loss, stats). Returns the stats of each micro-batch (last stage only)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        width = max(mb.input_ids.shape[1] for mb in micro_batches)
+        rows = max(len(mb) for mb in micro_batches)
+        # the schedule sends fixed-shape activations between stages: every micro-batch padded to one shape
+        padded = [torch.nn.functional.pad(mb.input_ids, (0, width - mb.input_ids.shape[1], 0, rows - len(mb)))
+                  for mb in micro_batches]
+        mask = torch.triu(torch.ones(width, width, dtype=torch.bool), 1)[None, None]  # right padding: causal only
+        data = iter(zip(micro_batches, padded, strict=True))
+
+        def forward_step(data_iterator, chunk):
+            mb, ids = next(data_iterator)
+            hidden = chunk(input_ids=ids, position_ids=torch.arange(width).expand(rows, -1),
+                           attention_mask=mask)
+
+            def loss_func(output):
+                return on_output(mb, chunk, output[: len(mb), : mb.input_ids.shape[1]])
+
+            return hidden, loss_func
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=data, model=chunks,
+            num_microbatches=len(micro_batches), seq_length=width, micro_batch_size=rows, forward_only=forward_only)
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch, *, temperature: float, reference: bool = False) -> torch.Tensor:
+        chunks = self.reference if reference else self.chunks
+        if chunks is None:
+            raise RuntimeError("this engine was built without a reference model (algo.kl_placement=none)")
+        mbs = self._micro_batches(batch)
+        parts: list[torch.Tensor] = []
+
+        def keep(mb, chunk, hidden):
+            parts.append(self._response_logprobs(chunk, mb, hidden, temperature, False)[0])
+            return hidden.sum() * 0, {}
+
+        [c.eval() for c in chunks]
+        self._run(chunks, mbs, keep, forward_only=True)
+        [c.train() for c in self.chunks]
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        if parts:
+            start = 0
+            for mb, logp in zip(mbs, parts, strict=True):
+                out[start:start + len(mb), : logp.shape[1]] = logp
+                start += len(mb)
+        return self._from_last_stage(out)
+
+    def _from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.layout.pp > 1:
+            group = self.ps.get_pipeline_model_parallel_group()
+            dist.broadcast(tensor, src=dist.get_global_rank(group, self.layout.pp - 1), group=group)
+        return tensor
+
+    # --- the update -------------------------------------------------------------------------------------------
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+        dp_group = self.ps.get_data_parallel_group()
+        units_global = torch.tensor(float(loss_fn.units(batch)))
+        dist.all_reduce(units_global, group=dp_group)
+        units_global = max(float(units_global), 1e-8)
+        mbs = self._micro_batches(batch)
+        seconds = {"forward_s": 0.0, "backward_s": 0.0}
+        start = time.perf_counter()
+        if loss_fn.needs_reference and batch.ref_logprobs is None:
+            ref = self.compute_logprobs(batch, temperature=loss_fn.temperature, reference=True)
+            start_row = 0
+            for mb in mbs:
+                mb.ref_logprobs = ref[start_row:start_row + len(mb), : mb.input_ids.shape[1]]
+                start_row += len(mb)
+            seconds["forward_s"] += time.perf_counter() - start
+            start = time.perf_counter()
+
+        def loss_of(mb, chunk, hidden):
+            logp, entropy = self._response_logprobs(chunk, mb, hidden, loss_fn.temperature, True)
+            loss, stats = loss_fn(logp, mb, entropy)
+            weight = loss_fn.units(mb) / units_global
+            # Megatron's schedule divides each micro-batch's loss by their number and DDP averages gradients over
+            # DP: undo both, the weights above already make the sum over micro-batches and ranks the update
+            scale = weight * len(mbs) * self.dp
+            return loss * scale, {k: v * weight for k, v in {"loss": float(loss), **stats}.items()}
+
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        per_mb = self._run(self.chunks, mbs, loss_of, forward_only=False)
+        seconds["backward_s"] += time.perf_counter() - start  # (forward and backward interleave in the schedule)
+        start = time.perf_counter()
+        self._set_lr()
+        _, grad_norm, _ = self.optimizer.step()
+        self.steps_done += 1
+        totals = self._reduce_stats(per_mb)
+        totals["grad_norm"] = float(grad_norm)
+        totals["lr"] = self.optimizer.param_groups[0]["lr"]
+        return totals | seconds | {"optimizer_s": time.perf_counter() - start}
+
+    def _set_lr(self) -> None:
+        factor = min(1.0, (self.steps_done + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * factor
+
+    def _reduce_stats(self, per_mb: list[dict]) -> dict[str, float]:
+        """Sum over micro-batches, then over DP ranks (the last pipeline stage holds them; sent to every stage)."""
+        local: dict[str, float] = {}
+        for stats in per_mb or []:
+            for k, v in stats.items():
+                local[k] = local.get(k, 0.0) + float(v)
+        gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, local)
+        last = [r for r in range(dist.get_world_size()) if gathered[r]]
+        return {k: sum(gathered[r].get(k, 0.0) for r in last) / (self.layout.tp * self.layout.cp)
+                for k in dict.fromkeys(k for r in last for k in gathered[r])}
+
+    def update_reference(self) -> None:
+        if self.reference is not None:
+            for ref, chunk in zip(self.reference, self.chunks, strict=True):
+                ref.load_state_dict(_unwrap(chunk).state_dict(), strict=False)
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy under HF names, one full tensor at a time (gathered over TP, sent across PP), in the serving
+        dtype. Collective: every rank must iterate it to the end."""
+        for name, tensor in mbridge.export(self.bridge, self.chunks):
+            yield name, tensor.detach().to(self.serving_dtype)

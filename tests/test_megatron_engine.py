@@ -1,0 +1,96 @@
+"""The GRPO step on Megatron (real gloo ranks) against the same step on the HF engine in one process: the same loss
+(r1.algo's GRPOLoss, with KL to the reference) and the same updated weights, at TP=1, TP=2, DP=2 and PP=2, with one
+micro-batch and with several (Megatron's schedules, the pipeline's included)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1.algo import GRPOLoss
+from r1.types import TrainBatch
+from tests.gloo_ranks import run_ranks
+from tests.test_megatron_bridge import VOCAB, _save_hf
+
+pytestmark = pytest.mark.slow
+
+OPTIM = {"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 1.0}
+
+
+def _batch() -> TrainBatch:
+    """8 right-padded rows: prompts of 3-5 tokens, responses of 2-6 tokens."""
+    g = torch.Generator().manual_seed(3)
+    rows, width = 8, 11
+    ids = torch.zeros(rows, width, dtype=torch.long)
+    attn, resp = torch.zeros(rows, width, dtype=torch.long), torch.zeros(rows, width)
+    for r in range(rows):
+        p, n = 3 + r % 3, 2 + (r * 5) % 5
+        ids[r, : p + n] = torch.randint(1, VOCAB, (p + n,), generator=g)
+        attn[r, : p + n] = 1
+        resp[r, p : p + n] = 1
+    return TrainBatch(ids, attn, resp, torch.randn(rows, generator=g),
+                      rollout_logprobs=-torch.rand(rows, width, generator=g) * resp)
+
+
+def _loss() -> GRPOLoss:
+    return GRPOLoss(clip_low=0.2, clip_high=0.28, agg="token_mean", kl_coef=0.1, kl_kind="k3", kl_in_loss=True,
+                    temperature=0.9, norm_constant=8.0, is_cap=None)
+
+
+def _megatron_step(rank: int, world: int, hf_dir: str, tp: int, pp: int, micro_batch_size: int):
+    from megatron.core import parallel_state
+
+    from r1.engines.megatron.engine import MegatronTrainEngine
+    from r1.engines.megatron.layout import ParallelLayout
+
+    engine = MegatronTrainEngine(hf_dir, layout=ParallelLayout(tp=tp, pp=pp), micro_batch_size=micro_batch_size,
+                                 with_reference=True, logprob_chunk_tokens=7, **OPTIM)
+    batch = _batch()
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    shard = batch.select(torch.arange(len(batch))[dp_rank::dp]) if dp > 1 else batch
+    before = engine.compute_logprobs(shard, temperature=0.9)
+    stats = engine.train_step(shard, _loss())
+    return before, stats, dict(engine.named_weights())
+
+
+def _hf_step(hf_dir: str):
+    from r1.engines.hf_train import HFTrainEngine
+
+    engine = HFTrainEngine(hf_dir, micro_batch_size=8, with_reference=True, **OPTIM)
+    before = engine.compute_logprobs(_batch(), temperature=0.9)
+    stats = engine.train_step(_batch(), _loss())
+    return before, stats, dict(engine.named_weights())
+
+
+@pytest.mark.parametrize("tp,pp,dp,micro_batch_size,tied", [
+    (1, 1, 1, 8, False), (2, 1, 1, 3, False), (1, 1, 2, 8, False), (1, 2, 1, 3, False), (1, 2, 1, 3, True),
+], ids=["tp1", "tp2-microbatches", "dp2", "pp2-microbatches", "pp2-tied-embeddings"])
+def test_a_grpo_step_on_megatron_equals_the_hf_engine(tmp_path, tp, pp, dp, micro_batch_size, tied):
+    """(Tied embeddings at PP=2: the first stage's embedding and the last stage's output layer are one HF tensor,
+    so their gradients must be summed across the stages.)"""
+    hf_dir = _save_hf(tmp_path / "hf", "qwen2", tied=tied)
+    hf_before, hf_stats, hf_weights = _hf_step(hf_dir)
+    results = run_ranks(_megatron_step, tp * pp * dp, hf_dir, tp, pp, micro_batch_size, tmp_path=tmp_path)
+    before, stats, weights = results[0]
+    if dp == 1:
+        mask = _batch().response_mask.bool()
+        torch.testing.assert_close(before[mask], hf_before[mask], atol=1e-5, rtol=1e-5)
+    for key in ("loss", "kl", "grad_norm"):
+        assert stats[key] == pytest.approx(hf_stats[key], rel=1e-4, abs=1e-6), key
+    assert set(weights) == set(hf_weights)
+    moved = 0.0
+    for name, tensor in hf_weights.items():
+        torch.testing.assert_close(weights[name], tensor, atol=2e-5, rtol=1e-4, msg=name)
+        moved = max(moved, float((tensor - _initial(hf_dir)[name]).abs().max()))
+    assert moved > 1e-3  # the step changed the weights (lr 1e-2): equality is not of two untouched copies
+
+
+_INITIAL: dict = {}
+
+
+def _initial(hf_dir: str) -> dict:
+    if hf_dir not in _INITIAL:
+        from r1.engines.hf_train import load_safetensors_dir
+
+        _INITIAL[hf_dir] = load_safetensors_dir(__import__("pathlib").Path(hf_dir))
+    return _INITIAL[hf_dir]
