@@ -8,9 +8,11 @@ is replaced and brought up to date.
 from __future__ import annotations
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from r1.workers.pools import RolloutPool, TrainPool
+
+LIVENESS_TIMEOUT_S = 60.0  # a rollout worker that answers nothing for this long after a failed send counts as alive
 
 
 class WeightSyncError(RuntimeError):
@@ -60,7 +62,13 @@ class WeightSync:
                 result = ray.get(done[0])
             except (RayActorError, RayTaskError) as err:
                 if done[0] == send:
-                    self._sender_failed(version, err)
+                    # A receiver dying mid-broadcast also fails the sender's collective (connection reset), and that
+                    # error can arrive before Ray reports the death: a failed send is the sender's fault only if
+                    # every receiver is still alive.
+                    dead = self._dead_receivers() if isinstance(err, RayTaskError) else []
+                    if not dead:
+                        self._sender_failed(version, err)
+                    continue
                 if isinstance(err, RayActorError):
                     dead.append(recvs[done[0]])
                 else:
@@ -76,6 +84,19 @@ class WeightSync:
             self.rejoin()
             return 0
         return sent
+
+    def _dead_receivers(self) -> list[int]:
+        """Indices of the rollout workers whose process is gone (asked only after a failed send)."""
+        refs = [a.pid.remote() for a in self.rollout.actors]
+        dead = []
+        for i, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=LIVENESS_TIMEOUT_S)
+            except RayActorError:
+                dead.append(i)
+            except GetTimeoutError:
+                pass  # alive but busy
+        return dead
 
     def _sender_failed(self, version: int, err: Exception):
         try:
