@@ -47,7 +47,8 @@ def test_training_workers_reuse_their_step_memory_instead_of_faulting_it_in_agai
         ray.kill(plain)
         pool.shutdown()
     assert default > 2000, f"the reference worker should refault its activations ({default:.0f} faults per step)"
-    assert tuned < default / 5, (tuned, default)  # measured: ~2K vs ~33K (the rest: Ray receiving the batch)
+    # measured: ~2K vs ~33K when calls ran on Ray's threads; 4.4K vs 12K with one compute thread per worker
+    assert tuned < default / 2, (tuned, default)
 
 
 def _record_engine_threads(worker) -> None:
