@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from r1.algo import GRPOLoss
+from r1.engines.hf_train import load_safetensors_dir
 from r1.types import TrainBatch
 from tests.gloo_ranks import run_ranks
 from tests.test_megatron_bridge import VOCAB, _save_hf
@@ -69,6 +70,7 @@ def test_a_grpo_step_on_megatron_equals_the_hf_engine(tmp_path, tp, pp, dp, micr
     """(Tied embeddings at PP=2: the first stage's embedding and the last stage's output layer are one HF tensor,
     so their gradients must be summed across the stages.)"""
     hf_dir = _save_hf(tmp_path / "hf", "qwen2", tied=tied)
+    initial = load_safetensors_dir(tmp_path / "hf")
     hf_before, hf_stats, hf_weights = _hf_step(hf_dir)
     results = run_ranks(_megatron_step, tp * pp * dp, hf_dir, tp, pp, micro_batch_size, tmp_path=tmp_path)
     before, stats, weights = results[0]
@@ -81,16 +83,6 @@ def test_a_grpo_step_on_megatron_equals_the_hf_engine(tmp_path, tp, pp, dp, micr
     moved = 0.0
     for name, tensor in hf_weights.items():
         torch.testing.assert_close(weights[name], tensor, atol=2e-5, rtol=1e-4, msg=name)
-        moved = max(moved, float((tensor - _initial(hf_dir)[name]).abs().max()))
+        moved = max(moved, float((tensor - initial[name]).abs().max()))
     assert moved > 1e-3  # the step changed the weights (lr 1e-2): equality is not of two untouched copies
 
-
-_INITIAL: dict = {}
-
-
-def _initial(hf_dir: str) -> dict:
-    if hf_dir not in _INITIAL:
-        from r1.engines.hf_train import load_safetensors_dir
-
-        _INITIAL[hf_dir] = load_safetensors_dir(__import__("pathlib").Path(hf_dir))
-    return _INITIAL[hf_dir]

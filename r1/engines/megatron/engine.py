@@ -168,9 +168,11 @@ class MegatronTrainEngine:
             parts.append(self._response_logprobs(chunk, mb, hidden, temperature, False)[0])
             return hidden.sum() * 0, {}
 
-        [c.eval() for c in chunks]
+        for chunk in chunks:
+            chunk.eval()
         self._run(chunks, mbs, keep, forward_only=True)
-        [c.train() for c in self.chunks]
+        for chunk in self.chunks:
+            chunk.train()
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
         if parts:
             start = 0
