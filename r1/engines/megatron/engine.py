@@ -12,14 +12,17 @@ collective over the model-parallel and data-parallel groups).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from r1.engines.megatron import bridge as mbridge
 from r1.engines.megatron import cpu_compat
+from r1.engines.megatron.hf_export import write_hf_dir
 from r1.engines.megatron.layout import ParallelLayout, initialize
 from r1.engines.megatron.logprobs import vocab_parallel_logprobs
 from r1.engines.protocols import LossFn
@@ -37,6 +40,40 @@ def _output_weight(model) -> torch.Tensor:
     if model.share_embeddings_and_output_weights:
         return model.shared_embedding_or_output_weight()
     return model.output_layer.weight
+
+
+def _restore_adam_states_by_source_keys() -> None:
+    """megatron-core 0.16.1 with torch's Adam (no Apex / Transformer Engine): resuming a "fully_reshardable"
+    checkpoint copies every key of a parameter's optimizer state from the checkpoint, ``step`` included, but the
+    checkpoint's per-parameter tensors have no ``step`` (it is restored once, from the common state, just before),
+    so the copy raises ``KeyError: 'step'``. Copy the keys the checkpoint has instead. Idempotent."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "r1_patched", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        destination = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            destination[key].copy_(value)
+
+    set_states.r1_patched = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def _check_heads_split(hf_config, tp: int) -> None:
+    """Tensor parallelism splits attention heads (and KV heads) evenly; say so before Megatron asserts."""
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % tp or kv_heads % tp:
+        raise ValueError(
+            f"trainer.megatron.tensor_parallel={tp} does not divide the model's {heads} attention heads and "
+            f"{kv_heads} key-value heads: choose a tensor_parallel size that divides both")
 
 
 def _unwrap(chunk):
@@ -65,15 +102,20 @@ class MegatronTrainEngine:
         from megatron.core import parallel_state
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+        from transformers import AutoConfig
+
+        _check_heads_split(AutoConfig.from_pretrained(model_path), layout.tp)
         if layout.cp > 1:
             raise ValueError("context parallelism is not wired into the Megatron engine's forward yet: use cp=1")
         cpu_compat.apply()
         if not dist.is_initialized():  # a single rank still needs Megatron's process groups
             dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
-        self.layout = layout
+        self.layout, self.model_path = layout, model_path
         initialize(layout, dist.get_world_size(), seed)
         self.ps = parallel_state
         self.dp = layout.dp(dist.get_world_size())
+        self.data_parallel_size, self.data_parallel_rank = self.dp, parallel_state.get_data_parallel_rank()
+        self.collective = True  # the model is sharded over TP x PP: export, save and load involve every rank
         self.bf16 = dtype == "bfloat16"
         self.serving_dtype = getattr(torch, dtype)
         self.bridge = mbridge.make_bridge(model_path, tp_size=layout.tp,
@@ -255,3 +297,83 @@ class MegatronTrainEngine:
         dtype. Collective: every rank must iterate it to the end."""
         for name, tensor in mbridge.export(self.bridge, self.chunks):
             yield name, tensor.detach().to(self.serving_dtype)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def _sharded_state(self, *, with_optimizer: bool, loading: bool) -> dict:
+        """What a checkpoint holds, as Megatron's sharded state dict: every tensor with its place in the full
+        (unsharded) tensor, so a checkpoint written at one TP/PP/DP layout loads at another. The distributed
+        optimizer's state is saved per parameter ("fully_reshardable": gathered over DP at save, re-split at load),
+        not as its DP-rank buffers ("dp_reshardable", which reloads at the same TP/PP only)."""
+        state = {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(self.chunks)}
+        if with_optimizer:
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                {k: v for k, v in state.items()}, is_loading=loading,
+                metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        for i, chunk in enumerate(self.reference or []):
+            state[f"reference{i}"] = chunk.sharded_state_dict(prefix="reference.")
+        return state
+
+    def _initialize_optimizer_state(self) -> None:
+        """Adam's state before the first step, so that a fresh engine has the structure a checkpoint fills in.
+        (torch's Adam creates it lazily in ``step()``; Megatron's ``init_state_fn`` omits ``step``, which its
+        ``state_dict`` then asserts on: one shared step count per optimizer.)"""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for group in opt.optimizer.param_groups:
+                for p in group["params"]:
+                    state = opt.optimizer.state[p]
+                    if not state:
+                        state.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
+                                     step=torch.tensor(0.0))
+
+    def _unshare_adam_steps(self) -> None:
+        """megatron-core 0.16.1 restores torch Adam's ``step`` as *one* tensor shared by every parameter's state;
+        torch's Adam increments each parameter's step in place, so the next update would count one step per
+        parameter and get the bias correction wrong. Give each its own."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for state in opt.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+
+    def save(self, path: Path, *, with_optimizer: bool) -> None:
+        """Collective. ``path/megatron``: fp32 masters, optimizer and reference, sharded (``dist_checkpointing``);
+        ``path/policy``: the policy as an HF model directory in the serving dtype (written by rank 0, streamed)."""
+        from megatron.core import dist_checkpointing
+
+        path = Path(path)
+        (path / "megatron").mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(self._sharded_state(with_optimizer=with_optimizer, loading=False),
+                                str(path / "megatron"))
+        self.export_hf(path / "policy")
+        if dist.get_rank() == 0:
+            (path / "engine.json").write_text(json.dumps(
+                {"engine": "megatron", "with_optimizer": with_optimizer, "steps_done": self.steps_done,
+                 "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "cp": self.layout.cp, "dp": self.dp}}))
+
+    def export_hf(self, out_dir: Path) -> None:
+        """The policy as a Hugging Face model directory (``from_pretrained`` loads it). Collective."""
+        config = json.loads((Path(self.model_path) / "config.json").read_text())
+        write_hf_dir(self.named_weights(), Path(out_dir), config, dtype=self.serving_dtype,
+                     write=dist.get_rank() == 0)
+
+    def load(self, path: Path) -> None:
+        """Resume from ``save``'s directory, at this engine's layout (which may differ from the saved one)."""
+        from megatron.core import dist_checkpointing
+
+        path = Path(path)
+        meta = json.loads((path / "engine.json").read_text())
+        if meta.get("engine") != "megatron":
+            raise RuntimeError(f"checkpoint {path} was written by trainer.engine={meta.get('engine')!r}; resume it "
+                               "with that engine (its policy/ directory is an HF model any engine can start from)")
+        if meta["with_optimizer"]:
+            _restore_adam_states_by_source_keys()
+            self._initialize_optimizer_state()
+        state = dist_checkpointing.load(
+            self._sharded_state(with_optimizer=meta["with_optimizer"], loading=True), str(path / "megatron"))
+        for i, chunk in enumerate(self.chunks):
+            _unwrap(chunk).load_state_dict(state[f"model{i}"])
+        for i, chunk in enumerate(self.reference or []):
+            chunk.load_state_dict({k.removeprefix("reference."): v for k, v in state[f"reference{i}"].items()})
+        if meta["with_optimizer"]:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self._unshare_adam_steps()
+        self.steps_done = meta["steps_done"]
