@@ -159,9 +159,19 @@ class RolloutConfig:
 
 
 @dataclass
+class MegatronConfig:
+    """Model parallelism of ``trainer.engine=megatron``; data parallel = trainer.num_workers / (tp x pp)."""
+
+    tensor_parallel: int = 1  # ranks splitting each layer's matrices (one node: NVLink)
+    pipeline_parallel: int = 1  # ranks holding consecutive layers (micro-batches flow through them)
+    # Tokens per chunk of the vocabulary projection for log-probs: memory grows with this, not with the sequence.
+    logprob_chunk_tokens: int = 4096
+
+
+@dataclass
 class TrainerConfig:
-    engine: str = "hf"
-    num_workers: int = 1  # data-parallel ranks of the training pool
+    engine: str = "hf"  # "hf" (torch + transformers, data parallel) | "megatron" (megatron-core, TP x PP x DP)
+    num_workers: int = 1  # ranks of the training pool (data parallel x the model parallelism of the engine)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     torch_threads: int = 2
@@ -177,6 +187,7 @@ class TrainerConfig:
     seed: int = 1
     # Emulate a large model's speed: each optimizer step takes at least this long (benchmarks; 0 = real speed).
     simulated_update_s: float = 0.0
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
 
 @dataclass

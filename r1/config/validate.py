@@ -79,6 +79,18 @@ def _vllm_problems(cfg) -> list[str]:
     return problems
 
 
+def _megatron_problems(t) -> list[str]:
+    m = t.megatron
+    if min(m.tensor_parallel, m.pipeline_parallel, m.logprob_chunk_tokens) < 1:
+        return ["trainer.megatron: tensor_parallel, pipeline_parallel and logprob_chunk_tokens must be >= 1"]
+    model_parallel = m.tensor_parallel * m.pipeline_parallel
+    if t.num_workers % model_parallel:
+        return [(f"trainer.num_workers={t.num_workers} is not a multiple of trainer.megatron.tensor_parallel x "
+                 f"pipeline_parallel = {m.tensor_parallel} x {m.pipeline_parallel} = {model_parallel} (the rest of "
+                 f"the ranks is data parallel): set trainer.num_workers to a multiple of {model_parallel}")]
+    return []
+
+
 def validate(cfg) -> list[str]:
     """Semantic checks on a composed config (strings for enums, as the launcher passes it).
 
@@ -134,6 +146,8 @@ def validate(cfg) -> list[str]:
         problems.append("rollout.stall_timeout_s must be > 0")
     if r.engine == "vllm":
         problems += _vllm_problems(cfg)
+    if t.engine == "megatron":
+        problems += _megatron_problems(t)
     if r.temperature <= 0:
         problems.append("rollout.temperature must be > 0 for GRPO sampling")
     if not 0 < r.top_p <= 1 or not 0 < cfg.eval.top_p <= 1:

@@ -127,6 +127,9 @@ class HFTrainEngine:
         self.grad_clip = grad_clip
         self.micro_batch_size = micro_batch_size
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.data_parallel_rank = dist.get_rank() if self.distributed else 0
+        self.data_parallel_size = dist.get_world_size() if self.distributed else 1
+        self.collective = False  # every rank holds the whole model: rank 0 saves and sends it alone
 
     def _autocast(self):
         """Forward/backward in the serving dtype (bf16/fp16); a no-op for fp32."""

@@ -1,7 +1,7 @@
 """What the driver and workers need from a training engine and a rollout engine, and nothing more.
 
 The HF implementations (``hf_train``, ``hf_rollout``: simple references), vLLM (``vllm_rollout``) and Megatron-core
-(its own issue) implement these, so swapping engines is a config choice (``trainer.engine``, ``rollout.engine``).
+(``megatron/``) implement these, so swapping engines is a config choice (``trainer.engine``, ``rollout.engine``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,15 @@ class LossFn(Protocol):
 
 
 class TrainEngine(Protocol):
+    """One rank of the training pool. ``data_parallel_rank/size`` say which shard of a mini-batch this rank takes
+    (ranks that split the model between them take the same shard). Where ``collective`` is true, ``named_weights``,
+    ``save`` and ``load`` are collective: every rank calls them (the model is sharded); otherwise rank 0 alone
+    saves and sends."""
+
+    data_parallel_rank: int
+    data_parallel_size: int
+    collective: bool
+
     def compute_logprobs(self, batch: TrainBatch, *, temperature: float, reference: bool = False) -> torch.Tensor:
         """[B, L] log-probs of ``batch.input_ids`` under the policy (or the reference policy), no grad. Exact
         where ``batch.response_mask`` is 1 (what every loss reads); an engine may skip prompt positions (0 there)."""

@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
-TRAIN_ENGINES = ("hf",)
+TRAIN_ENGINES = ("hf", "megatron")
 ROLLOUT_ENGINES = ("hf", "vllm")
 
 
 def build_train_engine(cfg, model_path: str):
-    if cfg.trainer.engine == "hf":
+    """The engine of one training rank (called on every rank, after the pool's process group is formed)."""
+    t = cfg.trainer
+    common = {
+        "lr": t.lr, "betas": tuple(t.adam_betas), "weight_decay": t.weight_decay, "warmup_steps": t.warmup_steps,
+        "grad_clip": t.grad_clip, "micro_batch_size": t.micro_batch_size,
+        "with_reference": cfg.algo.kl_placement != "none" and cfg.algo.kl_coef > 0, "dtype": cfg.model.dtype,
+        "seed": t.seed,
+    }
+    if t.engine == "hf":
         from r1.engines.hf_train import HFTrainEngine
 
-        return HFTrainEngine(
-            model_path,
-            lr=cfg.trainer.lr,
-            betas=tuple(cfg.trainer.adam_betas),
-            weight_decay=cfg.trainer.weight_decay,
-            warmup_steps=cfg.trainer.warmup_steps,
-            grad_clip=cfg.trainer.grad_clip,
-            micro_batch_size=cfg.trainer.micro_batch_size,
-            with_reference=cfg.algo.kl_placement != "none" and cfg.algo.kl_coef > 0,
-            dtype=cfg.model.dtype,
-            seed=cfg.trainer.seed,
-        )
+        return HFTrainEngine(model_path, **common)
+    if t.engine == "megatron":
+        from r1.engines.megatron.engine import MegatronTrainEngine
+        from r1.engines.megatron.layout import ParallelLayout
+
+        m = t.megatron
+        return MegatronTrainEngine(
+            model_path, layout=ParallelLayout(tp=m.tensor_parallel, pp=m.pipeline_parallel),
+            logprob_chunk_tokens=m.logprob_chunk_tokens, **common)
     raise ValueError(f"trainer.engine={cfg.trainer.engine!r} is not available; choose one of {TRAIN_ENGINES}")
 
 

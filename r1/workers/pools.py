@@ -86,6 +86,11 @@ class TrainPool:
         )
         addr, port = ray.get(self.actors[0].address.remote())
         ray.get([a.setup.remote(addr, port) for a in self.actors])
+        layout = ray.get([a.data_parallel.remote() for a in self.actors])
+        self.dp_rank = [rank for rank, _, _ in layout]  # of each actor
+        self.dp_size, self.collective = layout[0][1], layout[0][2]
+        # one actor per DP rank answers for its shard (the ranks that split a model between them agree)
+        self.dp_leaders = [self.dp_rank.index(d) for d in range(self.dp_size)]
         self.seconds = dict.fromkeys(("forward_s", "backward_s", "optimizer_s", "ray_s"), 0.0)
 
     @property
@@ -93,8 +98,11 @@ class TrainPool:
         return self.actors[0]
 
     def _shards(self, batch: TrainBatch) -> list[TrainBatch]:
-        index = split_evenly(list(range(len(batch))), self.world_size)
-        return [batch.select(torch.tensor(ix, dtype=torch.long)) for ix in index]
+        """Each actor's part of ``batch``: split over data-parallel ranks only (the tensor/pipeline-parallel ranks
+        of one DP rank take the same rows)."""
+        index = split_evenly(list(range(len(batch))), self.dp_size)
+        shards = [batch.select(torch.tensor(ix, dtype=torch.long)) for ix in index]
+        return [shards[d] for d in self.dp_rank]
 
     def compute_logprobs(self, batch: TrainBatch, *, temperature: float, reference: bool) -> torch.Tensor:
         start = time.perf_counter()
@@ -103,7 +111,7 @@ class TrainPool:
         )
         worker_s = max(s for _, s in parts)
         self._account(time.perf_counter() - start, worker_s, forward_s=worker_s)
-        return torch.cat([logprobs for logprobs, _ in parts], dim=0)
+        return torch.cat([parts[i][0] for i in self.dp_leaders], dim=0)
 
     def train_step(self, batch: TrainBatch, loss_fn) -> dict[str, float]:
         """Stats of the step (already all-reduced across ranks; ``*_s`` timings are rank 0's)."""
@@ -127,6 +135,17 @@ class TrainPool:
 
     def update_reference(self) -> None:
         ray.get([a.update_reference.remote() for a in self.actors])
+
+    def manifest(self):
+        """Names, shapes and dtypes of what ``broadcast_weights`` sends."""
+        actors = self.actors if self.collective else [self.leader]
+        return ray.get([a.manifest.remote() for a in actors])[0]
+
+    def broadcast_weights(self, version: int) -> list:
+        """Start sending ``version`` to the sync group; the ObjectRefs of the ranks taking part, the sender first
+        (its result: bytes sent)."""
+        actors = self.actors if self.collective else [self.leader]
+        return [a.broadcast_weights.remote(version) for a in actors]
 
     def save(self, path: str, with_optimizer: bool) -> None:
         ray.get([a.save.remote(path, with_optimizer) for a in self.actors])

@@ -1,4 +1,4 @@
-"""One rank of the training pool: a train engine, its data-parallel group, and (rank 0) the sync source."""
+"""One rank of the training pool: a train engine, the pool's process group, and (rank 0) the sync source."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class TrainWorker:
 
     @on_compute_thread
     def setup(self, master_addr: str, master_port: int) -> None:
-        """Join the data-parallel group (gloo on CPU, NCCL on GPU) and build the engine."""
+        """Join the pool's process group (gloo on CPU, NCCL on GPU) and build the engine."""
         if self.world_size > 1:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(
@@ -80,7 +80,12 @@ class TrainWorker:
     def update_reference(self) -> None:
         self.engine.update_reference()
 
-    # --- weight sync (rank 0 only) ----------------------------------------------------------------------------
+    def data_parallel(self) -> tuple[int, int, bool]:
+        """(data-parallel rank, data-parallel size, whether export/save/load are collective) of this rank."""
+        return self.engine.data_parallel_rank, self.engine.data_parallel_size, self.engine.collective
+
+    # --- weight sync (rank 0 sends; with a sharded model every rank takes part in gathering the tensors) ------
+    @on_compute_thread
     def manifest(self):
         return manifest_of(self.engine.named_weights())
 
@@ -90,16 +95,22 @@ class TrainWorker:
 
     @on_compute_thread
     def broadcast_weights(self, version: int) -> int:
-        named = list(self.engine.named_weights())
+        """Rank 0 sends ``version`` to the rollout pool; the other ranks (sharded model) gather with it."""
+        named = self.engine.named_weights()
+        if self.rank != 0:
+            for _ in named:  # the export is collective: each full tensor is gathered from every shard
+                pass
+            return 0
+        named = list(named)
         return self.sync.group.send(named, manifest_of(named), int(self.cfg.sync.bucket_mb * 2**20), version)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     @on_compute_thread
     def save(self, path: str, with_optimizer: bool) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)  # every rank writes here; none may wait for rank 0 to create it
-        if self.rank == 0:
+        if self.rank == 0 or self.engine.collective:
             self.engine.save(Path(path), with_optimizer=with_optimizer)
-            # a checkpoint's policy/ is a complete HF model directory: weights, config and tokenizer
+        if self.rank == 0:  # a checkpoint's policy/ is a complete HF model directory: weights, config and tokenizer
             load_tokenizer(self.model_path).save_pretrained(Path(path) / "policy")
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
         torch.save(rng, Path(path) / f"rng_rank{self.rank}.pt")

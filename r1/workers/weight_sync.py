@@ -27,7 +27,7 @@ class WeightSync:
         self.version = 0
         rollout.sync = self
         self._form()
-        self.manifest = ray.get(train.leader.manifest.remote())
+        self.manifest = train.manifest()
 
     def _form(self) -> None:
         host, port = ray.get(self.train.leader.address.remote())
@@ -53,15 +53,15 @@ class WeightSync:
         replaced) and the version sent again; receives stuck on the old group time out on their own thread. If the
         sender fails, the receivers would wait for buckets that never come: the group is re-formed for them and
         the failure raised at once as ``WeightSyncError``."""
-        send = self.train.leader.broadcast_weights.remote(version)
+        senders = self.train.broadcast_weights(version)  # rank 0 sends; with a sharded model all ranks gather
         recvs = {a.receive_weights.remote(self.manifest, version): i for i, a in enumerate(self.rollout.actors)}
-        pending, dead, broken, sent = [send, *recvs], [], False, 0
+        pending, dead, broken, sent = [*senders, *recvs], [], False, 0
         while pending and not (dead or broken):
             done, pending = ray.wait(pending, num_returns=1)
             try:
                 result = ray.get(done[0])
             except (RayActorError, RayTaskError) as err:
-                if done[0] == send:
+                if done[0] in senders:
                     # A receiver dying mid-broadcast also fails the sender's collective (connection reset), and that
                     # error can arrive before Ray reports the death: a failed send is the sender's fault only if
                     # every receiver is still alive.
@@ -74,7 +74,7 @@ class WeightSync:
                 else:
                     broken = True  # a survivor's receive failed because a peer vanished mid-broadcast
                 continue
-            if done[0] == send:
+            if done[0] == senders[0]:
                 sent = result
         self.version = version
         if dead:
@@ -103,6 +103,6 @@ class WeightSync:
             self._form()  # the rollout workers join a fresh group (their stuck receives time out on the old one)
         except (RayActorError, RayTaskError) as reform_err:
             raise WeightSyncError(
-                f"training rank 0 failed while sending policy version {version}, and the sync group could not be "
+                f"the training pool failed while sending policy version {version}, and the sync group could not be "
                 f"re-formed: {reform_err}") from err
-        raise WeightSyncError(f"training rank 0 failed while sending policy version {version}: {err}") from err
+        raise WeightSyncError(f"the training pool failed while sending policy version {version}: {err}") from err

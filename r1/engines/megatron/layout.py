@@ -26,7 +26,7 @@ class ParallelLayout:
             raise ValueError(
                 f"trainer.num_workers={world_size} is not a multiple of tensor x pipeline x context parallel "
                 f"= {self.tp} x {self.pp} x {self.cp} = {self.model_parallel}: set trainer.num_workers to a "
-                f"multiple of {self.model_parallel}, or change trainer.megatron.{{tp,pp,cp}}")
+                f"multiple of {self.model_parallel}, or change trainer.megatron's parallel sizes")
         return world_size // self.model_parallel
 
 
