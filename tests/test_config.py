@@ -73,13 +73,17 @@ def test_megatron_layout_is_checked_against_the_pool_and_the_model(tiny_model):
     with pytest.raises(ConfigError, match=r"trainer.num_workers=3 is not a multiple of .* = 2"):
         validate(cfg)
     validate(compose(["run_dir=x", "trainer=megatron", "trainer.num_workers=4", "trainer.megatron.tensor_parallel=2"]))
+    cfg = compose(["run_dir=x", "trainer=megatron", "trainer.num_workers=2", "trainer.megatron.context_parallel=2",
+                   "trainer.megatron.recompute=partial"])
+    with pytest.raises(ConfigError, match=r"recompute='partial': choose one of \['none', 'selective', 'full'\]"):
+        validate(cfg)
     # the tiny test model has one KV head: two tensor-parallel ranks cannot split it (said before any process group)
     from r1.engines.megatron.engine import MegatronTrainEngine
     from r1.engines.megatron.layout import ParallelLayout
 
     with pytest.raises(ValueError, match="tensor_parallel=2 does not divide the model's 2 attention heads and 1"):
         MegatronTrainEngine(tiny_model, layout=ParallelLayout(tp=2), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0,
-                            warmup_steps=0, grad_clip=1.0, micro_batch_size=1, with_reference=False)
+                            warmup_steps=0, grad_clip=1.0, micro_batch_tokens=64, with_reference=False)
 
 
 def _launch(*args):

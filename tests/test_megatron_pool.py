@@ -32,7 +32,7 @@ def _cfg(cache_dir, run_dir, total_steps, tp=2, resume=False, extra=()):
         f"trainer.megatron.tensor_parallel={tp}", "trainer.torch_threads=1", f"trainer.total_steps={total_steps}",
         f"resume={str(resume).lower()}", "rollout.num_workers=1", "algo.group_size=4", "algo.prompts_per_step=4",
         "eval.every_steps=0", "checkpoint.every_steps=1", "checkpoint.keep_last=5", "trainer.lr=1e-3",
-        "trainer.micro_batch_size=8", "rollout.length_schedule=[{from_step: 0, max_tokens: 12}]",
+        "trainer.megatron.micro_batch_tokens=64", "rollout.length_schedule=[{from_step: 0, max_tokens: 12}]",
         "eval.max_new_tokens=12", "eval.k=2", "eval.max_problems=4",
         "reward.terms=[{name: accuracy, weight: 1.0}, {name: 'tests.test_end_to_end:digit_reward', weight: 1.0}]",
         *extra,

@@ -160,12 +160,18 @@ class RolloutConfig:
 
 @dataclass
 class MegatronConfig:
-    """Model parallelism of ``trainer.engine=megatron``; data parallel = trainer.num_workers / (tp x pp)."""
+    """``trainer.engine=megatron``: data parallel = trainer.num_workers / (tensor x pipeline x context parallel)."""
 
     tensor_parallel: int = 1  # ranks splitting each layer's matrices (one node: NVLink)
     pipeline_parallel: int = 1  # ranks holding consecutive layers (micro-batches flow through them)
+    context_parallel: int = 1  # ranks splitting each sequence (long contexts: 2 chunks of every sequence per rank)
+    # Sequences are packed end to end (no padding) into micro-batches of at most this many tokens per model
+    # replica (a longer sequence forms a micro-batch of its own); replaces trainer.micro_batch_size.
+    micro_batch_tokens: int = 16384
     # Tokens per chunk of the vocabulary projection for log-probs: memory grows with this, not with the sequence.
     logprob_chunk_tokens: int = 4096
+    # Activation recomputation: none | selective (core attention) | full (every layer, keeps only layer inputs).
+    recompute: str = "none"
 
 
 @dataclass
@@ -181,8 +187,9 @@ class TrainerConfig:
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     grad_clip: float = 1.0
-    # Sequences per forward/backward pass of the training engine (gradients accumulate over micro-batches up to the
-    # mini-batch, see algo.minibatches_per_step); also the chunk size of its log-prob passes.
+    # Sequences per forward/backward pass of the hf engine (gradients accumulate over micro-batches up to the
+    # mini-batch, see algo.minibatches_per_step); also the chunk size of its log-prob passes. (The megatron engine
+    # packs micro-batches by tokens instead: trainer.megatron.micro_batch_tokens.)
     micro_batch_size: int = 32
     seed: int = 1
     # Emulate a large model's speed: each optimizer step takes at least this long (benchmarks; 0 = real speed).

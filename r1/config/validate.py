@@ -80,14 +80,21 @@ def _vllm_problems(cfg) -> list[str]:
 
 
 def _megatron_problems(t) -> list[str]:
+    from r1.engines.megatron.engine import RECOMPUTE
+
     m = t.megatron
-    if min(m.tensor_parallel, m.pipeline_parallel, m.logprob_chunk_tokens) < 1:
-        return ["trainer.megatron: tensor_parallel, pipeline_parallel and logprob_chunk_tokens must be >= 1"]
-    model_parallel = m.tensor_parallel * m.pipeline_parallel
+    sizes = (m.tensor_parallel, m.pipeline_parallel, m.context_parallel, m.micro_batch_tokens, m.logprob_chunk_tokens)
+    if min(sizes) < 1:
+        return [("trainer.megatron: tensor_parallel, pipeline_parallel, context_parallel, micro_batch_tokens and "
+                 "logprob_chunk_tokens must be >= 1")]
+    if m.recompute not in RECOMPUTE:
+        return [f"trainer.megatron.recompute={m.recompute!r}: choose one of {list(RECOMPUTE)}"]
+    model_parallel = m.tensor_parallel * m.pipeline_parallel * m.context_parallel
     if t.num_workers % model_parallel:
         return [(f"trainer.num_workers={t.num_workers} is not a multiple of trainer.megatron.tensor_parallel x "
-                 f"pipeline_parallel = {m.tensor_parallel} x {m.pipeline_parallel} = {model_parallel} (the rest of "
-                 f"the ranks is data parallel): set trainer.num_workers to a multiple of {model_parallel}")]
+                 f"pipeline_parallel x context_parallel = {m.tensor_parallel} x {m.pipeline_parallel} x "
+                 f"{m.context_parallel} = {model_parallel} (the rest of the ranks is data parallel): set "
+                 f"trainer.num_workers to a multiple of {model_parallel}")]
     return []
 
 

@@ -11,22 +11,22 @@ def build_train_engine(cfg, model_path: str):
     t = cfg.trainer
     common = {
         "lr": t.lr, "betas": tuple(t.adam_betas), "weight_decay": t.weight_decay, "warmup_steps": t.warmup_steps,
-        "grad_clip": t.grad_clip, "micro_batch_size": t.micro_batch_size,
-        "with_reference": cfg.algo.kl_placement != "none" and cfg.algo.kl_coef > 0, "dtype": cfg.model.dtype,
+        "grad_clip": t.grad_clip, "with_reference": cfg.algo.kl_placement != "none" and cfg.algo.kl_coef > 0, "dtype": cfg.model.dtype,
         "seed": t.seed,
     }
     if t.engine == "hf":
         from r1.engines.hf_train import HFTrainEngine
 
-        return HFTrainEngine(model_path, **common)
+        return HFTrainEngine(model_path, micro_batch_size=t.micro_batch_size, **common)
     if t.engine == "megatron":
         from r1.engines.megatron.engine import MegatronTrainEngine
         from r1.engines.megatron.layout import ParallelLayout
 
         m = t.megatron
         return MegatronTrainEngine(
-            model_path, layout=ParallelLayout(tp=m.tensor_parallel, pp=m.pipeline_parallel),
-            logprob_chunk_tokens=m.logprob_chunk_tokens, **common)
+            model_path, layout=ParallelLayout(tp=m.tensor_parallel, pp=m.pipeline_parallel, cp=m.context_parallel),
+            micro_batch_tokens=m.micro_batch_tokens, logprob_chunk_tokens=m.logprob_chunk_tokens,
+            recompute=m.recompute, **common)
     raise ValueError(f"trainer.engine={cfg.trainer.engine!r} is not available; choose one of {TRAIN_ENGINES}")
 
 

@@ -7,7 +7,9 @@ export writes, without a whole-model copy on any rank. Every rank of the model-p
 
 mbridge needs four corrections here, applied once per process by ``_patch_mbridge``:
 - without Transformer Engine (CPU; GPU images without it) the layer spec is Megatron's local one, whose norms are
-  separate modules (``input_layernorm``, ``pre_mlp_layernorm``) rather than fused into the linear layers;
+  separate modules (``input_layernorm``, ``pre_mlp_layernorm``) rather than fused into the linear layers, and whose
+  core attention is ``r1.engines.megatron.attention`` (packed sequences and context parallelism, which Megatron's
+  local attention refuses);
 - mbridge mutates the class-level ``_DIRECT_MAPPING`` when it sees tied embeddings, so converting a tied model and
   then an untied one in one process would map ``lm_head`` from ``embed_tokens``: each bridge gets its own copy;
 - transformers 5 keeps ``rope_theta`` inside ``rope_parameters``;
@@ -40,10 +42,15 @@ def _patch_mbridge() -> None:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
         if not has_transformer_engine():
+            from r1.engines.megatron.attention import PackedCoreAttention
+
             def local_spec(self, vp_stage=None):
                 self.has_vp_stage = True
-                return get_gpt_decoder_block_spec(self.config, use_transformer_engine=False,
+                spec = get_gpt_decoder_block_spec(self.config, use_transformer_engine=False,
                                                   normalization="RMSNorm", vp_stage=vp_stage)
+                for layer in spec.layer_specs:  # packed sequences and context parallelism (see attention.py)
+                    layer.submodules.self_attention.submodules.core_attention = PackedCoreAttention
+                return spec
 
             to_hf = Bridge._weight_name_mapping_mcore_to_hf
 

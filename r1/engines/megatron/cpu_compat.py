@@ -117,6 +117,11 @@ def _patch_megatron() -> None:
     mcore_random.CudaRNGStatesTracker.add = add
     mcore_random.CudaRNGStatesTracker.fork = fork
 
+    # activation recomputation (CheckpointFunction) saves and restores the "CUDA" generator state around the
+    # recomputed forward, so dropout draws the same numbers twice: on CPU that generator is the CPU one
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
     # clip_grad_by_total_norm_fp32 asserts torch.cuda.FloatTensor grads (it feeds apex's multi-tensor kernel)
     def clip_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
         if isinstance(parameters, torch.Tensor):

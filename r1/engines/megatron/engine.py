@@ -6,6 +6,12 @@ how a mini-batch was split, run through Megatron's forward-backward schedule (pi
 model returns hidden states; log-probs are projected from them vocab-parallel and in chunks
 (``r1.engines.megatron.logprobs``), so the [tokens x vocab] logits never exist whole.
 
+Micro-batches are packed token streams filled up to a token budget (``packing``). With context parallelism each
+rank holds two chunks of every sequence and attention gathers the keys and values of the others (Transformer
+Engine on GPU, ``attention`` without it); the log-probs of all CP ranks are gathered, differentiably, so every CP
+rank computes the same loss. Each rank's tokens then get CP times their gradient (one copy per rank that computed
+the loss); Megatron's averaging of gradients over DP x CP divides that out again (see ``train_step``'s scale).
+
 Every rank of the training pool builds one; all of them must make the same calls in the same order (each call is
 collective over the model-parallel and data-parallel groups).
 """
@@ -22,11 +28,21 @@ import torch.distributed as dist
 
 from r1.engines.megatron import bridge as mbridge
 from r1.engines.megatron import cpu_compat
+from r1.engines.megatron.context_parallel import all_gather
 from r1.engines.megatron.hf_export import write_hf_dir
 from r1.engines.megatron.layout import ParallelLayout, initialize
 from r1.engines.megatron.logprobs import vocab_parallel_logprobs
+from r1.engines.megatron.packing import PackedMicroBatch, cp_local_indices, pack, plan_micro_batches
 from r1.engines.protocols import LossFn
 from r1.types import TrainBatch
+
+# activation recomputation (Megatron TransformerConfig fields): "selective" recomputes the core attention in the
+# backward pass (the [tokens x tokens] part), "full" each whole transformer layer (only layer inputs are kept)
+RECOMPUTE = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
 
 
 def _returns_hidden_states(model) -> None:
@@ -93,20 +109,20 @@ class MegatronTrainEngine:
         weight_decay: float,
         warmup_steps: int,
         grad_clip: float,
-        micro_batch_size: int,
+        micro_batch_tokens: int,
         with_reference: bool,
         dtype: str = "float32",
         seed: int = 0,
         logprob_chunk_tokens: int = 4096,
+        recompute: str = "none",
     ):
         from megatron.core import parallel_state
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
         from transformers import AutoConfig
 
         _check_heads_split(AutoConfig.from_pretrained(model_path), layout.tp)
-        if layout.cp > 1:
-            raise ValueError("context parallelism is not wired into the Megatron engine's forward yet: use cp=1")
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"recompute={recompute!r}: choose one of {list(RECOMPUTE)}")
         cpu_compat.apply()
         if not dist.is_initialized():  # a single rank still needs Megatron's process groups
             dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
@@ -115,11 +131,14 @@ class MegatronTrainEngine:
         self.ps = parallel_state
         self.dp = layout.dp(dist.get_world_size())
         self.data_parallel_size, self.data_parallel_rank = self.dp, parallel_state.get_data_parallel_rank()
-        self.collective = True  # the model is sharded over TP x PP: export, save and load involve every rank
+        self.cp_group = parallel_state.get_context_parallel_group() if layout.cp > 1 else None
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        self.collective = True  # the model is sharded over TP x PP x CP: export, save and load involve every rank
         self.bf16 = dtype == "bfloat16"
         self.serving_dtype = getattr(torch, dtype)
         self.bridge = mbridge.make_bridge(model_path, tp_size=layout.tp,
-                                          params_dtype=torch.bfloat16 if self.bf16 else torch.float32)
+                                          params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+                                          extra=RECOMPUTE[recompute])
         cpu = not torch.cuda.is_available()
         self.chunks = self.bridge.get_model(
             weight_path=model_path, bf16=self.bf16, fp16=False, wrap_with_ddp=True, use_cpu_initialization=cpu,
@@ -146,57 +165,74 @@ class MegatronTrainEngine:
                             params_dtype=torch.float32, use_distributed_optimizer=True),
             self.chunks,
         )
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
         self.logprob_chunk_tokens = logprob_chunk_tokens
         self.vocab_size = self.bridge.vocab_size
 
     # --- forward passes ---------------------------------------------------------------------------------------
-    def _micro_batches(self, batch: TrainBatch) -> list[TrainBatch]:
-        return [batch.select(slice(s, s + self.micro_batch_size)).trimmed()
-                for s in range(0, len(batch), self.micro_batch_size)]
+    def _micro_batches(self, batch: TrainBatch) -> list[PackedMicroBatch]:
+        """Rows packed into micro-batches of at most ``micro_batch_tokens`` tokens (a longer row goes alone), each
+        sequence padded to a multiple of 2 x CP (the context-parallel split)."""
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        multiple = 2 * self.layout.cp if self.layout.cp > 1 else 1
+        return [pack(batch, rows, multiple=multiple) for rows in plan_micro_batches(lengths, self.micro_batch_tokens)]
 
-    def _response_logprobs(self, chunk, mb: TrainBatch, hidden: torch.Tensor, temperature: float,
+    def _response_logprobs(self, chunk, mb: PackedMicroBatch, hidden: torch.Tensor, temperature: float,
                            with_entropy: bool):
-        """[B, L] log-probs (and entropies) where ``mb.response_mask`` is 1, zero elsewhere."""
-        predicts = mb.response_mask[:, 1:].bool()  # position t-1 predicts token t
-        rows, cols = predicts.nonzero(as_tuple=True)
+        """[B, L] log-probs (and entropies) of ``mb.batch`` where its response mask is 1, zero elsewhere, from this
+        rank's hidden states [t, H]: only the positions that predict a response token are projected to the
+        vocabulary; with CP the values of all ranks are gathered (differentiably), so every CP rank sees them all."""
+        local = cp_local_indices(mb.cu_seqlens, self.layout.cp, self.cp_rank)
+        picks = mb.predicts[local].nonzero(as_tuple=True)[0]
         logp, entropy = vocab_parallel_logprobs(
-            hidden[rows, cols], _output_weight(_unwrap(chunk)), mb.input_ids[rows, cols + 1],
+            hidden[picks], _output_weight(_unwrap(chunk)), mb.input_ids[local[picks] + 1],
             vocab_size=self.vocab_size, temperature=temperature, chunk_tokens=self.logprob_chunk_tokens,
             with_entropy=with_entropy)
+        everywhere = torch.cat([cp_local_indices(mb.cu_seqlens, self.layout.cp, r) for r in range(self.layout.cp)])
+        at = everywhere[mb.predicts[everywhere]]  # stream positions whose value arrives, in gathered order
+        targets = (mb.row_of[at], mb.pos_of[at] + 1)
 
-        def place(values):
-            out = torch.zeros(mb.input_ids.shape, dtype=values.dtype)
-            return out.index_put((rows, cols + 1), values)
+        # Every CP rank must run the same collectives backwards (each layer's key/value gather, this gather): the
+        # values stay tied to all of this rank's hidden states even where none of its tokens predicts a response
+        anchor = hidden.sum() * 0 if torch.is_grad_enabled() and hidden.requires_grad else None
 
-        return place(logp), (place(entropy) if entropy is not None else None)
+        def place(values, anchored: bool):
+            spread = torch.zeros(len(local), dtype=values.dtype).index_put((picks,), values)
+            if anchored and anchor is not None:
+                spread = spread + anchor
+            gathered = all_gather(spread, self.cp_group)
+            return torch.zeros(mb.batch.input_ids.shape, dtype=values.dtype).index_put(
+                targets, gathered[mb.predicts[everywhere]])
 
-    def _run(self, chunks, micro_batches: list[TrainBatch], on_output, *, forward_only: bool) -> list:
+        return place(logp, True), (place(entropy, False) if entropy is not None else None)
+
+    def _run(self, chunks, micro_batches: list[PackedMicroBatch], on_output, *, forward_only: bool) -> list:
         """Megatron's forward-backward schedule over ``micro_batches``; ``on_output(mb, chunk, hidden)`` runs on the
         last pipeline stage and returns (loss, stats). Returns the stats of each micro-batch (last stage only)."""
+        from megatron.core.packed_seq_params import PackedSeqParams
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        width = max(mb.input_ids.shape[1] for mb in micro_batches)
-        rows = max(len(mb) for mb in micro_batches)
-        # the schedule sends fixed-shape activations between stages: every micro-batch padded to one shape
-        padded = [torch.nn.functional.pad(mb.input_ids, (0, width - mb.input_ids.shape[1], 0, rows - len(mb)))
-                  for mb in micro_batches]
-        mask = torch.triu(torch.ones(width, width, dtype=torch.bool), 1)[None, None]  # right padding: causal only
-        data = iter(zip(micro_batches, padded, strict=True))
+        data = iter(micro_batches)
 
         def forward_step(data_iterator, chunk):
-            mb, ids = next(data_iterator)
-            hidden = chunk(input_ids=ids, position_ids=torch.arange(width).expand(rows, -1),
-                           attention_mask=mask)
+            mb = next(data_iterator)
+            local = cp_local_indices(mb.cu_seqlens, self.layout.cp, self.cp_rank)
+            packed = PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=mb.cu_seqlens, cu_seqlens_kv=mb.cu_seqlens,
+                max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen, cp_group=self.cp_group)
+            hidden = chunk(input_ids=mb.input_ids[local][None], position_ids=mb.pos_of[local][None],
+                           attention_mask=None, packed_seq_params=packed)
 
             def loss_func(output):
-                return on_output(mb, chunk, output[: len(mb), : mb.input_ids.shape[1]])
+                return on_output(mb, chunk, output[0])
 
             return hidden, loss_func
 
+        # (pipeline stages exchange activations of each micro-batch's own length: mbridge sets variable_seq_lengths)
+        longest = max(int(mb.cu_seqlens[-1]) for mb in micro_batches) // self.layout.cp
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=data, model=chunks,
-            num_microbatches=len(micro_batches), seq_length=width, micro_batch_size=rows, forward_only=forward_only)
+            num_microbatches=len(micro_batches), seq_length=longest, micro_batch_size=1, forward_only=forward_only)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch, *, temperature: float, reference: bool = False) -> torch.Tensor:
@@ -204,10 +240,11 @@ class MegatronTrainEngine:
         if chunks is None:
             raise RuntimeError("this engine was built without a reference model (algo.kl_placement=none)")
         mbs = self._micro_batches(batch)
-        parts: list[torch.Tensor] = []
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
 
         def keep(mb, chunk, hidden):
-            parts.append(self._response_logprobs(chunk, mb, hidden, temperature, False)[0])
+            logp = self._response_logprobs(chunk, mb, hidden, temperature, False)[0]
+            out[mb.rows, : logp.shape[1]] = logp
             return hidden.sum() * 0, {}
 
         for chunk in chunks:
@@ -215,12 +252,6 @@ class MegatronTrainEngine:
         self._run(chunks, mbs, keep, forward_only=True)
         for chunk in self.chunks:
             chunk.train()
-        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-        if parts:
-            start = 0
-            for mb, logp in zip(mbs, parts, strict=True):
-                out[start:start + len(mb), : logp.shape[1]] = logp
-                start += len(mb)
         return self._from_last_stage(out)
 
     def _from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -240,20 +271,20 @@ class MegatronTrainEngine:
         start = time.perf_counter()
         if loss_fn.needs_reference and batch.ref_logprobs is None:
             ref = self.compute_logprobs(batch, temperature=loss_fn.temperature, reference=True)
-            start_row = 0
             for mb in mbs:
-                mb.ref_logprobs = ref[start_row:start_row + len(mb), : mb.input_ids.shape[1]]
-                start_row += len(mb)
+                mb.batch.ref_logprobs = ref[mb.rows, : mb.batch.input_ids.shape[1]]
             seconds["forward_s"] += time.perf_counter() - start
             start = time.perf_counter()
 
         def loss_of(mb, chunk, hidden):
             logp, entropy = self._response_logprobs(chunk, mb, hidden, loss_fn.temperature, True)
-            loss, stats = loss_fn(logp, mb, entropy)
-            weight = loss_fn.units(mb) / units_global
-            # Megatron's schedule divides each micro-batch's loss by their number and DDP averages gradients over
-            # DP: undo both, the weights above already make the sum over micro-batches and ranks the update
-            scale = weight * len(mbs) * self.dp
+            loss, stats = loss_fn(logp, mb.batch, entropy)
+            weight = loss_fn.units(mb.batch) / units_global
+            # Megatron's schedule divides each micro-batch's loss by their number and multiplies it by CP (for
+            # losses over a rank's own tokens), and DDP averages gradients over DP x CP: undo the division and the
+            # DP average (the weights above already make the sum over micro-batches and DP ranks the update); the
+            # CP factor and the CP average cancel, and the gathered log-probs' backward already sums over CP ranks
+            scale = weight * len(mbs) * self.dp / self.layout.cp
             return loss * scale, {k: v * weight for k, v in {"loss": float(loss), **stats}.items()}
 
         for chunk in self.chunks:

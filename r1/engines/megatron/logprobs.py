@@ -63,6 +63,9 @@ def vocab_parallel_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets:
     each distribution (no grad). Every TP rank passes the same ``hidden`` and ``targets`` and gets the same result.
     ``chunk_tokens`` bounds the logits alive at once (``<= 0``: one chunk, no recomputation)."""
     n = hidden.shape[0]
+    if n == 0:  # (a context-parallel rank can hold no token that predicts a response token)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if with_entropy else None)
     step = n if chunk_tokens <= 0 else max(1, chunk_tokens)
     logps, entropies = [], []
     for start in range(0, n, step):
