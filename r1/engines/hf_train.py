@@ -82,6 +82,15 @@ def response_logprobs(model, batch: TrainBatch, temperature: float, *, with_entr
     return F.pad(picked, (start, 0)), (F.pad(entropy, (start, 0)) if entropy is not None else None)
 
 
+def decay_groups(model, weight_decay: float) -> list[dict]:
+    """Parameter groups for AdamW: biases and 1-D parameters (norm scales) are not decayed, matrices and embeddings
+    are. Megatron's optimizer applies the same rule, so both train engines take the same step."""
+    params = list(model.named_parameters())
+    flat = [p for n, p in params if p.ndim < 2 or n.endswith(".bias")]
+    return [{"params": [p for n, p in params if not (p.ndim < 2 or n.endswith(".bias"))]},
+            {"params": flat, "weight_decay": 0.0}]
+
+
 def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF safetensors directory, sharded (``model.safetensors.index.json``) or not."""
     from safetensors.torch import load_file
@@ -119,7 +128,7 @@ class HFTrainEngine:
         self.model.config.use_cache = False
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if with_reference else None
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=1e-8
+            decay_groups(self.model, weight_decay), lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=1e-8
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0

@@ -158,7 +158,7 @@ class MegatronTrainEngine:
             _returns_hidden_states(_unwrap(chunk))
         for chunk in self.reference or []:
             chunk.eval().requires_grad_(False)
-        self.lr, self.warmup_steps, self.steps_done = lr, warmup_steps, 0
+        self.lr, self.weight_decay, self.warmup_steps, self.steps_done = lr, weight_decay, warmup_steps, 0
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=betas[0],
                             adam_beta2=betas[1], adam_eps=1e-8, clip_grad=grad_clip, bf16=self.bf16,
@@ -293,7 +293,7 @@ class MegatronTrainEngine:
         per_mb = self._run(self.chunks, mbs, loss_of, forward_only=False)
         seconds["backward_s"] += time.perf_counter() - start  # (forward and backward interleave in the schedule)
         start = time.perf_counter()
-        self._set_lr()
+        self._schedule()
         _, grad_norm, _ = self.optimizer.step()
         self.steps_done += 1
         totals = self._reduce_stats(per_mb)
@@ -301,10 +301,14 @@ class MegatronTrainEngine:
         totals["lr"] = self.optimizer.param_groups[0]["lr"]
         return totals | seconds | {"optimizer_s": time.perf_counter() - start}
 
-    def _set_lr(self) -> None:
+    def _schedule(self) -> None:
+        """Learning rate (linear warm-up, as the HF engine's) and weight decay of each parameter group, times the
+        group's multipliers: Megatron marks biases and norm scales with ``wd_mult = 0`` and leaves applying it to
+        the scheduler of Megatron-LM's training loop, which this engine replaces."""
         factor = min(1.0, (self.steps_done + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * factor
+            group["lr"] = self.lr * factor * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
 
     def _reduce_stats(self, per_mb: list[dict]) -> dict[str, float]:
         """Sum over micro-batches, then over DP ranks (the last pipeline stage holds them; sent to every stage)."""
