@@ -7,8 +7,9 @@ same inputs and outputs as TE's THD attention, computed with ``torch.nn.function
 
 Context parallelism by all-gather: every CP rank gathers the keys and values of all ranks (Megatron's "all_gather"
 CP communication type) and attends from its own queries with a mask built from where each token sits in its
-sequence (``r1.engines.megatron.packing``): same sequence, not later. The mask is [local tokens x all tokens], so
-memory is quadratic in the micro-batch's tokens: meant for CPU-sized runs; GPU runs use Transformer Engine.
+sequence (``r1.engines.megatron.packing``): not later in the same sequence. Each sequence is one row of a padded
+batch, so the cost is that of padded attention per sequence (no fused kernel, the whole score matrix of a sequence at
+once): right for CPU-sized runs; GPU runs use Transformer Engine's flash kernels.
 """
 
 from __future__ import annotations
@@ -48,10 +49,35 @@ class PackedCoreAttention(MegatronModule):
             everywhere = torch.cat([cp_local_indices(cu_seqlens, self.cp_size, r) for r in range(self.cp_size)])
         else:
             everywhere = local
+        # One row per sequence (its queries here, its keys from every CP rank), so the work is the sum of the
+        # squared sequence lengths, not the square of the stream's length: attention never crosses sequences.
         seq = sequence_ids(cu_seqlens)
-        # stream positions grow along each sequence: "not later" is an index comparison within one sequence
-        mask = (seq[local][:, None] == seq[everywhere][None, :]) & (everywhere[None, :] <= local[:, None])
+        q_rows, q_slots, q_width = _rows(seq[local])
+        k_rows, k_slots, k_width = _rows(seq[everywhere])
+        n = len(cu_seqlens) - 1
+
+        def batched(x, rows, slots, width):
+            out = x.new_zeros(n, width, *x.shape[1:])
+            return out.index_put((rows, slots), x).transpose(1, 2)  # [n, heads, width, d]
+
+        q_at = torch.full((n, q_width), -1, dtype=torch.long).index_put((q_rows, q_slots), local)
+        k_at = torch.full((n, k_width), 2**62, dtype=torch.long).index_put((k_rows, k_slots), everywhere)
+        # stream positions grow along a sequence: a key is visible if it is not later than the query; padding key
+        # slots (2^62) never are; a padding query slot (-1) attends to everything (finite, and its output is dropped)
+        mask = (k_at[:, None, :] <= q_at[:, :, None]) | (q_at[:, :, None] < 0)
         out = F.scaled_dot_product_attention(
-            query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), attn_mask=mask.to(query.device),
-            scale=self.scale, enable_gqa=self.heads != self.kv_heads)
-        return out.transpose(0, 1).reshape(query.shape[0], -1)
+            batched(query, q_rows, q_slots, q_width), batched(key, k_rows, k_slots, k_width),
+            batched(value, k_rows, k_slots, k_width), attn_mask=mask[:, None].to(query.device), scale=self.scale,
+            enable_gqa=self.heads != self.kv_heads)
+        return out.transpose(1, 2)[q_rows, q_slots].reshape(query.shape[0], -1)
+
+
+def _rows(seq_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For tokens listed by sequence id (each sequence's tokens in stream order): each token's row (its sequence),
+    its slot within the row, and the widest row."""
+    counts = torch.bincount(seq_of) if len(seq_of) else torch.zeros(0, dtype=torch.long)
+    starts = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(seq_of, stable=True)
+    slots = torch.empty_like(seq_of)
+    slots[order] = torch.arange(len(seq_of)) - starts[seq_of[order]]
+    return seq_of, slots, int(counts.max()) if len(counts) else 0

@@ -30,7 +30,9 @@ def _chunk(hidden, weight, targets, vocab_size: int, temperature: float, with_en
     group, rank = _tp()
     local_vocab = weight.shape[0]
     first = rank * local_vocab
-    logits = F.linear(copy_to_tp(hidden), weight).float()  # (copy: identity forward, grads summed over TP)
+    # (copy: identity forward, grads summed over TP); the projection in the weight's dtype (bf16 training: the model
+    # hands back fp32 hidden states), then fp32 for the softmax
+    logits = F.linear(copy_to_tp(hidden).to(weight.dtype), weight).float()
     if temperature != 1.0:
         logits = logits / temperature
     real = torch.arange(first, first + local_vocab, device=logits.device) < vocab_size
