@@ -39,6 +39,21 @@ class Member:
     def send(self, bucket_bytes, version):
         return self.group.send(self.tensors.items(), manifest_of(self.tensors.items()), bucket_bytes, version)
 
+    def send_streamed(self, bucket_bytes, version):
+        """Send from a generator; for each tensor, how many broadcasts had gone out when it was produced."""
+        sent_before, broadcast = [], self.group._broadcast
+        calls = []
+        self.group._broadcast = lambda t: (calls.append(1), broadcast(t))
+
+        def produce():
+            for name, tensor in self.tensors.items():
+                sent_before.append(len(calls))
+                yield name, tensor
+
+        self.group.send(produce(), manifest_of(self.tensors.items()), bucket_bytes, version)
+        self.group._broadcast = broadcast
+        return sent_before
+
     def receive(self, manifest, bucket_bytes, version):
         for name, tensor in self.group.receive(manifest, bucket_bytes, version):
             self.tensors[name].copy_(tensor)
@@ -67,6 +82,27 @@ def test_broadcast_is_bit_exact_across_actors(ray_local, bucket_bytes):
             assert got[name].dtype == want[name].dtype
             assert torch.equal(got[name], want[name])  # same dtype, no NaNs: equal means bit-identical
     for a in [sender, *receivers]:
+        ray.kill(a)
+
+
+def test_the_sender_streams_one_bucket_at_a_time(ray_local):
+    """A tensor is asked for only once the buckets before its own have gone out (the header is broadcast 0): the
+    sender never holds more than one bucket of a model that is gathered tensor by tensor."""
+    ray = ray_local
+    Actor = ray.remote(num_cpus=0.5)(Member)
+    sender, receiver = [Actor.remote(r, seed=7) for r in range(2)]
+    port = free_port()
+    ray.get([a.join.remote("127.0.0.1", port, 2) for a in [sender, receiver]])
+    manifest = ray.get(sender.manifest.remote())
+    bucket_bytes = 1200  # embed 3200 B alone; layer.w 1024 + layer.b 64 together; head alone; half (bf16) alone
+    buckets = plan_buckets(manifest, bucket_bytes)
+    assert buckets == [[0], [1, 2], [3], [4]]
+    sent = sender.send_streamed.remote(bucket_bytes, 1)
+    ray.get(receiver.receive.remote(manifest, bucket_bytes, 1))
+    assert ray.get(sent) == [1, 2, 2, 3, 4]  # header, then one broadcast per finished bucket
+    want, got = ray.get(sender.get.remote()), ray.get(receiver.get.remote())
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    for a in [sender, receiver]:
         ray.kill(a)
 
 

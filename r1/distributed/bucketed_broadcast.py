@@ -103,15 +103,29 @@ class BroadcastGroup:
 
     def send(self, named: Iterable[tuple[str, torch.Tensor]], manifest: list[TensorSpec], bucket_bytes: int,
              version: int) -> int:
-        """Broadcast all tensors (rank 0). Returns the bytes sent."""
-        tensors = dict(named)
+        """Broadcast all tensors (rank 0), which ``named`` yields in ``manifest`` order; returns the bytes sent.
+
+        Streamed: a bucket is sent as soon as its tensors have arrived, and ``named`` is read no further ahead
+        than one bucket, so a sharded model gathered tensor by tensor (the Megatron engine) never exists whole."""
         buckets = plan_buckets(manifest, bucket_bytes)
         self._header(version, len(buckets))
+        arriving = iter(named)
         sent = 0
         for bucket in buckets:
-            flat = torch.cat([tensors[manifest[i].name].reshape(-1) for i in bucket]).to(self.device)
+            parts = []
+            for i in bucket:
+                name, tensor = next(arriving)
+                spec = manifest[i]
+                if (name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")) != (
+                        spec.name, spec.shape, spec.dtype):
+                    raise RuntimeError(f"weight sync: expected {spec} at position {i}, the trainer gave {name} "
+                                       f"{tuple(tensor.shape)} {tensor.dtype}")
+                parts.append(tensor.reshape(-1))
+            flat = torch.cat(parts).to(self.device)
             self._broadcast(flat)
             sent += flat.numel() * flat.element_size()
+        for name, _ in arriving:  # (ends a generator whose last step is collective, e.g. a sharded export)
+            raise RuntimeError(f"weight sync: the trainer gave {name}, which is not in the manifest")
         return sent
 
     def receive(self, manifest: list[TensorSpec], bucket_bytes: int, version: int) -> Iterator[tuple[str, torch.Tensor]]:

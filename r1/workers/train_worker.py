@@ -45,6 +45,7 @@ class TrainWorker:
         self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
         self.engine = None
         self.sync = GroupMembership()  # re-formed when a rollout worker is replaced
+        self._manifest = None  # what broadcast_weights sends, in order (set by manifest(), before any send)
 
     def address(self) -> tuple[str, int]:
         return node_ip(), free_port()
@@ -87,7 +88,10 @@ class TrainWorker:
     # --- weight sync (rank 0 sends; with a sharded model every rank takes part in gathering the tensors) ------
     @on_compute_thread
     def manifest(self):
-        return manifest_of(self.engine.named_weights())
+        """Names, shapes and dtypes of the weights, in the order ``broadcast_weights`` sends them (kept: the
+        sender streams against it)."""
+        self._manifest = manifest_of(self.engine.named_weights())
+        return self._manifest
 
     def init_sync(self, host: str, port: int, world_size: int) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -101,8 +105,8 @@ class TrainWorker:
             for _ in named:  # the export is collective: each full tensor is gathered from every shard
                 pass
             return 0
-        named = list(named)
-        return self.sync.group.send(named, manifest_of(named), int(self.cfg.sync.bucket_mb * 2**20), version)
+        # streamed: each bucket leaves as soon as its tensors are gathered
+        return self.sync.group.send(named, self._manifest, int(self.cfg.sync.bucket_mb * 2**20), version)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     @on_compute_thread
