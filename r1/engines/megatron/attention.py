@@ -39,9 +39,10 @@ class PackedCoreAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        """query [t, heads, d], key/value [t, kv_heads, d] (this rank's tokens of the packed stream) -> [t, heads*d]."""
+        """query [t, heads, d], key/value [t, kv_heads, d] (this rank's tokens of the packed stream) -> [t, heads*d];
+        or, unpacked, [s, b, heads, d] -> [s, b, heads*d] as Megatron's own local attention."""
         if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
-            raise ValueError("PackedCoreAttention takes packed (THD) sequences: pass packed_seq_params")
+            return self._unpacked(query, key, value, attention_mask)
         cu_seqlens = packed_seq_params.cu_seqlens_q.cpu()
         local = cp_local_indices(cu_seqlens, self.cp_size, self.cp_rank)
         if self.cp_group is not None:
@@ -70,6 +71,17 @@ class PackedCoreAttention(MegatronModule):
             batched(value, k_rows, k_slots, k_width), attn_mask=mask[:, None].to(query.device), scale=self.scale,
             enable_gqa=self.heads != self.kv_heads)
         return out.transpose(1, 2)[q_rows, q_slots].reshape(query.shape[0], -1)
+
+
+    def _unpacked(self, query, key, value, attention_mask):
+        """Megatron's [s, b, heads, d] layout: causal, and ``attention_mask`` (True = masked) where given."""
+        if self.cp_group is not None:
+            raise ValueError("context parallelism needs packed sequences (packed_seq_params, THD)")
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
+        keep = None if attention_mask is None else ~attention_mask.to(torch.bool)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=keep is None, scale=self.scale,
+                                             enable_gqa=self.heads != self.kv_heads)
+        return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
 
 
 def _rows(seq_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
