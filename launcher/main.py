@@ -2,6 +2,7 @@
 
     r1-launch                                   # the embedded CPU default
     r1-launch +experiment=r1_zero cluster=local # the paper's settings
+    r1-launch cluster=slurm cluster.slurm.partition=gpu cluster.slurm.shared_dir=/shared   # submit a Slurm job
     r1-launch --cfg job                         # print the resolved config and exit
     r1-launch run_dir=outputs/x resume=true     # continue a run from its latest checkpoint
 """
@@ -69,6 +70,8 @@ def hydra_main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"r1-launch: {err}", file=sys.stderr)
         sys.exit(2)
+    if plain.cluster.kind == "slurm":
+        sys.exit(submit_to_slurm(plain))
     from r1.driver import run
 
     try:
@@ -78,6 +81,23 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
     if result.get("stopped_by"):  # stopped by SIGINT/SIGTERM after a checkpoint: the conventional 128 + signal
         sys.exit(128 + int(result["stopped_by"]))
+
+
+def submit_to_slurm(cfg) -> int:
+    """Render the job script next to the run's config and submit it; say where to follow it."""
+    from launcher.slurm import SlurmError, submit
+
+    try:
+        script, job_id = submit(cfg)
+    except (ConfigError, SlurmError) as err:
+        print(f"r1-launch: {err}", file=sys.stderr)
+        return 2
+    if job_id is None:
+        print(f"r1-launch: rendered {script} (cluster.slurm.dry_run=true: not submitted)")
+    else:
+        print(f"r1-launch: submitted Slurm job {job_id}\n  script  {script}\n  log     {script.parent}/slurm-{job_id}.out"
+              f"\n  metrics {script.parent}/metrics.jsonl")
+    return 0
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Connect the driver to Ray according to ``cfg.cluster`` (``local`` here; Slurm and KubeRay in their issues)."""
+"""Connect the driver to Ray according to ``cfg.cluster``: a private instance (``local``) or a job's Ray cluster."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ def connect(cluster) -> bool:
             ray.init(num_cpus=cluster.num_cpus, num_gpus=0 if not _has_cuda() else None, runtime_env=env,
                      include_dashboard=False, log_to_driver=True)
         return True
-    raise ValueError(f"cluster.kind={cluster.kind!r} is not supported; choose one of ['local']")
+    if cluster.kind == "slurm":  # the job's own Ray cluster, started by the job script (launcher/slurm.py)
+        ray.init(address=cluster.ray_address or "auto", runtime_env=env, log_to_driver=True)
+        return True
+    raise ValueError(f"cluster.kind={cluster.kind!r} is not supported; choose one of ['local', 'slurm']")
 
 
 def _has_cuda() -> bool:

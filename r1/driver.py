@@ -16,6 +16,7 @@ makes no update, no new version and no weight push.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
@@ -37,7 +38,7 @@ from r1.monitoring.loggers import MetricsLogger
 from r1.monitoring.progress import Progress
 from r1.monitoring.stop import GracefulStop
 from r1.types import SamplingParams, TrainBatch, WorkerTotals, collate
-from r1.workers.pools import RolloutPool, TrainPool
+from r1.workers.pools import RolloutPool, TrainPool, nodes_of
 from r1.workers.rollout_buffer import RolloutBuffer
 from r1.workers.weight_sync import WeightSync
 
@@ -142,6 +143,9 @@ def run(cfg) -> dict:
     try:
         train = TrainPool(cfg, model_path)
         rollout = RolloutPool(cfg, model_path)
+        layout = {"train": nodes_of(train.pg), "rollout": nodes_of(rollout.pg)}
+        (run_dir / "nodes.json").write_text(json.dumps(layout))  # which node each worker of each pool runs on
+        log.info("training pool on %s, rollout pool on %s", layout["train"], layout["rollout"])
         sync = WeightSync(train, rollout)
         pad_id = TokenRules.load(model_path).pad_id
         buffer = RolloutBuffer(cfg, rollout, train_set.problems, PromptSampler(len(train_set.problems), cfg.seed),

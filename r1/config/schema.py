@@ -40,6 +40,7 @@ class KLPlacement(str, Enum):
 
 class ClusterKind(str, Enum):
     local = "local"
+    slurm = "slurm"
 
 
 class LoggerBackend(str, Enum):
@@ -54,13 +55,37 @@ class WandbMode(str, Enum):
 
 
 @dataclass
+class SlurmConfig:
+    """One Slurm job: a Ray cluster over ``train_nodes + rollout_nodes`` nodes, each pool on nodes of its own."""
+
+    partition: str | None = None  # required
+    account: str | None = None
+    qos: str | None = None
+    time: str = "24:00:00"  # the job's time limit: [D-]HH:MM:SS, HH:MM:SS, MM:SS or minutes
+    train_nodes: int = 1  # nodes of the training pool (the first ones; the driver runs on the first)
+    rollout_nodes: int = 1  # nodes of the rollout pool
+    gpus_per_node: int = 8
+    cpus_per_node: int = 32
+    mem: str = "0"  # memory per node, Slurm syntax ("0" = all of it)
+    # The directory every node sees: run_dir and cache_dir must lie under it (checked before submission).
+    shared_dir: str | None = None
+    # Shell lines run first on every node (modules, a container, `source <venv>/bin/activate`); empty = the
+    # submitting Python's environment (its bin/ first on PATH).
+    setup: list[str] = field(default_factory=list)
+    extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH" options, e.g. "--exclusive"
+    dry_run: bool = False  # render the job script next to the run's config, do not submit
+
+
+@dataclass
 class ClusterConfig:
     kind: ClusterKind = ClusterKind.local
-    # Address of an existing Ray cluster; null starts a private one on this machine.
+    # Address of an existing Ray cluster; null starts a private one on this machine (local) or is the job's own
+    # Ray cluster (slurm).
     ray_address: str | None = None
     # Logical CPUs Ray may hand out on a local cluster (can exceed physical cores; torch threads are set per worker).
     num_cpus: int = 4
     placement_strategy: str = "PACK"
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass

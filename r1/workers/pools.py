@@ -22,11 +22,27 @@ from r1.workers.rollout_worker import RolloutWorker
 from r1.workers.train_worker import TrainWorker
 
 
-def pool_bundles(num_workers: int, cpus: float, gpus: float) -> list[dict[str, float]]:
+def pool_bundles(num_workers: int, cpus: float, gpus: float, tag: str | None = None) -> list[dict[str, float]]:
+    """One bundle per worker; with ``tag``, each also asks for one unit of the node resource naming the pool's nodes
+    (a Slurm job starts each node's Ray with ``{"r1_pool_train": 1000}`` or ``{"r1_pool_rollout": 1000}``)."""
     bundle = {"CPU": cpus}
     if gpus > 0:
         bundle["GPU"] = gpus
+    if tag:
+        bundle[tag] = 1
     return [dict(bundle) for _ in range(num_workers)]
+
+
+def pool_tag(cfg, pool: str) -> str | None:
+    """The node resource of ``pool`` ("train" / "rollout") where each pool has nodes of its own (Slurm)."""
+    return f"r1_pool_{pool}" if cfg.cluster.kind == "slurm" else None
+
+
+def nodes_of(pg) -> list[str]:
+    """The IP address of the node of each bundle of a placement group (what a run records as its layout)."""
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    table = ray.util.placement_group_table(pg)["bundles_to_node_id"]
+    return [ips.get(table[i], "?") for i in sorted(table)]
 
 
 log = logging.getLogger(__name__)
@@ -43,8 +59,9 @@ TRAIN_WORKER_ENV = {
 }
 
 
-def _make_placement_group(num_workers: int, cpus: float, gpus: float, strategy: str, name: str):
-    pg = placement_group(pool_bundles(num_workers, cpus, gpus), strategy=strategy, name=name)
+def _make_placement_group(num_workers: int, cpus: float, gpus: float, strategy: str, name: str,
+                          tag: str | None = None):
+    pg = placement_group(pool_bundles(num_workers, cpus, gpus, tag), strategy=strategy, name=name)
     ray.get(pg.ready(), timeout=300)
     return pg
 
@@ -59,8 +76,8 @@ def _spawn(remote_cls, pg, index: int, cpus: float, gpus: float, args, max_concu
 
 
 def _make_actors(cls, num_workers: int, cpus: float, gpus: float, strategy: str, name: str, make_args,
-                 env: dict[str, str] | None = None):
-    pg = _make_placement_group(num_workers, cpus, gpus, strategy, name)
+                 env: dict[str, str] | None = None, tag: str | None = None):
+    pg = _make_placement_group(num_workers, cpus, gpus, strategy, name, tag)
     remote_cls = ray.remote(cls)
     return pg, [_spawn(remote_cls, pg, i, cpus, gpus, make_args(i), env=env) for i in range(num_workers)]
 
@@ -83,6 +100,7 @@ class TrainPool:
         self.pg, self.actors = _make_actors(
             TrainWorker, t.num_workers, t.cpus_per_worker, t.gpus_per_worker, cfg.cluster.placement_strategy,
             f"r1-train-{cfg.name}", lambda i: (cfg, model_path, i, t.num_workers), env=TRAIN_WORKER_ENV,
+            tag=pool_tag(cfg, "train"),
         )
         addr, port = ray.get(self.actors[0].address.remote())
         ray.get([a.setup.remote(addr, port) for a in self.actors])
@@ -167,7 +185,7 @@ class RolloutPool:
         self.cfg, self.model_path = cfg, model_path
         self.pg = _make_placement_group(
             r.num_workers, r.cpus_per_worker, r.gpus_per_worker, cfg.cluster.placement_strategy,
-            f"r1-rollout-{cfg.name}",
+            f"r1-rollout-{cfg.name}", tag=pool_tag(cfg, "rollout"),
         )
         # generation (the default group: many requests at once) and weight reception (group "sync") on separate
         # threads (see rollout_worker); sync has 2 so that re-forming the group after a member died never queues
