@@ -3,6 +3,8 @@
     r1-launch                                   # the embedded CPU default
     r1-launch +experiment=r1_zero cluster=local # the paper's settings
     r1-launch cluster=slurm cluster.slurm.partition=gpu cluster.slurm.shared_dir=/shared   # submit a Slurm job
+    r1-launch status run_dir=/shared/outputs/x  # its job in Slurm's accounting, and the last progress line
+    r1-launch cancel run_dir=/shared/outputs/x
     r1-launch --cfg job                         # print the resolved config and exit
     r1-launch run_dir=outputs/x resume=true     # continue a run from its latest checkpoint
 """
@@ -100,7 +102,25 @@ def submit_to_slurm(cfg) -> int:
     return 0
 
 
+def job_command(command: str, args: list[str]) -> int:
+    """``r1-launch status run_dir=DIR`` / ``r1-launch cancel run_dir=DIR``: the run's Slurm job."""
+    from launcher.slurm import SlurmError, cancel, status
+
+    run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
+    if len(run_dirs) != 1:
+        print(f"r1-launch: usage: r1-launch {command} run_dir=<the run's directory>", file=sys.stderr)
+        return 2
+    try:
+        print(status(run_dirs[0]) if command == "status" else f"cancelled Slurm job {cancel(run_dirs[0])}")
+    except SlurmError as err:
+        print(f"r1-launch: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("status", "cancel"):
+        sys.exit(job_command(sys.argv[1], sys.argv[2:]))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     register_configs()
     try:

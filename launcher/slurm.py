@@ -116,4 +116,47 @@ def submit(cfg) -> tuple[Path, str | None]:
     done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SlurmError(f"sbatch refused the job:\n{done.stderr.strip() or done.stdout.strip()}")
-    return script, done.stdout.strip().split(";")[0]
+    job_id = done.stdout.strip().split(";")[0]
+    (run_dir / JOB_ID_FILE).write_text(job_id + "\n")
+    return script, job_id
+
+
+JOB_ID_FILE = "slurm_job_id"  # in the run directory: what `r1-launch status/cancel run_dir=...` act on
+
+
+def job_of(run_dir: str) -> str:
+    path = Path(run_dir).expanduser() / JOB_ID_FILE
+    if not path.is_file():
+        raise SlurmError(f"{run_dir} has no {JOB_ID_FILE}: no Slurm job was submitted for this run directory")
+    return path.read_text().strip()
+
+
+def _slurm(*command: str) -> str:
+    done = subprocess.run(list(command), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SlurmError(f"{command[0]} failed:\n{done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+def status(run_dir: str) -> str:
+    """The run's job (state, elapsed time, nodes: from the queue while it is there, else from Slurm's accounting,
+    which records a job a little after it starts) and the run's last progress line."""
+    job = job_of(run_dir)
+    # (squeue fails for a job it has forgotten: that only means "not in the queue")
+    table = subprocess.run(["squeue", "-j", job, "-o", "%.12i %.24j %.10T %.10M %.6D %R"], capture_output=True,
+                           text=True, check=False).stdout
+    if len(table.strip().splitlines()) < 2:  # left the queue
+        table = _slurm("sacct", "-X", "-j", job, "-o", "JobID,JobName%24,State,Elapsed,ExitCode,NodeList%30")
+    progress = [line for line in _read_lines(Path(run_dir).expanduser() / f"slurm-{job}.out")
+                if line.startswith(("step ", "eval @"))]
+    return table.rstrip() + ("\n" + progress[-1] if progress else "")
+
+
+def cancel(run_dir: str) -> str:
+    job = job_of(run_dir)
+    _slurm("scancel", job)
+    return job
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text(errors="replace").splitlines() if path.is_file() else []

@@ -127,3 +127,23 @@ def test_slurms_own_refusal_is_shown_verbatim(slurm_cluster, tmp_path):
     with pytest.raises(SlurmError, match="sbatch refused the job:\n.*invalid partition"):
         submit(_slurm_cfg(tmp_path, "cluster.slurm.partition=nosuch", "cluster.slurm.cpus_per_node=2",
                           "cluster.slurm.gpus_per_node=2"))
+
+
+@pytest.mark.slow
+def test_status_and_cancel_act_on_the_runs_job(slurm_cluster, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    done = _launch(*TINY, "cluster=slurm", "cluster.slurm.partition=debug", f"cluster.slurm.shared_dir={shared}",
+                   "run_dir=runs/long", "cache_dir=cache", "cluster.slurm.cpus_per_node=2",
+                   "cluster.slurm.gpus_per_node=2", "trainer.total_steps=100000", "eval.at_start=false")
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.split("submitted Slurm job ")[1].split()[0]
+    run_dir = shared / "runs" / "long"
+    shown = _launch("status", f"run_dir={run_dir}")
+    assert shown.returncode == 0 and job in shown.stdout and ("RUNNING" in shown.stdout or "PENDING" in shown.stdout)
+    cancelled = _launch("cancel", f"run_dir={run_dir}")
+    assert cancelled.returncode == 0 and cancelled.stdout.strip() == f"cancelled Slurm job {job}"
+    assert _wait_for(job, timeout_s=120) == "CANCELLED"
+    assert "CANCELLED" in _launch("status", f"run_dir={run_dir}").stdout
+    missing = _launch("status", f"run_dir={tmp_path}")
+    assert missing.returncode == 2 and "no Slurm job was submitted for this run directory" in missing.stderr
