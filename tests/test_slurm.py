@@ -86,6 +86,18 @@ def _launch(*overrides: str) -> subprocess.CompletedProcess:
                           timeout=300, check=False)
 
 
+def _submit_tiny(tmp_path: Path, name: str, *extra: str) -> tuple[Path, str]:
+    """Submit the tiny experiment through ``r1-launch`` to the local cluster (2 nodes of 2 CPUs and 2 fake GPUs);
+    (run dir on the shared dir, job id)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    done = _launch(*TINY, "cluster=slurm", "cluster.slurm.partition=debug", f"cluster.slurm.shared_dir={shared}",
+                   f"run_dir=runs/{name}", "cache_dir=cache", "cluster.slurm.cpus_per_node=2",
+                   "cluster.slurm.gpus_per_node=2", "eval.at_start=false", *extra)
+    assert done.returncode == 0, done.stderr
+    return shared / "runs" / name, done.stdout.split("submitted Slurm job ")[1].split()[0]
+
+
 def _wait_for(job: str, timeout_s: float = 600) -> str:
     """The job's final state in Slurm's accounting."""
     deadline = time.monotonic() + timeout_s
@@ -100,16 +112,9 @@ def _wait_for(job: str, timeout_s: float = 600) -> str:
 
 @pytest.mark.slow
 def test_the_tiny_experiment_runs_as_a_slurm_job_with_each_pool_on_its_own_node(slurm_cluster, tmp_path):
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    done = _launch(*TINY, "cluster=slurm", "cluster.slurm.partition=debug", f"cluster.slurm.shared_dir={shared}",
-                   "run_dir=runs/e2e", "cache_dir=cache", "cluster.slurm.cpus_per_node=2",
-                   "cluster.slurm.gpus_per_node=2", "cluster.slurm.time=00:15:00", "trainer.total_steps=2",
-                   "algo.group_size=4", "algo.prompts_per_step=4", "eval.every_steps=0", "eval.at_start=false",
-                   "checkpoint.every_steps=1")
-    assert done.returncode == 0, done.stderr
-    job = done.stdout.split("submitted Slurm job ")[1].split()[0]
-    run_dir = shared / "runs" / "e2e"
+    run_dir, job = _submit_tiny(tmp_path, "e2e", "cluster.slurm.time=00:15:00", "trainer.total_steps=2",
+                                "algo.group_size=4", "algo.prompts_per_step=4", "eval.every_steps=0",
+                                "checkpoint.every_steps=1")
     state = _wait_for(job)
     assert state == "COMPLETED", (run_dir / f"slurm-{job}.out").read_text()[-5000:]
     nodes = json.loads((run_dir / "nodes.json").read_text())
@@ -131,14 +136,7 @@ def test_slurms_own_refusal_is_shown_verbatim(slurm_cluster, tmp_path):
 
 @pytest.mark.slow
 def test_status_and_cancel_act_on_the_runs_job(slurm_cluster, tmp_path):
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    done = _launch(*TINY, "cluster=slurm", "cluster.slurm.partition=debug", f"cluster.slurm.shared_dir={shared}",
-                   "run_dir=runs/long", "cache_dir=cache", "cluster.slurm.cpus_per_node=2",
-                   "cluster.slurm.gpus_per_node=2", "trainer.total_steps=100000", "eval.at_start=false")
-    assert done.returncode == 0, done.stderr
-    job = done.stdout.split("submitted Slurm job ")[1].split()[0]
-    run_dir = shared / "runs" / "long"
+    run_dir, job = _submit_tiny(tmp_path, "long", "trainer.total_steps=100000")
     shown = _launch("status", f"run_dir={run_dir}")
     assert shown.returncode == 0 and job in shown.stdout and ("RUNNING" in shown.stdout or "PENDING" in shown.stdout)
     cancelled = _launch("cancel", f"run_dir={run_dir}")
