@@ -342,7 +342,7 @@ class MegatronTrainEngine:
         state = {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(self.chunks)}
         if with_optimizer:
             state["optimizer"] = self.optimizer.sharded_state_dict(
-                {k: v for k, v in state.items()}, is_loading=loading,
+                dict(state), is_loading=loading,
                 metadata={"distrib_optim_sharding_type": "fully_reshardable"})
         for i, chunk in enumerate(self.reference or []):
             state[f"reference{i}"] = chunk.sharded_state_dict(prefix="reference.")

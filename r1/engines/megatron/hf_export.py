@@ -21,33 +21,28 @@ def write_hf_dir(named: Iterable[tuple[str, torch.Tensor]], out_dir: Path, confi
                  write: bool, shard_mb: float = 2048) -> None:
     """Consume ``named`` (every rank must: the export is collective); the rank with ``write`` writes the directory,
     with ``config`` (the source model's ``config.json``: training changes no architecture) as its ``config.json``."""
+    if not write:
+        for _ in named:  # (this rank takes part in gathering each tensor; the writing rank keeps them)
+            pass
+        return
     out_dir = Path(out_dir)
-    if write:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shard: dict[str, torch.Tensor] = {}
     written: list[tuple[str, list[str]]] = []
+    total = 0
 
     def flush() -> None:
-        nonlocal size
-        if shards[-1]:
+        if shard:
             name = f"model-{len(written) + 1:05d}.safetensors"
-            save_file(shards[-1], str(out_dir / name), metadata={"format": "pt"})
-            written.append((name, list(shards[-1])))
-        shards[-1], size = {}, 0
+            save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+            written.append((name, list(shard)))
+            shard.clear()
 
-    total = 0
     for name, tensor in named:
-        if not write:
-            continue
-        tensor = tensor.detach().to(dtype).contiguous().cpu()
-        shards[-1][name] = tensor
-        size += tensor.numel() * tensor.element_size()
-        total += tensor.numel() * tensor.element_size()
-        if size >= shard_mb * 2**20:
+        shard[name] = tensor.detach().to(dtype).contiguous().cpu()
+        total += shard[name].nbytes
+        if sum(t.nbytes for t in shard.values()) >= shard_mb * 2**20:
             flush()
-    if not write:
-        return
     flush()
     if len(written) == 1:  # one file: the plain name, as save_pretrained writes a small model
         (out_dir / written[0][0]).rename(out_dir / "model.safetensors")
