@@ -55,10 +55,12 @@ class CheckpointManager:
         return max(complete, key=lambda p: (p.name.split(".")[0], p.stat().st_mtime), default=None)
 
     def require_latest_for_resume(self) -> Path | None:
-        """``latest()`` for ``resume=true``: None only where there is nothing at all to resume from; a checkpoints
-        directory with content but no valid checkpoint is an error that says what it found (never a fresh start)."""
+        """``latest()`` for ``resume=true``: None only where there is nothing at all to resume from (no checkpoint
+        directory, or only what a save killed before it finished left); a checkpoints directory with other content
+        but no valid checkpoint is an error that says what it found (never a fresh start)."""
         found = self.latest()
-        if found is not None or not self.root.exists() or not any(self.root.iterdir()):
+        # (a save killed before its rename leaves only a .tmp- directory: that is not a checkpoint, and nothing else)
+        if found is not None or not self.root.exists() or all(".tmp-" in p.name for p in self.root.iterdir()):
             return found
         pointer = self.root / "latest"
         names = sorted(p.name + ("/" if p.is_dir() else "") for p in self.root.iterdir())

@@ -1,5 +1,7 @@
 """Checkpoints are atomic: a failure mid-save leaves the previous one intact and `latest` valid."""
 
+import os
+
 import pytest
 
 from r1.checkpoint import CheckpointManager
@@ -116,6 +118,16 @@ def test_resume_from_a_directory_without_a_valid_checkpoint_is_an_error(tmp_path
     assert CheckpointManager(tmp_path / "absent").require_latest_for_resume() is None  # a new run: start afresh
     (tmp_path / "empty").mkdir()
     assert CheckpointManager(tmp_path / "empty").require_latest_for_resume() is None
+    killed = CheckpointManager(tmp_path / "killed")  # the run's first save died midway: nothing was ever saved
+
+    def dies(path):
+        (path / "policy").mkdir()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        killed.save(1, {"step": 1}, dies)
+    assert [p.name for p in killed.root.iterdir()] == [f"step_000001.tmp-{os.getpid()}"]
+    assert killed.require_latest_for_resume() is None  # a requeued job starts afresh instead of failing forever
     broken = tmp_path / "broken"
     (broken / "step_000005").mkdir(parents=True)  # a checkpoint without its driver state
     (broken / "latest").write_text("step_000005")
