@@ -17,6 +17,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from launcher.slurm_job import REQUEUE_EXIT
+from r1.config.schema import under
 from r1.config.validate import ConfigError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm"
@@ -33,13 +35,9 @@ class SlurmError(RuntimeError):
 def on_shared_dir(cfg) -> None:
     """Make run_dir and cache_dir absolute, on the shared directory (relative ones are taken relative to it), and
     the model/data paths absolute (relative to where r1-launch ran). In place."""
-    s = cfg.cluster.slurm
-    shared = Path(s.shared_dir).expanduser() if s.shared_dir else None
+    shared = str(Path(cfg.cluster.slurm.shared_dir).expanduser()) if cfg.cluster.slurm.shared_dir else None
     for key in ("run_dir", "cache_dir"):
-        value = Path(str(cfg[key])).expanduser()
-        if not value.is_absolute() and shared is not None:
-            value = shared / value
-        cfg[key] = str(value.absolute())
+        cfg[key] = str(Path(under(shared, str(cfg[key]))).expanduser().absolute())
     for section, key in (("model", "path"), ("data", "train_path"), ("data", "eval_path")):
         if cfg[section].get(key):
             cfg[section][key] = str(Path(cfg[section][key]).expanduser().absolute())
@@ -64,6 +62,14 @@ def problems(cfg) -> list[str]:
                            "would not see it; put it under the shared directory (or make it relative)")
     if not _TIME.match(str(s.time)):
         out.append(f"cluster.slurm.time={s.time!r} is not a Slurm time: use minutes, HH:MM:SS or D-HH:MM:SS")
+    elif not 0 < s.signal_before_s < time_limit_s(str(s.time)):
+        out.append(f"cluster.slurm.signal_before_s={s.signal_before_s} must be > 0 and shorter than the time limit "
+                   f"({s.time}): else every attempt would checkpoint and requeue at once")
+    if s.max_failed_attempts < 1:
+        out.append(f"cluster.slurm.max_failed_attempts={s.max_failed_attempts} must be >= 1")
+    for job in s.after:
+        if not re.fullmatch(r"\d+(_\d+)?", str(job)):
+            out.append(f"cluster.slurm.after: {job!r} is not a Slurm job id (sbatch --parsable prints them)")
     if s.train_nodes < 1 or s.rollout_nodes < 1:
         out.append("cluster.slurm.train_nodes and rollout_nodes must be >= 1 (each pool has nodes of its own)")
     for pool, workers, nodes in (("trainer", t, s.train_nodes), ("rollout", r, s.rollout_nodes)):
@@ -80,6 +86,65 @@ def problems(cfg) -> list[str]:
     return out
 
 
+def time_limit_s(time: str) -> int:
+    """Seconds of a Slurm ``--time`` (minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]])."""
+    days, _, rest = time.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        h, m, sec = (parts + [0, 0])[:3]
+        return int(days) * 86400 + h * 3600 + m * 60 + sec
+    if len(parts) == 3:  # HH:MM:SS
+        return parts[0] * 3600 + parts[1] * 60 + parts[2]
+    return parts[0] * 60 + (parts[1] if len(parts) == 2 else 0)  # minutes, or MM:SS
+
+
+def partition_problems(cfg) -> list[str]:
+    """The config against the partition's nodes as ``sinfo`` reports them (partition, GPUs, CPUs, node count)."""
+    s = cfg.cluster.slurm
+    rows = [line.split("|") for line in _slurm("sinfo", "-h", "-p", str(s.partition), "-o", "%G|%c|%D").splitlines()
+            if line.strip()]
+    if not rows:
+        listed = sorted({line.strip().rstrip("*") for line in _slurm("sinfo", "-h", "-o", "%P").splitlines()})
+        return [(f"cluster.slurm.partition={s.partition} is not a partition of this cluster "
+                 f"(sinfo lists: {', '.join(listed)})")]
+    gpus = max(gpus_of(gres) for gres, _, _ in rows)
+    cpus = max(int(c.rstrip("+")) for _, c, _ in rows)
+    nodes = sum(int(n) for _, _, n in rows)
+    out = []
+    if s.gpus_per_node > gpus:
+        out.append(f"cluster.slurm.gpus_per_node={s.gpus_per_node} is more than a node of partition {s.partition} "
+                   f"has ({gpus}; sinfo's GRES: {', '.join(sorted({g for g, _, _ in rows}))})")
+    if s.cpus_per_node > cpus:
+        out.append(f"cluster.slurm.cpus_per_node={s.cpus_per_node} is more than a node of partition {s.partition} "
+                   f"has ({cpus})")
+    if s.train_nodes + s.rollout_nodes > nodes:
+        out.append(f"the job asks for {s.train_nodes + s.rollout_nodes} nodes (cluster.slurm.train_nodes + "
+                   f"rollout_nodes); partition {s.partition} has {nodes}")
+    return out
+
+
+def dependency_problems(cfg) -> list[str]:
+    """Each job of ``cluster.slurm.after`` is known to Slurm and can still succeed (Slurm takes an unknown id as
+    satisfied, and would start this job at once)."""
+    out = []
+    for job in map(str, cfg.cluster.slurm.after):
+        queued = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, check=False)
+        if queued.returncode == 0 and queued.stdout.strip():
+            continue
+        ended = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], capture_output=True,
+                               text=True, check=False).stdout.split()
+        if not ended:
+            out.append(f"cluster.slurm.after: Slurm job {job} is neither queued nor in the accounting")
+        elif ended[-1] != "COMPLETED":
+            out.append(f"cluster.slurm.after: Slurm job {job} ended {ended[-1]}; this job would never start")
+    return out
+
+
+def gpus_of(gres: str) -> int:
+    """GPUs per node in sinfo's %G: "gpu:8", "gpu:h100:8(S:0-1)", "gpu:a100:4,gpu:h100:4", "(null)"."""
+    return sum(int(m) for m in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
+
+
 def render(cfg, config_path: Path) -> str:
     import jinja2
 
@@ -93,7 +158,8 @@ def render(cfg, config_path: Path) -> str:
         job_name=f"r1-{cfg.name}", partition=s.partition, account=s.account, qos=s.qos, time=s.time,
         train_nodes=s.train_nodes, rollout_nodes=s.rollout_nodes, cpus_per_node=s.cpus_per_node,
         gpus_per_node=s.gpus_per_node, mem=s.mem, extra_sbatch=list(s.extra_sbatch), setup=setup,
-        run_dir=cfg.run_dir, config_path=str(config_path), tag_prefix=POOL_TAG, tag_units=TAG_UNITS)
+        run_dir=cfg.run_dir, config_path=str(config_path), tag_prefix=POOL_TAG, tag_units=TAG_UNITS,
+        signal_before_s=s.signal_before_s, after=[str(job) for job in s.after], requeue_exit=REQUEUE_EXIT)
 
 
 def submit(cfg) -> tuple[Path, str | None]:
@@ -103,16 +169,22 @@ def submit(cfg) -> tuple[Path, str | None]:
     found = problems(cfg)
     if found:
         raise ConfigError("cluster=slurm:\n- " + "\n- ".join(found))
+    dry_run = cfg.cluster.slurm.dry_run
+    if not dry_run:
+        if shutil.which("sbatch") is None:
+            raise SlurmError("sbatch is not on PATH: submit from a Slurm login node (or use "
+                             "cluster.slurm.dry_run=true)")
+        found = partition_problems(cfg) + dependency_problems(cfg)
+        if found:
+            raise ConfigError("cluster=slurm, checked against the cluster:\n- " + "\n- ".join(found))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     config_path.write_text(OmegaConf.to_yaml(cfg))
     script = run_dir / "job.sbatch"
     script.write_text(render(cfg, config_path))
-    if cfg.cluster.slurm.dry_run:
+    if dry_run:
         return script, None
-    if shutil.which("sbatch") is None:
-        raise SlurmError("sbatch is not on PATH: submit from a Slurm login node (or use cluster.slurm.dry_run=true)")
     done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SlurmError(f"sbatch refused the job:\n{done.stderr.strip() or done.stdout.strip()}")

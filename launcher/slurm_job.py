@@ -1,17 +1,60 @@
-"""The driver inside a Slurm job: ``python -m launcher.slurm_job <run_dir>/config.yaml`` (the last line of the
-rendered job script). Runs the resolved config ``r1-launch`` saved at submission on the job's Ray cluster
-(``RAY_ADDRESS``, set by the script), once every node of the job has joined it."""
+"""The driver inside a Slurm job: ``python -m launcher.slurm_job <run_dir>/config.yaml`` (the job script's last step).
+
+Runs the resolved config ``r1-launch`` saved at submission on the job's Ray cluster (``RAY_ADDRESS``, set by the
+script), once every node of the job has joined it, and decides what the job does next:
+
+- the run finished: exit 0, the job ends COMPLETED;
+- SIGUSR1 (Slurm's warning before the time limit or a preemption): the driver finished its step and checkpointed;
+  exit ``REQUEUE_EXIT`` and the job script requeues the job, whose next attempt continues from that checkpoint;
+- the driver failed: requeue likewise while fewer than ``cluster.slurm.max_failed_attempts`` attempts have failed,
+  else exit 1 (FAILED);
+- SIGTERM/SIGINT (``scancel``, ``r1-launch cancel``): checkpoint if it can, exit 128 + signal, no requeue.
+
+Each attempt is recorded in ``<run_dir>/slurm_attempts.jsonl`` (a start line and, unless it was killed, an end line).
+An attempt with no end line was killed with its node, or requeued by Slurm or an admin before it could say so: it
+counts as failed, so a job that keeps losing nodes also stops. A requeued attempt always resumes.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
+import socket
 import sys
 import time
+import traceback
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
 NODES_WAIT_S = 300.0
+REQUEUE_EXIT = 75  # "try again later" (sysexits' EX_TEMPFAIL): the job script runs `scontrol requeue` on it
+ATTEMPTS_FILE = "slurm_attempts.jsonl"
+
+
+class AttemptLog:
+    """The attempts of one Slurm job on a run directory (a job id keeps its number across requeues)."""
+
+    def __init__(self, run_dir: Path, job: str):
+        self.path, self.job = Path(run_dir) / ATTEMPTS_FILE, job
+
+    def records(self) -> list[dict]:
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        return [r for r in map(json.loads, lines) if r["job"] == self.job]
+
+    def failures(self) -> int:
+        """Earlier attempts that failed or never said how they ended (killed)."""
+        records = self.records()
+        ended = {r["attempt"]: r["outcome"] for r in records if r["event"] == "end"}
+        return sum(ended.get(r["attempt"], "killed") in ("failed", "killed") for r in records if r["event"] == "start")
+
+    def write(self, event: str, attempt: int, **fields) -> None:
+        record = {"job": self.job, "attempt": attempt, "event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  **fields}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def wait_for_nodes(expected: int, timeout_s: float = NODES_WAIT_S) -> None:
@@ -29,13 +72,45 @@ def main(config_path: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = OmegaConf.load(config_path)
     cfg.cluster.ray_address = os.environ["RAY_ADDRESS"]
+    job, attempt = os.environ["SLURM_JOB_ID"], int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    allowed = cfg.cluster.slurm.max_failed_attempts
+    attempts = AttemptLog(Path(cfg.run_dir), job)
+    failed = attempts.failures()
+    if failed >= allowed:
+        attempts.write("end", attempt, outcome="gave up")
+        print(f"r1: {failed} attempts of Slurm job {job} failed (cluster.slurm.max_failed_attempts={allowed}): "
+              f"not trying again. See {attempts.path} and the slurm-{job}.out log.", file=sys.stderr)
+        return 1
+
+    from r1.checkpoint import CheckpointManager
     from r1.cluster import connect
     from r1.driver import run
 
-    connect(cfg.cluster)
-    wait_for_nodes(int(os.environ.get("R1_EXPECTED_NODES", "1")))
-    result = run(cfg)
-    return 128 + int(result["stopped_by"]) if result.get("stopped_by") else 0
+    if attempt > 0:
+        cfg.resume = True  # a requeued attempt continues from the latest checkpoint, whatever the first one did
+    latest = CheckpointManager(Path(cfg.run_dir) / "checkpoints").latest() if cfg.resume else None
+    attempts.write("start", attempt, node=os.environ.get("SLURMD_NODENAME", socket.gethostname()), resume_from=latest.name if latest else None)
+    try:
+        connect(cfg.cluster)
+        wait_for_nodes(int(os.environ.get("R1_EXPECTED_NODES", "1")))
+        result = run(cfg)
+    except Exception as err:  # noqa: BLE001 -- any failure of the attempt: requeued while attempts are left
+        traceback.print_exc()
+        attempts.write("end", attempt, outcome="failed", error=f"{type(err).__name__}: {err}"[:500])
+        if failed + 1 < allowed:
+            print(f"r1: attempt {attempt} of Slurm job {job} failed; requeueing ({failed + 1} of "
+                  f"{allowed} failed attempts allowed)", file=sys.stderr)
+            return REQUEUE_EXIT
+        return 1
+    stopped_by = result.get("stopped_by")
+    if stopped_by == signal.SIGUSR1:  # time limit or preemption ahead: checkpointed, come back
+        attempts.write("end", attempt, outcome="preempted", step=result["step"])
+        return REQUEUE_EXIT
+    if stopped_by:
+        attempts.write("end", attempt, outcome=f"stopped by {signal.Signals(stopped_by).name}", step=result["step"])
+        return 128 + int(stopped_by)
+    attempts.write("end", attempt, outcome="completed", step=result["step"])
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def test_a_big_job_script_has_its_sbatch_lines_node_split_and_pool_tags(tmp_path
                      "cluster.slurm.gpus_per_node=8", "cluster.slurm.cpus_per_node=96", "cluster.slurm.account=rl",
                      "cluster.slurm.qos=high", "cluster.slurm.time=2-00:00:00", "cluster.slurm.mem=1800G",
                      "cluster.slurm.extra_sbatch=[--exclusive]", "cluster.slurm.dry_run=true",
-                     "cluster.slurm.setup=['source /opt/r1/.venv/bin/activate']",
+                     "cluster.slurm.setup=['source /opt/r1/.venv/bin/activate']", "cluster.slurm.after=[101,102]",
                      "trainer.num_workers=128", "trainer.gpus_per_worker=1", "trainer.cpus_per_worker=8",
                      "rollout.num_workers=64", "rollout.gpus_per_worker=1", "rollout.cpus_per_worker=8")
     script, job = submit(cfg)
@@ -41,16 +42,20 @@ def test_a_big_job_script_has_its_sbatch_lines_node_split_and_pool_tags(tmp_path
         "#SBATCH --job-name=r1-r1_zero_tiny", "#SBATCH --partition=debug", "#SBATCH --account=rl",
         "#SBATCH --qos=high", "#SBATCH --nodes=24", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=96",
         "#SBATCH --gpus-per-node=8", "#SBATCH --mem=1800G", "#SBATCH --time=2-00:00:00",
-        f"#SBATCH --output={tmp_path}/runs/a/slurm-%j.out", "#SBATCH --exclusive",
+        f"#SBATCH --output={tmp_path}/runs/a/slurm-%j.out", "#SBATCH --open-mode=append", "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@600", "#SBATCH --dependency=afterok:101:102", "#SBATCH --kill-on-invalid-dep=yes",
+        "#SBATCH --exclusive",
     ]
     assert "source /opt/r1/.venv/bin/activate" in text
     # nodes 0-15 are the training pool's, 16-23 the rollout pool's; each node's Ray carries its pool's tag
     assert 'pool_of() { if [ "$1" -lt 16 ]; then echo train; else echo rollout; fi; }' in text
     assert 'echo "{\\"r1_pool_$(pool_of "$1")\\": 1000}"' in text
     assert text.count("--resources=\"$(resources") == 2 and "--num-gpus=8" in text
-    assert text.rstrip().endswith(f"python -m launcher.slurm_job {tmp_path}/runs/a/config.yaml")
+    assert f"python -m launcher.slurm_job {tmp_path}/runs/a/config.yaml &" in text
+    assert "if [ $rc -eq 75 ]; then" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text  # REQUEUE_EXIT
     saved = (tmp_path / "runs" / "a" / "config.yaml").read_text()
     assert f"run_dir: {tmp_path}/runs/a" in saved and f"cache_dir: {tmp_path}/cache" in saved
+    assert "resume: true" in saved  # on by default under Slurm: a requeued job continues
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -60,7 +65,12 @@ def test_a_big_job_script_has_its_sbatch_lines_node_split_and_pool_tags(tmp_path
      "trainer.gpus_per_worker=16.0 is more than a node has (cluster.slurm.gpus_per_node=8)"),
     (["run_dir=/elsewhere/run"], "run_dir=/elsewhere/run is outside cluster.slurm.shared_dir"),
     (["rollout.num_workers=9", "cluster.slurm.cpus_per_node=8"], "rollout.num_workers=9 do not fit on 1 node(s)"),
-], ids=["no-partition", "bad-time", "gpus", "run-dir-outside", "too-many-workers"])
+    (["cluster.slurm.time=01:00:00", "cluster.slurm.signal_before_s=3600"],
+     "cluster.slurm.signal_before_s=3600 must be > 0 and shorter than the time limit (01:00:00)"),
+    (["cluster.slurm.max_failed_attempts=0"], "cluster.slurm.max_failed_attempts=0 must be >= 1"),
+    (["cluster.slurm.after=[12x]"], "cluster.slurm.after: '12x' is not a Slurm job id"),
+], ids=["no-partition", "bad-time", "gpus", "run-dir-outside", "too-many-workers", "signal-after-limit",
+        "no-attempts", "bad-dependency"])
 def test_bad_slurm_settings_fail_before_submission(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         submit(_slurm_cfg(tmp_path, *overrides))
@@ -95,43 +105,69 @@ def _submit_tiny(tmp_path: Path, name: str, *extra: str) -> tuple[Path, str]:
                    f"run_dir=runs/{name}", "cache_dir=cache", "cluster.slurm.cpus_per_node=2",
                    "cluster.slurm.gpus_per_node=2", "eval.at_start=false", *extra)
     assert done.returncode == 0, done.stderr
+    assert (shared / "runs" / name / ".hydra").is_dir() and not (REPO / "runs").exists()  # nothing in the cwd
     return shared / "runs" / name, done.stdout.split("submitted Slurm job ")[1].split()[0]
 
 
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "SUSPENDED",
+          "RESIZING", "SIGNALING", "STAGE_OUT"}
+
+
 def _wait_for(job: str, timeout_s: float = 600) -> str:
-    """The job's final state in Slurm's accounting."""
+    """The job's final state: from the controller's queue while it knows the job (it goes from NODE_FAIL through
+    COMPLETING back to PENDING when it requeues one), else from Slurm's accounting."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], capture_output=True,
-                             text=True, check=False).stdout.split()
-        if out and out[0] not in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING"):
-            return out[0]
+        queued = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
+                                check=False).stdout.split()
+        if not queued:
+            ended = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], capture_output=True,
+                                   text=True, check=False).stdout.split()
+            if ended and ended[0] not in ACTIVE:
+                return ended[0]
+        elif queued[0] not in ACTIVE:
+            return queued[0]
         time.sleep(2)
     raise AssertionError(f"Slurm job {job} did not finish in {timeout_s} s")
 
 
-@pytest.mark.slow
-def test_the_tiny_experiment_runs_as_a_slurm_job_with_each_pool_on_its_own_node(slurm_cluster, tmp_path):
-    run_dir, job = _submit_tiny(tmp_path, "e2e", "cluster.slurm.time=00:15:00", "trainer.total_steps=2",
-                                "algo.group_size=4", "algo.prompts_per_step=4", "eval.every_steps=0",
-                                "checkpoint.every_steps=1")
-    state = _wait_for(job)
-    assert state == "COMPLETED", (run_dir / f"slurm-{job}.out").read_text()[-5000:]
-    nodes = json.loads((run_dir / "nodes.json").read_text())
-    ips = {n: subprocess.run(["getent", "ahostsv4", n], capture_output=True, text=True, check=True).stdout.split()[0]
-           for n in ("node1", "node2")}
-    assert nodes == {"train": [ips["node1"]], "rollout": [ips["node2"], ips["node2"]]}  # one node per pool
-    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if "reward/mean" in x]
-    assert steps == [1, 2]
-    assert (run_dir / "checkpoints" / "step_000002" / "policy" / "model.safetensors").exists()
+def _sacct(job: str, fields: str) -> list[list[str]]:
+    """One row per attempt of the job (-D: requeued attempts too)."""
+    out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job, "-o", fields], capture_output=True, text=True,
+                         check=True).stdout
+    return [line.split("|") for line in out.splitlines() if line]
+
+
+def _log(run_dir: Path, job: str) -> str:
+    path = run_dir / f"slurm-{job}.out"
+    return path.read_text(errors="replace")[-6000:] if path.exists() else "(no log)"
 
 
 @pytest.mark.slow
 def test_slurms_own_refusal_is_shown_verbatim(slurm_cluster, tmp_path):
-    with pytest.raises(SlurmError, match="sbatch refused the job:\n.*invalid partition"):
-        submit(_slurm_cfg(tmp_path, "cluster.slurm.partition=nosuch", "cluster.slurm.cpus_per_node=2",
+    with pytest.raises(SlurmError, match="sbatch refused the job:\n.*Invalid feature specification"):
+        submit(_slurm_cfg(tmp_path, "cluster.slurm.extra_sbatch=['--constraint=nosuch']", "cluster.slurm.cpus_per_node=2",
                           "cluster.slurm.gpus_per_node=2"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster.slurm.partition=nosuch"], ("cluster.slurm.partition=nosuch is not a partition of this cluster "
+                                         "(sinfo lists: debug)")),
+    (["cluster.slurm.gpus_per_node=4", "cluster.slurm.cpus_per_node=2"],
+     "cluster.slurm.gpus_per_node=4 is more than a node of partition debug has (2; sinfo's GRES: gpu:2)"),
+    (["cluster.slurm.cpus_per_node=64"], ("cluster.slurm.cpus_per_node=64 is more than a node of partition debug "
+                                         "has (2)")),
+    (["cluster.slurm.train_nodes=2"], ("the job asks for 3 nodes (cluster.slurm.train_nodes + rollout_nodes); "
+                                      "partition debug has 2")),
+    (["cluster.slurm.after=[987654]"], "Slurm job 987654 is neither queued nor in the accounting"),
+], ids=["partition", "gpus", "cpus", "nodes", "unknown-dependency"])
+def test_the_config_is_checked_against_the_clusters_nodes_before_submission(slurm_cluster, tmp_path, overrides,
+                                                                            message):
+    base = ["cluster.slurm.cpus_per_node=2", "cluster.slurm.gpus_per_node=2"]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        submit(_slurm_cfg(tmp_path, *base, *overrides))
+    assert not (tmp_path / "runs" / "a" / "job.sbatch").exists()
 
 
 @pytest.mark.slow
@@ -145,3 +181,108 @@ def test_status_and_cancel_act_on_the_runs_job(slurm_cluster, tmp_path):
     assert "CANCELLED" in _launch("status", f"run_dir={run_dir}").stdout
     missing = _launch("status", f"run_dir={tmp_path}")
     assert missing.returncode == 2 and "no Slurm job was submitted for this run directory" in missing.stderr
+
+
+def _steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(x)["step"] for x in lines if "reward/mean" in x]
+
+
+def _attempts(run_dir: Path) -> list[dict]:
+    path = run_dir / "slurm_attempts.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _until(what, timeout_s: float = 300, explain=lambda: ""):
+    deadline = time.monotonic() + timeout_s
+    while not (found := what()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting\n{explain()}")
+        time.sleep(0.5)
+    return found
+
+
+@pytest.mark.slow
+def test_the_tiny_experiment_runs_as_a_slurm_job_and_resumes_after_preemption_requeue_and_node_failure(
+        slurm_cluster, tmp_path):
+    """The tiny experiment as a job on 2 nodes (after a job it depends on), one pool per node, interrupted three
+    times by Slurm's own mechanisms: the preemption signal (SIGUSR1 to the batch shell, what ``--signal=B:USR1@s``
+    sends), ``scontrol requeue``, and a node failure (``--requeue``). Each attempt continues from the latest
+    checkpoint; the run ends with every step once and no prompt group trained twice."""
+    first = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "sleep 3"], capture_output=True,
+                           text=True, check=True).stdout.strip()  # a stage before: the run starts once it succeeded
+    total = 14
+    run_dir, job = _submit_tiny(tmp_path, "requeue", "cluster.slurm.time=00:20:00", f"trainer.total_steps={total}",
+                                "algo.group_size=4", "algo.prompts_per_step=4", "eval.every_steps=0",
+                                "checkpoint.every_steps=1", f"cluster.slurm.after=[{first}]")
+    explain = lambda: _log(run_dir, job)
+
+    def moved_on(attempt: int) -> bool:
+        """The attempt runs and has logged a step it trained itself: two past the checkpoint it resumed from (the
+        attempt before may have logged one step past its last checkpoint, a line the resume drops)."""
+        started = [a for a in _attempts(run_dir) if a["event"] == "start" and a["attempt"] == attempt]
+        resumed = int(started[0]["resume_from"][-6:]) if started and started[0]["resume_from"] else 0
+        return bool(started) and max(_steps(run_dir), default=0) > resumed + 1
+
+    _until(lambda: moved_on(0), explain=explain)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)  # "time limit or preemption ahead"
+    _until(lambda: moved_on(1), explain=explain)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    _until(lambda: moved_on(2), explain=explain)
+    subprocess.run(["scontrol", "update", "nodename=node2", "state=down", "reason=r1-test"], check=True)
+    subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], check=False)  # (may be back already)
+    assert _wait_for(job) == "COMPLETED", explain()
+
+    assert [row[0] for row in _sacct(job, "State")] == ["REQUEUED", "REQUEUED", "NODE_FAIL", "COMPLETED"]
+    assert _sacct(job, "Start")[0][0] >= _sacct(first, "End")[0][0]  # ISO times: --dependency=afterok held it
+    nodes = json.loads((run_dir / "nodes.json").read_text())
+    ips = {n: subprocess.run(["getent", "ahostsv4", n], capture_output=True, text=True, check=True).stdout.split()[0]
+           for n in ("node1", "node2")}
+    assert nodes == {"train": [ips["node1"]], "rollout": [ips["node2"], ips["node2"]]}  # one node per pool
+    assert (run_dir / "checkpoints" / f"step_{total:06d}" / "policy" / "model.safetensors").exists()
+    starts = [a for a in _attempts(run_dir) if a["event"] == "start"]
+    ends = {a["attempt"]: a for a in _attempts(run_dir) if a["event"] == "end"}
+    assert [a["attempt"] for a in starts] == [0, 1, 2, 3]
+    # the preempted attempt checkpointed exactly where it stopped and the next one resumed there
+    assert ends[0]["outcome"] == "preempted" and starts[1]["resume_from"] == f"step_{ends[0]['step']:06d}"
+    assert 2 not in ends  # killed with its node: no word from it (an attempt that counts as failed)
+    resumed = [int(a["resume_from"][-6:]) for a in starts[1:]]
+    assert resumed == sorted(resumed) and resumed[0] >= 2, starts  # each from the latest checkpoint, moving on
+    assert ends[3] == {**ends[3], "outcome": "completed", "step": total}
+    log = (run_dir / f"slurm-{job}.out").read_text(errors="replace")  # --open-mode=append: every attempt's output
+    for step in resumed:
+        assert f"at step {step} (policy version {step})" in log
+    # the records of a run that was never interrupted: every step once, every group trained once
+    assert _steps(run_dir) == list(range(1, total + 1))
+    ledger = [json.loads(x) for x in (run_dir / "groups.jsonl").read_text().splitlines()]
+    assert sorted({row["step"] for row in ledger}) == list(range(1, total + 1))
+    assert len({row["uid"] for row in ledger}) == len(ledger) == 4 * total
+    assert len({(row["step"], row["prompt_index"]) for row in ledger}) == len(ledger)
+
+
+@pytest.mark.slow
+def test_a_job_that_keeps_failing_gives_up_and_its_dependent_stage_is_cancelled(slurm_cluster, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    data = {name: shared / f"{name}.jsonl" for name in ("train", "eval")}
+    for path in data.values():
+        path.write_text(json.dumps({"prompt": "1 + 1 =", "answer": "2"}) + "\n")
+    common = [*TINY, "cluster=slurm", "cluster.slurm.partition=debug", f"cluster.slurm.shared_dir={shared}",
+              "cache_dir=cache", "cluster.slurm.cpus_per_node=2", "cluster.slurm.gpus_per_node=2"]
+    done = _launch(*common, "run_dir=runs/fails", "cluster.slurm.max_failed_attempts=2", "data.generator=null",
+                   f"data.train_path={data['train']}", f"data.eval_path={data['eval']}")
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.split("submitted Slurm job ")[1].split()[0]
+    data["train"].unlink()  # gone before the job starts: every attempt fails
+    later = _launch(*common, "run_dir=runs/next", f"cluster.slurm.after=[{job}]")
+    assert later.returncode == 0, later.stderr
+    next_job = later.stdout.split("submitted Slurm job ")[1].split()[0]
+    run_dir = shared / "runs" / "fails"
+    assert _wait_for(job) == "FAILED", _log(run_dir, job)
+    assert [row[0] for row in _sacct(job, "State")] == ["REQUEUED", "FAILED"]
+    outcomes = [(a["attempt"], a["outcome"]) for a in _attempts(run_dir) if a["event"] == "end"]
+    assert outcomes == [(0, "failed"), (1, "failed")]
+    assert "data.train_path" in _attempts(run_dir)[-1]["error"]
+    assert _wait_for(next_job, timeout_s=120) == "CANCELLED"  # afterok can never be met: not left pending forever
+    assert not (shared / "runs" / "next" / "slurm_attempts.jsonl").exists()  # it never ran

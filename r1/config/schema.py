@@ -7,12 +7,13 @@ choices (``cluster=local``, ``model=qwen2_5_7b`` ...); this file says what each 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class ModelSource(str, Enum):
@@ -73,6 +74,16 @@ class SlurmConfig:
     # submitting Python's environment (its bin/ first on PATH).
     setup: list[str] = field(default_factory=list)
     extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH" options, e.g. "--exclusive"
+    # Slurm sends SIGUSR1 this long before the time limit (and at preemption, where the site sets
+    # PreemptParameters=send_user_signal): the driver finishes its step, checkpoints, and the job requeues itself.
+    # Make it longer than a step plus a checkpoint.
+    signal_before_s: int = 600
+    # Failed attempts (an error, or killed with a node) after which the job stops requeueing itself;
+    # preemptions and time limits, which checkpoint, do not count.
+    max_failed_attempts: int = 3
+    # Slurm job ids this job waits for; it starts once all completed successfully (--dependency=afterok) and is
+    # cancelled if one fails. Chains the stages of a multi-stage run.
+    after: list[str] = field(default_factory=list)
     dry_run: bool = False  # render the job script next to the run's config, do not submit
 
 
@@ -304,6 +315,8 @@ class R1Config:
     seed: int = 0
     run_dir: str = MISSING
     cache_dir: str = ".r1_cache"
+    # Continue from run_dir's latest checkpoint (nothing there: start afresh). On by default under cluster=slurm, and
+    # always for a requeued Slurm attempt.
     resume: bool = False
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -320,6 +333,14 @@ class R1Config:
     choices: dict[str, Any] = field(default_factory=dict)
 
 
+def under(base: str | None, path: str) -> str:
+    """``path`` as seen from ``base``: an absolute path stays; a relative one is taken under ``base`` (none: as is).
+    Where a Slurm run lives: a relative run_dir/cache_dir is on ``cluster.slurm.shared_dir``."""
+    return path if base is None or os.path.isabs(os.path.expanduser(path)) else os.path.join(base, path)
+
+
 def register_configs() -> None:
+    # ${r1.under:<base>,<path>}: cluster=slurm puts Hydra's own output dir where the run's files go
+    OmegaConf.register_new_resolver("r1.under", under, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="r1_schema", node=R1Config)

@@ -1,7 +1,8 @@
-"""Ctrl-C / SIGTERM as a request, not a crash: finish the step in progress, checkpoint, stop both pools.
+"""Ctrl-C / SIGTERM / SIGUSR1 as a request, not a crash: finish the step in progress, checkpoint, stop both pools.
 
 A second signal aborts at once (KeyboardInterrupt). Slurm and Kubernetes send SIGTERM before killing a job, so a
-pre-empted run leaves a checkpoint it can resume from.
+pre-empted run leaves a checkpoint it can resume from. SIGUSR1 is the warning a Slurm job asks for before its time
+limit or a preemption (``--signal=B:USR1@<s>``): the job then requeues itself (``launcher/slurm_job.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import threading
 from typing import Self
 
 log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class GracefulStop:
@@ -32,7 +35,7 @@ class GracefulStop:
 
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
