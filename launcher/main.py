@@ -94,11 +94,19 @@ def submit_to_slurm(cfg) -> int:
     except (ConfigError, SlurmError) as err:
         print(f"r1-launch: {err}", file=sys.stderr)
         return 2
+    run_dir = script.parent
     if job_id is None:
         print(f"r1-launch: rendered {script} (cluster.slurm.dry_run=true: not submitted)")
     else:
-        print(f"r1-launch: submitted Slurm job {job_id}\n  script  {script}\n  log     {script.parent}/slurm-{job_id}.out"
-              f"\n  metrics {script.parent}/metrics.jsonl")
+        print(f"r1-launch: submitted Slurm job {job_id}\n  script  {script}\n  log     {run_dir}/slurm-{job_id}.out"
+              f"\n  metrics {run_dir}/metrics.jsonl\n  follow  r1-launch status run_dir={run_dir}")
+    if cfg.logger.backend == "wandb":
+        from r1.monitoring.loggers import wandb_mode, wandb_run_id
+
+        mode = wandb_mode(cfg.logger.mode)  # the job inherits this environment (sbatch exports it)
+        where = "wandb.ai" if mode == "online" else f"offline, in {run_dir}/wandb: upload with wandb sync"
+        print(f"  W&B     {cfg.logger.entity + '/' if cfg.logger.entity else ''}{cfg.logger.project}, run "
+              f"{wandb_run_id(run_dir)} ({where})")
     return 0
 
 

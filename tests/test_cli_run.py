@@ -82,7 +82,7 @@ def test_a_run_killed_between_checkpoints_resumes_with_each_step_once(tiny_model
     import psutil
 
     from r1.monitoring.ledger import read_ledger
-    from r1.monitoring.loggers import _stable_run_id
+    from r1.monitoring.loggers import wandb_run_id
 
     run_dir, straight = tmp_path / "killed", tmp_path / "straight"
     common = ["trainer.total_steps=4", "checkpoint.every_steps=2", "algo.max_staleness=1",
@@ -128,7 +128,7 @@ def test_a_run_killed_between_checkpoints_resumes_with_each_step_once(tiny_model
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(wandb_runs) == 2
     again = read_run(wandb_runs[-1])
-    assert again["run_id"] == _stable_run_id(run_dir)
+    assert again["run_id"] == wandb_run_id(run_dir)
     logged = {h["_step"]: h for h in again["history"]}
     assert min(logged) == 3 and logged[3]["reward/mean"] == pytest.approx(rows[2]["reward/mean"])
 

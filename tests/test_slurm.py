@@ -3,6 +3,7 @@ local Slurm cluster (tests/slurm/slurm-up.sh: munge, slurmctld, slurmdbd, 2 slur
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -56,6 +57,18 @@ def test_a_big_job_script_has_its_sbatch_lines_node_split_and_pool_tags(tmp_path
     saved = (tmp_path / "runs" / "a" / "config.yaml").read_text()
     assert f"run_dir: {tmp_path}/runs/a" in saved and f"cache_dir: {tmp_path}/cache" in saved
     assert "resume: true" in saved  # on by default under Slurm: a requeued job continues
+
+
+def test_r1_launch_says_where_the_run_and_its_wandb_run_will_be(tmp_path):
+    done = _launch(*[o for o in TINY if not o.startswith("logger=")], "logger.mode=offline", "cluster=slurm",
+                   "cluster.slurm.partition=debug", f"cluster.slurm.shared_dir={tmp_path}", "run_dir=runs/w",
+                   "cache_dir=cache", "cluster.slurm.dry_run=true")
+    assert done.returncode == 0, done.stderr
+    run_dir = tmp_path / "runs" / "w"
+    run_id = hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]  # the id every attempt's W&B run resumes
+    assert done.stdout.splitlines() == [
+        f"r1-launch: rendered {run_dir}/job.sbatch (cluster.slurm.dry_run=true: not submitted)",
+        f"  W&B     r1, run {run_id} (offline, in {run_dir}/wandb: upload with wandb sync)"]
 
 
 @pytest.mark.parametrize("overrides, message", [

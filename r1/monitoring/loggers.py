@@ -31,7 +31,7 @@ class MetricsLogger:
             self.wandb_run = wandb.init(
                 project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.name, dir=str(run_dir),
                 config=config_dict, mode=wandb_mode(cfg.logger.mode), resume="allow",
-                id=_stable_run_id(run_dir),
+                id=wandb_run_id(run_dir),
             )
 
     def log(self, metrics: dict, step: int) -> None:
@@ -56,7 +56,7 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
-def _stable_run_id(run_dir: Path) -> str:
+def wandb_run_id(run_dir: Path) -> str:
     """Same run dir -> same W&B run id, so a resumed run continues its curves."""
     import hashlib
 
