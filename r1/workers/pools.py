@@ -34,8 +34,9 @@ def pool_bundles(num_workers: int, cpus: float, gpus: float, tag: str | None = N
 
 
 def pool_tag(cfg, pool: str) -> str | None:
-    """The node resource of ``pool`` ("train" / "rollout") where each pool has nodes of its own (Slurm)."""
-    return f"r1_pool_{pool}" if cfg.cluster.kind == "slurm" else None
+    """The node resource of ``pool`` ("train" / "rollout") where each pool has nodes of its own (a Slurm job's nodes,
+    a Kubernetes worker group's pods)."""
+    return f"r1_pool_{pool}" if cfg.cluster.kind in ("slurm", "k8s") else None
 
 
 def nodes_of(pg) -> list[str]:

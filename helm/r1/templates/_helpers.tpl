@@ -1,0 +1,163 @@
+{{/* Names and labels. */}}
+{{- define "r1.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "r1.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "r1.serviceAccountName" -}}
+{{- default (include "r1.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "r1.claimName" -}}
+{{- default (printf "%s-data" (include "r1.fullname" .)) .Values.persistence.existingClaim -}}
+{{- end -}}
+
+{{- define "r1.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/*
+One pod template: the head or a pool's worker.
+  dict "root" $ "container" "ray-head"|"ray-worker" "group" <values of head / a pool> "gpus" <int>
+*/}}
+{{- define "r1.podTemplate" -}}
+{{- $v := .root.Values -}}
+metadata:
+  labels:
+    {{- include "r1.labels" .root | nindent 4 }}
+    r1.io/group: {{ .name }}
+spec:
+  serviceAccountName: {{ include "r1.serviceAccountName" .root }}
+  automountServiceAccountToken: false
+  {{- with $v.image.pullSecrets }}
+  imagePullSecrets:
+    {{- range . }}
+    - name: {{ . }}
+    {{- end }}
+  {{- end }}
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: {{ $v.securityContext.runAsUser }}
+    runAsGroup: {{ $v.securityContext.runAsGroup }}
+    fsGroup: {{ $v.securityContext.fsGroup }}
+    seccompProfile:
+      type: RuntimeDefault
+  {{- with .group.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if or .group.tolerations (gt (int .gpus) 0) }}
+  tolerations:
+    {{- with .group.tolerations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- if gt (int .gpus) 0 }}
+    - key: nvidia.com/gpu
+      operator: Exists
+      effect: NoSchedule
+    {{- end }}
+  {{- end }}
+  {{- with .group.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ .container }}
+      image: {{ include "r1.image" .root }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      securityContext:
+        allowPrivilegeEscalation: false
+        privileged: false
+        readOnlyRootFilesystem: {{ $v.securityContext.readOnlyRootFilesystem }}
+        capabilities:
+          drop: ["ALL"]
+      env:
+        - name: HOME
+          value: /tmp/home
+        - name: RAY_USAGE_STATS_ENABLED
+          value: "0"
+        - name: R1_POOL_GROUP
+          value: {{ .name }}
+        {{- range $v.secretEnv }}
+        - name: {{ .name }}
+          valueFrom:
+            secretKeyRef:
+              name: {{ .secretName }}
+              key: {{ .key }}
+        {{- end }}
+      resources:
+        requests:
+          cpu: {{ .group.cpu | quote }}
+          memory: {{ .group.memory | quote }}
+          {{- if gt (int .gpus) 0 }}
+          nvidia.com/gpu: {{ .gpus }}
+          {{- end }}
+        limits:
+          cpu: {{ .group.cpu | quote }}
+          memory: {{ .group.memory | quote }}
+          {{- if gt (int .gpus) 0 }}
+          nvidia.com/gpu: {{ .gpus }}
+          {{- end }}
+      volumeMounts:
+        - name: r1-config
+          mountPath: /etc/r1
+          readOnly: true
+        - name: r1-data
+          mountPath: {{ $v.persistence.mountPath }}
+        - name: dshm
+          mountPath: /dev/shm
+        - name: tmp
+          mountPath: /tmp
+  volumes:
+    - name: r1-config
+      configMap:
+        name: {{ include "r1.fullname" .root }}-config
+    - name: r1-data
+      {{- if $v.persistence.enabled }}
+      persistentVolumeClaim:
+        claimName: {{ include "r1.claimName" .root }}
+      {{- else }}
+      emptyDir: {}
+      {{- end }}
+    - name: dshm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ $v.shmSize }}
+    - name: tmp
+      emptyDir: {}
+{{- end -}}
+
+{{/* The Ray cluster: the head (the driver, no pool tag) and one worker group per pool, tagged with its pool. */}}
+{{- define "r1.rayClusterSpec" -}}
+{{- $v := .Values -}}
+rayVersion: {{ $v.rayVersion | quote }}
+headGroupSpec:
+  rayStartParams:
+    dashboard-host: "0.0.0.0"
+    num-gpus: "0"
+  template:
+    {{- include "r1.podTemplate" (dict "root" . "container" "ray-head" "name" "head" "group" $v.head "gpus" 0) | nindent 4 }}
+workerGroupSpecs:
+  {{- range $pool := list "train" "rollout" }}
+  {{- $group := index $v.pools $pool }}
+  - groupName: {{ $pool }}
+    replicas: {{ $group.replicas }}
+    minReplicas: {{ $group.replicas }}
+    maxReplicas: {{ $group.replicas }}
+    rayStartParams:
+      resources: {{ printf "\"{\\\"r1_pool_%s\\\": 1000}\"" $pool | squote }}
+    template:
+      {{- include "r1.podTemplate" (dict "root" $ "container" "ray-worker" "name" $pool "group" $group "gpus" $group.gpus) | nindent 6 }}
+  {{- end }}
+{{- end -}}

