@@ -5,6 +5,8 @@
     r1-launch cluster=slurm cluster.slurm.partition=gpu cluster.slurm.shared_dir=/shared   # submit a Slurm job
     r1-launch status run_dir=/shared/outputs/x  # its job in Slurm's accounting, and the last progress line
     r1-launch cancel run_dir=/shared/outputs/x
+    r1-launch cluster=k8s cluster.k8s.namespace=research   # a RayJob on KubeRay, through the helm/r1 chart
+    r1-launch status release=r1-x namespace=research       # (cancel likewise)
     r1-launch --cfg job                         # print the resolved config and exit
     r1-launch run_dir=outputs/x resume=true     # continue a run from its latest checkpoint
 """
@@ -68,12 +70,15 @@ def hydra_main(cfg: DictConfig) -> None:
             logging.getLogger("r1").warning(warning)
         from r1.inputs import check_inputs
 
-        check_inputs(plain)  # also the driver's first step; here so that a bad path is a clean exit 2
+        if plain.cluster.kind != "k8s":  # (on Kubernetes the inputs are on the volume: the driver checks them there)
+            check_inputs(plain)  # also the driver's first step; here so that a bad path is a clean exit 2
     except ConfigError as err:
         print(f"r1-launch: {err}", file=sys.stderr)
         sys.exit(2)
     if plain.cluster.kind == "slurm":
         sys.exit(submit_to_slurm(plain))
+    if plain.cluster.kind == "k8s":
+        sys.exit(submit_to_k8s(plain))
     from r1.driver import run
 
     try:
@@ -96,7 +101,7 @@ def submit_to_slurm(cfg) -> int:
         return 2
     run_dir = script.parent
     if job_id is None:
-        print(f"r1-launch: rendered {script} (cluster.slurm.dry_run=true: not submitted)")
+        print(f"r1-launch: rendered {script} (cluster.dry_run=true: not submitted)")
     else:
         print(f"r1-launch: submitted Slurm job {job_id}\n  script  {script}\n  log     {run_dir}/slurm-{job_id}.out"
               f"\n  metrics {run_dir}/metrics.jsonl\n  follow  r1-launch status run_dir={run_dir}")
@@ -110,16 +115,54 @@ def submit_to_slurm(cfg) -> int:
     return 0
 
 
+def submit_to_k8s(cfg) -> int:
+    """Render the chart from the config, create its objects, follow the RayJob until it ends."""
+    from launcher import k8s
+
+    release, namespace = k8s.release_name(cfg), str(cfg.cluster.k8s.namespace)
+    try:
+        records, objects = k8s.render(cfg)
+        if cfg.cluster.dry_run:
+            print(f"r1-launch: rendered {records}/manifests.yaml from {records}/values.yaml (cluster.dry_run=true: "
+                  f"nothing created; helm install {release} {k8s.CHART} -n {namespace} -f {records}/values.yaml)")
+            return 0
+        k8s.create(objects, namespace)
+    except (ConfigError, k8s.K8sError) as err:
+        print(f"r1-launch: {err}", file=sys.stderr)
+        return 2
+    print(f"r1-launch: created release {release} in namespace {namespace} ({', '.join(o['kind'] for o in objects)})"
+          f"\n  follow  r1-launch status release={release} namespace={namespace}"
+          f"\n  logs    kubectl -n {namespace} logs -f job/{release}", flush=True)
+    try:
+        return k8s.follow(release, namespace, cfg.cluster.k8s.poll_s, say=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print(f"stopped following; the run goes on (r1-launch cancel release={release} namespace={namespace})")
+        return 130
+
+
 def job_command(command: str, args: list[str]) -> int:
-    """``r1-launch status run_dir=DIR`` / ``r1-launch cancel run_dir=DIR``: the run's Slurm job."""
+    """``r1-launch status|cancel run_dir=DIR`` (the run's Slurm job) or ``... release=NAME [namespace=NS]`` (its
+    RayJob on Kubernetes)."""
+    given = dict(a.split("=", 1) for a in args if "=" in a)
+    if "release" in given:
+        from launcher import k8s
+
+        release, namespace = given["release"], given.get("namespace", "default")
+        try:
+            print(k8s.status(release, namespace) if command == "status"
+                  else "deleted " + " ".join(k8s.cancel(release, namespace)))
+        except k8s.K8sError as err:
+            print(f"r1-launch: {err}", file=sys.stderr)
+            return 2
+        return 0
     from launcher.slurm import SlurmError, cancel, status
 
-    run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
-    if len(run_dirs) != 1:
-        print(f"r1-launch: usage: r1-launch {command} run_dir=<the run's directory>", file=sys.stderr)
+    if "run_dir" not in given:
+        print(f"r1-launch: usage: r1-launch {command} run_dir=<the run's directory> (Slurm) | release=<name> "
+              f"[namespace=<ns>] (Kubernetes)", file=sys.stderr)
         return 2
     try:
-        print(status(run_dirs[0]) if command == "status" else f"cancelled Slurm job {cancel(run_dirs[0])}")
+        print(status(given["run_dir"]) if command == "status" else f"cancelled Slurm job {cancel(given['run_dir'])}")
     except SlurmError as err:
         print(f"r1-launch: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """``r1-launch ... cluster=slurm``: check the config against Slurm, render the job script, submit it.
 
 The resolved config is saved as ``<run_dir>/config.yaml`` and the job script, rendered from ``slurm/job.sbatch.j2``
-with Jinja2, as ``<run_dir>/job.sbatch``; ``sbatch`` submits it (``cluster.slurm.dry_run=true``: render only).
+with Jinja2, as ``<run_dir>/job.sbatch``; ``sbatch`` submits it (``cluster.dry_run=true``: render only).
 Everything the job reads is an absolute path on ``cluster.slurm.shared_dir``, so nothing depends on the submitting
 shell's directory.
 """
@@ -169,11 +169,11 @@ def submit(cfg) -> tuple[Path, str | None]:
     found = problems(cfg)
     if found:
         raise ConfigError("cluster=slurm:\n- " + "\n- ".join(found))
-    dry_run = cfg.cluster.slurm.dry_run
+    dry_run = cfg.cluster.dry_run
     if not dry_run:
         if shutil.which("sbatch") is None:
             raise SlurmError("sbatch is not on PATH: submit from a Slurm login node (or use "
-                             "cluster.slurm.dry_run=true)")
+                             "cluster.dry_run=true)")
         found = partition_problems(cfg) + dependency_problems(cfg)
         if found:
             raise ConfigError("cluster=slurm, checked against the cluster:\n- " + "\n- ".join(found))

@@ -21,10 +21,10 @@ def connect(cluster) -> bool:
             ray.init(num_cpus=cluster.num_cpus, num_gpus=0 if not _has_cuda() else None, runtime_env=env,
                      include_dashboard=False, log_to_driver=True)
         return True
-    if cluster.kind == "slurm":  # the job's own Ray cluster, started by the job script (launcher/slurm.py)
+    if cluster.kind in ("slurm", "k8s"):  # the job's own Ray cluster: the Slurm job script's, or KubeRay's
         ray.init(address=cluster.ray_address or "auto", runtime_env=env, log_to_driver=True)
         return True
-    raise ValueError(f"cluster.kind={cluster.kind!r} is not supported; choose one of ['local', 'slurm']")
+    raise ValueError(f"cluster.kind={cluster.kind!r} is not supported; choose one of ['local', 'slurm', 'k8s']")
 
 
 def _has_cuda() -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -246,3 +247,15 @@ def test_a_missing_config_says_how_to_make_one(helm, tmp_path):
     done = _helm(helm, "template", {}, tmp_path)
     assert done.returncode != 0
     assert "r1Config is required" in done.stderr and "cluster=k8s" in done.stderr
+
+
+def test_the_dockerfile_builds_the_charts_default_image_to_run_as_the_charts_non_root_user():
+    """(No Docker engine here: the image itself is not built by the tests; docs/kubernetes.md says so.)"""
+    text = (REPO / "Dockerfile").read_text()
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert f"docker build -t {values['image']['repository']}:{chart['appVersion']} ." in text
+    assert chart["appVersion"] == tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    user = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")][-1]
+    assert user == f"{values['securityContext']['runAsUser']}:{values['securityContext']['runAsGroup']}" != "0:0"
+    assert "pip install torch==2.13.0 && pip install -e '.[gpu]'" in text  # the pins of pyproject/Makefile

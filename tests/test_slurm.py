@@ -31,7 +31,7 @@ def test_a_big_job_script_has_its_sbatch_lines_node_split_and_pool_tags(tmp_path
     cfg = _slurm_cfg(tmp_path, "cluster.slurm.train_nodes=16", "cluster.slurm.rollout_nodes=8",
                      "cluster.slurm.gpus_per_node=8", "cluster.slurm.cpus_per_node=96", "cluster.slurm.account=rl",
                      "cluster.slurm.qos=high", "cluster.slurm.time=2-00:00:00", "cluster.slurm.mem=1800G",
-                     "cluster.slurm.extra_sbatch=[--exclusive]", "cluster.slurm.dry_run=true",
+                     "cluster.slurm.extra_sbatch=[--exclusive]", "cluster.dry_run=true",
                      "cluster.slurm.setup=['source /opt/r1/.venv/bin/activate']", "cluster.slurm.after=[101,102]",
                      "trainer.num_workers=128", "trainer.gpus_per_worker=1", "trainer.cpus_per_worker=8",
                      "rollout.num_workers=64", "rollout.gpus_per_worker=1", "rollout.cpus_per_worker=8")
@@ -62,12 +62,12 @@ def test_a_big_job_script_has_its_sbatch_lines_node_split_and_pool_tags(tmp_path
 def test_r1_launch_says_where_the_run_and_its_wandb_run_will_be(tmp_path):
     done = _launch(*[o for o in TINY if not o.startswith("logger=")], "logger.mode=offline", "cluster=slurm",
                    "cluster.slurm.partition=debug", f"cluster.slurm.shared_dir={tmp_path}", "run_dir=runs/w",
-                   "cache_dir=cache", "cluster.slurm.dry_run=true")
+                   "cache_dir=cache", "cluster.dry_run=true")
     assert done.returncode == 0, done.stderr
     run_dir = tmp_path / "runs" / "w"
     run_id = hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]  # the id every attempt's W&B run resumes
     assert done.stdout.splitlines() == [
-        f"r1-launch: rendered {run_dir}/job.sbatch (cluster.slurm.dry_run=true: not submitted)",
+        f"r1-launch: rendered {run_dir}/job.sbatch (cluster.dry_run=true: not submitted)",
         f"  W&B     r1, run {run_id} (offline, in {run_dir}/wandb: upload with wandb sync)"]
 
 

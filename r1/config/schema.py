@@ -42,6 +42,12 @@ class KLPlacement(str, Enum):
 class ClusterKind(str, Enum):
     local = "local"
     slurm = "slurm"
+    k8s = "k8s"
+
+
+class K8sMode(str, Enum):
+    rayjob = "rayjob"  # a RayJob: KubeRay starts the Ray cluster, runs the driver, tears the cluster down
+    raycluster = "raycluster"  # a long-lived RayCluster to submit runs to
 
 
 class LoggerBackend(str, Enum):
@@ -84,7 +90,53 @@ class SlurmConfig:
     # Slurm job ids this job waits for; it starts once all completed successfully (--dependency=afterok) and is
     # cancelled if one fails. Chains the stages of a multi-stage run.
     after: list[str] = field(default_factory=list)
-    dry_run: bool = False  # render the job script next to the run's config, do not submit
+
+
+@dataclass
+class K8sPodsConfig:
+    """The pods of the Ray head (one, no GPUs), and (K8sPoolConfig) of a pool."""
+
+    cpu: str = "32"  # Kubernetes quantities, requested and limited
+    memory: str = "256Gi"
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[Any] = field(default_factory=list)  # (the GPU toleration is added where gpus > 0)
+    affinity: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class K8sPoolConfig(K8sPodsConfig):
+    replicas: int = 1  # pods (Ray nodes) of the pool
+    gpus: int = 8  # nvidia.com/gpu per pod; 0 = CPU only
+
+
+def _k8s_head() -> K8sPodsConfig:
+    return K8sPodsConfig(cpu="4", memory="16Gi")
+
+
+@dataclass
+class K8sConfig:
+    """One run on KubeRay through the helm/r1 chart (docs/kubernetes.md); keys map onto the chart's values."""
+
+    namespace: str = "default"
+    release: str | None = None  # default: r1-<name>-<6 hex of run_dir>
+    mode: K8sMode = K8sMode.rayjob
+    image: str = "r1:0.1.0"  # built from the repository's Dockerfile, pushed where the cluster pulls from
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: list[str] = field(default_factory=list)
+    head: K8sPodsConfig = field(default_factory=_k8s_head)
+    train: K8sPoolConfig = field(default_factory=K8sPoolConfig)
+    rollout: K8sPoolConfig = field(default_factory=K8sPoolConfig)
+    # The volume every pod mounts at mount_path: run_dir, cache_dir and relative model/data paths go under it.
+    mount_path: str = "/r1"
+    persistent: bool = True  # false: an emptyDir per pod (nothing survives a pod)
+    volume_claim: str | None = None  # an existing PVC; else the chart creates one:
+    volume_size: str = "1Ti"
+    storage_class: str | None = None
+    shm_size: str = "64Gi"
+    # Environment variables from existing Secrets, by reference: [{name: WANDB_API_KEY, secretName: ..., key: ...}]
+    secret_env: list[Any] = field(default_factory=list)
+    backoff_limit: int = 3  # KubeRay retries of a failed run, each on a new cluster, each resuming
+    poll_s: float = 10.0  # how often r1-launch reads the RayJob's status while following it
 
 
 @dataclass
@@ -97,6 +149,9 @@ class ClusterConfig:
     num_cpus: int = 4
     placement_strategy: str = "PACK"
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    k8s: K8sConfig = field(default_factory=K8sConfig)
+    # slurm, k8s: render the job script / the chart's manifests (and check them), submit nothing
+    dry_run: bool = False
 
 
 @dataclass
