@@ -228,6 +228,9 @@ def follow(release: str, namespace: str, poll_s: float, api=None, say=print) -> 
             last = line
         status = obj.get("status") or {}
         if obj["kind"] == "RayCluster" and status.get("state") == "ready":
+            name = obj["metadata"]["name"]
+            say(f"ready: kubectl -n {namespace} port-forward svc/{name}-head-svc 8265:8265 & ray job submit "
+                "--address http://127.0.0.1:8265 -- python -m launcher.k8s_job /etc/r1/config.yaml")
             return 0
         if status.get("jobDeploymentStatus") in FINAL:
             return 0 if status.get("jobStatus") == "SUCCEEDED" else 1

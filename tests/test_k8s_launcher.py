@@ -171,3 +171,33 @@ def test_a_run_that_fails_for_good_exits_nonzero(helm_on_path, tmp_path):
         assert launcher.returncode == 1, err
         assert out.splitlines()[-1] == ("RayJob r1-test: Failed / FAILED, 1 failed attempt(s) (backoffLimit 0) - "
                                         "the driver exited with 1")
+
+
+@pytest.mark.slow
+def test_a_raycluster_release_is_followed_until_ready_and_cancelled(helm_on_path, tmp_path):
+    from kubernetes import client
+
+    with KubeAPI() as k8s:
+        env = {**helm_on_path, "KUBECONFIG": str(k8s.kubeconfig(tmp_path / "kubeconfig"))}
+        launcher = subprocess.Popen([sys.executable, "-m", "launcher.main", *TINY, *K8S, "cluster.k8s.poll_s=0.1",
+                                     "cluster.k8s.mode=raycluster", "cluster.k8s.volume_claim=shared-r1"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+        api = k8s.client()
+        custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+        deadline = time.monotonic() + 120
+        while not custom.list_namespaced_custom_object("ray.io", "v1", NS, "rayclusters")["items"]:
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+            time.sleep(0.2)
+        assert not custom.list_namespaced_custom_object("ray.io", "v1", NS, "rayjobs")["items"]
+        assert not core.list_namespaced_persistent_volume_claim(NS).items  # the existing claim is used, none made
+        custom.patch_namespaced_custom_object_status("ray.io", "v1", NS, "rayclusters", "r1-test",
+                                                     {"status": {"state": "ready"}})
+        out, err = launcher.communicate(timeout=60)
+        assert launcher.returncode == 0, err
+        assert out.splitlines()[-2:] == [
+            "RayCluster r1-test: ready",
+            (f"ready: kubectl -n {NS} port-forward svc/r1-test-head-svc 8265:8265 & ray job submit --address "
+            "http://127.0.0.1:8265 -- python -m launcher.k8s_job /etc/r1/config.yaml")]
+        cancelled = _launch(env, tmp_path, "cancel", "release=r1-test", f"namespace={NS}")
+        assert cancelled.stdout.split() == ["deleted", "RayCluster/r1-test", "ConfigMap/r1-test-config",
+                                            "ServiceAccount/r1-test"]
