@@ -97,7 +97,8 @@ def problems(cfg) -> list[str]:
 
 
 def chart_values(cfg) -> dict:
-    """The chart's values (helm/r1/values.yaml) for this run."""
+    """The chart's values for this run; helm merges them over helm/r1/values.yaml (security context, service
+    account and the RayJob's TTL keep the chart's defaults)."""
     import ray
 
     k = cfg.cluster.k8s
@@ -123,9 +124,7 @@ def chart_values(cfg) -> dict:
                         "storageClass": k.storage_class or "", "accessMode": "ReadWriteMany"},
         "shmSize": str(k.shm_size),
         "secretEnv": [dict(e) for e in k.secret_env],
-        "rayJob": {"backoffLimit": k.backoff_limit, "ttlSecondsAfterFinished": 3600, "activeDeadlineSeconds": 0},
-        "serviceAccount": {"create": True, "name": ""},
-        "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000, "readOnlyRootFilesystem": True},
+        "rayJob": {"backoffLimit": k.backoff_limit},
     }
 
 
@@ -191,7 +190,6 @@ def ray_object(release: str, namespace: str, api=None) -> dict | None:
     for kind, plural in PLURALS.items():
         found = api.list_namespaced_custom_object(GROUP, VERSION, namespace, plural,
                                                   label_selector=f"{INSTANCE}={release}")["items"]
-        found = [o for o in found if o["metadata"].get("labels", {}).get(INSTANCE) == release]
         if found:
             return {**found[0], "kind": kind}
     return None
@@ -255,16 +253,14 @@ def cancel(release: str, namespace: str, api=None) -> list[str]:
     for kind, plural in PLURALS.items():
         for obj in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural,
                                                         label_selector=selector)["items"]:
-            if obj["metadata"].get("labels", {}).get(INSTANCE) == release:
-                custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, obj["metadata"]["name"])
-                deleted.append(f"{kind}/{obj['metadata']['name']}")
+            custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, obj["metadata"]["name"])
+            deleted.append(f"{kind}/{obj['metadata']['name']}")
     for kind, lister, deleter in (
             ("ConfigMap", core.list_namespaced_config_map, core.delete_namespaced_config_map),
             ("ServiceAccount", core.list_namespaced_service_account, core.delete_namespaced_service_account)):
         for obj in lister(namespace, label_selector=selector).items:
-            if (obj.metadata.labels or {}).get(INSTANCE) == release:
-                deleter(obj.metadata.name, namespace)
-                deleted.append(f"{kind}/{obj.metadata.name}")
+            deleter(obj.metadata.name, namespace)
+            deleted.append(f"{kind}/{obj.metadata.name}")
     if not deleted:
         raise K8sError(f"nothing of release {release} in namespace {namespace}")
     return deleted

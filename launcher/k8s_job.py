@@ -15,14 +15,12 @@ import sys
 
 from omegaconf import OmegaConf
 
-from launcher.slurm_job import wait_for_nodes
-
 
 def main(config_path: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = OmegaConf.load(config_path)
     cfg.cluster.ray_address = os.environ.get("RAY_ADDRESS") or "auto"
-    from r1.cluster import connect
+    from r1.cluster import connect, wait_for_nodes
     from r1.driver import run
 
     connect(cfg.cluster)

@@ -29,7 +29,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-NODES_WAIT_S = 300.0
 REQUEUE_EXIT = 75  # "try again later" (sysexits' EX_TEMPFAIL): the job script runs `scontrol requeue` on it
 ATTEMPTS_FILE = "slurm_attempts.jsonl"
 
@@ -57,17 +56,6 @@ class AttemptLog:
             f.write(json.dumps(record) + "\n")
 
 
-def wait_for_nodes(expected: int, timeout_s: float = NODES_WAIT_S) -> None:
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    while (alive := sum(1 for n in ray.nodes() if n["Alive"])) < expected:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {alive} of the job's {expected} nodes joined Ray in {timeout_s:.0f} s: "
-                               f"see ray-$SLURM_JOB_ID-<node>.log in the run directory")
-        time.sleep(1.0)
-
-
 def main(config_path: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = OmegaConf.load(config_path)
@@ -83,7 +71,7 @@ def main(config_path: str) -> int:
         return 1
 
     from r1.checkpoint import CheckpointManager
-    from r1.cluster import connect
+    from r1.cluster import connect, wait_for_nodes
     from r1.driver import run
 
     if attempt > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import ray
 
@@ -25,6 +26,18 @@ def connect(cluster) -> bool:
         ray.init(address=cluster.ray_address or "auto", runtime_env=env, log_to_driver=True)
         return True
     raise ValueError(f"cluster.kind={cluster.kind!r} is not supported; choose one of ['local', 'slurm', 'k8s']")
+
+
+def wait_for_nodes(expected: int, timeout_s: float = 300.0) -> None:
+    """Block until ``expected`` Ray nodes are alive: a job's nodes join at their own pace, and a pool placed before
+    its nodes are there would wait for them anyway, without saying why."""
+    deadline = time.monotonic() + timeout_s
+    while (alive := sum(1 for n in ray.nodes() if n["Alive"])) < expected:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {alive} of the job's {expected} nodes joined Ray in {timeout_s:.0f} s: see "
+                               "their Ray logs (Slurm: ray-<job>-<node>.log in the run directory; Kubernetes: the "
+                               "worker pods' logs)")
+        time.sleep(1.0)
 
 
 def _has_cuda() -> bool:
