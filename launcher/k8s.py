@@ -14,6 +14,7 @@ under ``cluster.k8s.mount_path``, and ``resume`` is on, so a retried run continu
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -79,16 +80,16 @@ def problems(cfg) -> list[str]:
             if not _QUANTITY.match(str(k[group][key])):
                 out.append(f"cluster.k8s.{group}.{key}={k[group][key]!r} is not a Kubernetes quantity "
                            "(e.g. 32, 500m, 256Gi)")
-    for pool, workers in (("train", cfg.trainer), ("rollout", cfg.rollout)):
-        pods = k[pool]
+    for pool, section in (("train", "trainer"), ("rollout", "rollout")):
+        pods, workers = k[pool], cfg[section]
         if workers.gpus_per_worker > pods.gpus:
-            out.append(f"{'trainer' if pool == 'train' else 'rollout'}.gpus_per_worker={workers.gpus_per_worker} "
-                       f"is more than a pod of the pool has (cluster.k8s.{pool}.gpus={pods.gpus})")
+            out.append(f"{section}.gpus_per_worker={workers.gpus_per_worker} is more than a pod of the pool has "
+                       f"(cluster.k8s.{pool}.gpus={pods.gpus})")
         elif workers.gpus_per_worker:
             per_pod = pods.gpus // workers.gpus_per_worker
             if workers.num_workers > per_pod * pods.replicas:
-                out.append(f"{'trainer' if pool == 'train' else 'rollout'}.num_workers={workers.num_workers} do not "
-                           f"fit on cluster.k8s.{pool}.replicas={pods.replicas} pod(s) of {pods.gpus} GPUs")
+                out.append(f"{section}.num_workers={workers.num_workers} do not fit on "
+                           f"cluster.k8s.{pool}.replicas={pods.replicas} pod(s) of {pods.gpus} GPUs")
     for entry in k.secret_env:
         if set(entry) != {"name", "secretName", "key"}:
             out.append(f"cluster.k8s.secret_env entry {dict(entry)}: give exactly name, secretName, key (the "
@@ -102,7 +103,9 @@ def chart_values(cfg) -> dict:
     import ray
 
     k = cfg.cluster.k8s
-    repository, _, tag = str(k.image).rpartition(":") if ":" in str(k.image).split("/")[-1] else (k.image, "", "")
+    repository, sep, tag = str(k.image).rpartition(":")
+    if not sep or "/" in tag:  # no tag (a ':' before the last '/' is a registry's port)
+        repository, tag = str(k.image), ""
 
     def placement(group) -> dict:
         return {"cpu": str(group.cpu), "memory": str(group.memory),
@@ -268,8 +271,6 @@ def cancel(release: str, namespace: str, api=None) -> list[str]:
 
 def _reason(err) -> str:
     """The API server's own message (a Status object's ``message``)."""
-    import json
-
     for api_error in getattr(err, "api_exceptions", None) or [err]:  # create_from_dict wraps them
         body = getattr(api_error, "body", None)
         if body:

@@ -77,7 +77,8 @@ def main(config_path: str) -> int:
     if attempt > 0:
         cfg.resume = True  # a requeued attempt continues from the latest checkpoint, whatever the first one did
     latest = CheckpointManager(Path(cfg.run_dir) / "checkpoints").latest() if cfg.resume else None
-    attempts.write("start", attempt, node=os.environ.get("SLURMD_NODENAME", socket.gethostname()), resume_from=latest.name if latest else None)
+    attempts.write("start", attempt, node=os.environ.get("SLURMD_NODENAME", socket.gethostname()),
+                   resume_from=latest.name if latest else None)
     try:
         connect(cfg.cluster)
         wait_for_nodes(int(os.environ.get("R1_EXPECTED_NODES", "1")))

@@ -94,14 +94,3 @@ def pools(cfg, model_path):
         rollout.shutdown()
         train.shutdown()
 
-
-# `make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`): one takes the system tests that mostly wait on
-# other processes (a real Slurm cluster's jobs, helm, the Kubernetes API emulator), the other every compute-bound
-# test, one at a time as before, so the two cores are not fought over by two Ray runs at once.
-SYSTEM_MODULES = {"test_slurm", "test_helm", "test_k8s_launcher"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = "system" if item.module.__name__.rsplit(".", 1)[-1] in SYSTEM_MODULES else "compute"
-        item.add_marker(pytest.mark.xdist_group(group))
