@@ -92,16 +92,20 @@ def test_bad_slurm_settings_fail_before_submission(tmp_path, overrides, message)
 
 @pytest.fixture(scope="module")
 def slurm_cluster():
-    """A real 2-node Slurm cluster on this machine for the module's tests, always stopped afterwards."""
+    """A real 2-node Slurm cluster on this machine for the module's tests, started from empty state (a controller
+    that recovers jobs left by an earlier, killed session would keep the nodes allocated) and purged afterwards."""
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         pytest.skip("the local Slurm cluster needs root and apt-get (tests/slurm/slurm-up.sh)")
+    subprocess.run(["bash", str(SLURM_DIR / "slurm-down.sh"), "--purge"], capture_output=True, timeout=300,
+                   check=False)
     up = subprocess.run(["bash", str(SLURM_DIR / "slurm-up.sh")], capture_output=True, text=True, timeout=900,
                         env={**os.environ, "SLURM_LOCAL_NODES": "2", "SLURM_LOCAL_CPUS": "2",
                              "SLURM_LOCAL_GPUS": "2"}, check=False)
     if up.returncode != 0:
         pytest.fail(f"slurm-up.sh failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}")
     yield
-    subprocess.run(["bash", str(SLURM_DIR / "slurm-down.sh")], capture_output=True, timeout=300, check=False)
+    subprocess.run(["bash", str(SLURM_DIR / "slurm-down.sh"), "--purge"], capture_output=True, timeout=300,
+                   check=False)
 
 
 def _launch(*overrides: str) -> subprocess.CompletedProcess:
@@ -247,7 +251,10 @@ def test_the_tiny_experiment_runs_as_a_slurm_job_and_resumes_after_preemption_re
     subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], check=False)  # (may be back already)
     assert _wait_for(job) == "COMPLETED", explain()
 
-    assert [row[0] for row in _sacct(job, "State")] == ["REQUEUED", "REQUEUED", "NODE_FAIL", "COMPLETED"]
+    states = lambda: [row[0] for row in _sacct(job, "State")]
+    # slurmdbd records an attempt a moment after the controller moved on: wait for the fourth row
+    _until(lambda: len(states()) >= 4, explain=lambda: f"sacct: {states()}\n{explain()}", timeout_s=60)
+    assert states() == ["REQUEUED", "REQUEUED", "NODE_FAIL", "COMPLETED"], explain()
     assert _sacct(job, "Start")[0][0] >= _sacct(first, "End")[0][0]  # ISO times: --dependency=afterok held it
     nodes = json.loads((run_dir / "nodes.json").read_text())
     ips = {n: subprocess.run(["getent", "ahostsv4", n], capture_output=True, text=True, check=True).stdout.split()[0]
@@ -293,7 +300,9 @@ def test_a_job_that_keeps_failing_gives_up_and_its_dependent_stage_is_cancelled(
     next_job = later.stdout.split("submitted Slurm job ")[1].split()[0]
     run_dir = shared / "runs" / "fails"
     assert _wait_for(job) == "FAILED", _log(run_dir, job)
-    assert [row[0] for row in _sacct(job, "State")] == ["REQUEUED", "FAILED"]
+    states = lambda: [row[0] for row in _sacct(job, "State")]
+    _until(lambda: len(states()) >= 2, explain=lambda: f"sacct: {states()}", timeout_s=60)
+    assert states() == ["REQUEUED", "FAILED"], _log(run_dir, job)
     outcomes = [(a["attempt"], a["outcome"]) for a in _attempts(run_dir) if a["event"] == "end"]
     assert outcomes == [(0, "failed"), (1, "failed")]
     assert "data.train_path" in _attempts(run_dir)[-1]["error"]
