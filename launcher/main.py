@@ -88,6 +88,10 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
     if result.get("stopped_by"):  # stopped by SIGINT/SIGTERM after a checkpoint: the conventional 128 + signal
         sys.exit(128 + int(result["stopped_by"]))
+    if result.get("aborted"):  # a sick GPU or a stalled run (r1.health), after a checkpoint: try again elsewhere
+        from r1.monitoring.stop import REQUEUE_EXIT
+
+        sys.exit(REQUEUE_EXIT)
 
 
 def submit_to_slurm(cfg) -> int:

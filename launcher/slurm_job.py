@@ -8,7 +8,10 @@ script), once every node of the job has joined it, and decides what the job does
   exit ``REQUEUE_EXIT`` and the job script requeues the job, whose next attempt continues from that checkpoint;
 - the driver failed: requeue likewise while fewer than ``cluster.slurm.max_failed_attempts`` attempts have failed,
   else exit 1 (FAILED);
-- SIGTERM/SIGINT (``scancel``, ``r1-launch cancel``): checkpoint if it can, exit 128 + signal, no requeue.
+- SIGTERM/SIGINT (``scancel``, ``r1-launch cancel``): checkpoint if it can, exit 128 + signal, no requeue;
+- a health abort (a sick GPU, a stalled run: ``r1.health``): the driver checkpointed; the node is added to
+  ``<run_dir>/slurm-<job>.exclude`` and ``REQUEUE_EXIT`` makes the job script requeue the job with
+  ``ExcNodeList`` set to those nodes, so the next attempt runs elsewhere (a stall names no node: nothing excluded).
 
 Each attempt is recorded in ``<run_dir>/slurm_attempts.jsonl`` (a start line and, unless it was killed, an end line).
 An attempt with no end line was killed with its node, or requeued by Slurm or an admin before it could say so: it
@@ -29,8 +32,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-REQUEUE_EXIT = 75  # "try again later" (sysexits' EX_TEMPFAIL): the job script runs `scontrol requeue` on it
+from r1.monitoring.stop import REQUEUE_EXIT  # the job script runs `scontrol requeue` on it
+
 ATTEMPTS_FILE = "slurm_attempts.jsonl"
+EXCLUDE_FILE = "slurm-{job}.exclude"  # the nodes a health abort found sick, comma-separated (the job script reads it)
 
 
 class AttemptLog:
@@ -54,6 +59,15 @@ class AttemptLog:
                   **fields}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def exclude_node(path: Path, node: str) -> list[str]:
+    """Add ``node`` to the job's excluded nodes; all of them, in the order they were found."""
+    nodes = [n for n in path.read_text().strip().split(",") if n] if path.is_file() else []
+    if node not in nodes:
+        nodes.append(node)
+    path.write_text(",".join(nodes) + "\n")
+    return nodes
 
 
 def main(config_path: str) -> int:
@@ -91,6 +105,12 @@ def main(config_path: str) -> int:
                   f"{allowed} failed attempts allowed)", file=sys.stderr)
             return REQUEUE_EXIT
         return 1
+    if aborted := result.get("aborted"):
+        if aborted.get("gpu") is not None:  # a node's GPU: never again on that node, for this job
+            exclude_node(Path(cfg.run_dir) / EXCLUDE_FILE.format(job=job), aborted["node"])
+        attempts.write("end", attempt, outcome="aborted", step=result["step"], signal=aborted["signal"],
+                       node=aborted["node"], gpu=aborted.get("gpu"))
+        return REQUEUE_EXIT
     stopped_by = result.get("stopped_by")
     if stopped_by == signal.SIGUSR1:  # time limit or preemption ahead: checkpointed, come back
         attempts.write("end", attempt, outcome="preempted", step=result["step"])

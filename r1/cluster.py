@@ -19,13 +19,18 @@ def connect(cluster) -> bool:
         if cluster.ray_address:
             ray.init(address=cluster.ray_address, runtime_env=env, log_to_driver=True)
         else:
-            ray.init(num_cpus=cluster.num_cpus, num_gpus=0 if not _has_cuda() else None, runtime_env=env,
+            ray.init(num_cpus=cluster.num_cpus, num_gpus=_local_gpus(cluster), runtime_env=env,
                      include_dashboard=False, log_to_driver=True)
         return True
     if cluster.kind in ("slurm", "k8s"):  # the job's own Ray cluster: the Slurm job script's, or KubeRay's
         ray.init(address=cluster.ray_address or "auto", runtime_env=env, log_to_driver=True)
         return True
     raise ValueError(f"cluster.kind={cluster.kind!r} is not supported; choose one of ['local', 'slurm', 'k8s']")
+
+
+def placement() -> tuple[str, list[int]]:
+    """This Ray worker's node id and the GPU indices Ray gave it (how the health monitor maps a GPU to workers)."""
+    return ray.get_runtime_context().get_node_id(), [int(g) for g in ray.get_gpu_ids()]
 
 
 def wait_for_nodes(expected: int, timeout_s: float = 300.0) -> None:
@@ -40,7 +45,10 @@ def wait_for_nodes(expected: int, timeout_s: float = 300.0) -> None:
         time.sleep(1.0)
 
 
-def _has_cuda() -> bool:
+def _local_gpus(cluster) -> int | None:
+    """``cluster.num_gpus``, else none on a machine without CUDA (Ray would count GPUs torch cannot use)."""
+    if cluster.num_gpus is not None:
+        return cluster.num_gpus
     import torch
 
-    return torch.cuda.is_available()
+    return None if torch.cuda.is_available() else 0

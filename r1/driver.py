@@ -2,7 +2,7 @@
 
     take a batch of rewarded groups from the rollout buffer (generated G per prompt by the rollout pool)
     -> reference/old log-probs -> group advantages -> update (training pool) -> sync weights -> refill the buffer
-    -> log -> checkpoint -> evaluate
+    -> health (every node's GPUs: alert, drain, abort) -> log -> checkpoint -> evaluate
 
 With ``algo.max_staleness = 0`` this is the synchronous on-policy loop. With ``s >= 1`` the buffer keeps the rollout
 pool generating the next batches (each with the policy version it was requested at) while the training pool updates
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from r1.cluster import connect
 from r1.data.prompts import PromptSampler
 from r1.data.tokens import TokenRules
 from r1.eval.held_out import evaluate, print_comparison
+from r1.health.supervisor import HealthSupervisor
 from r1.inputs import check_inputs, prepare_data, prepare_model
 from r1.monitoring.ledger import GroupLedger
 from r1.monitoring.loggers import MetricsLogger
@@ -182,7 +182,8 @@ def run(cfg) -> dict:
             logger.log({f"eval/{k}": v for k, v in evals[tag].items()}, step=step)
             progress.note(f"[cyan]eval @ step {step}[/]: " + ", ".join(f"{k} {v:.3f}" for k, v in evals[tag].items()))
 
-        with GracefulStop() as stop:
+        with GracefulStop() as stop, HealthSupervisor(cfg, run_dir, logger, train, rollout, stop) as health:
+            health.watch(lambda: (step, buffer.collected))  # no step and no rollout for stall_minutes: stacks, act
             if cfg.eval.at_start and "base" not in evals:
                 run_eval("base")
 
@@ -246,6 +247,7 @@ def run(cfg) -> dict:
                 metrics.update({f"time/trainer_{k}": v for k, v in train.pop_seconds().items()})
                 for k in ("checked", "timeouts", "errors"):
                     metrics[f"verifier/{k}"] = sum(t.verifier.get(k, 0) for t in totals_now.values())
+                metrics.update(health.check())  # readings of every GPU; its incidents alerted, drained or aborted
                 logger.log(metrics, step=step)
                 progress.step(step, metrics)
                 if cfg.logger.log_samples:
@@ -256,22 +258,23 @@ def run(cfg) -> dict:
                 # 7. checkpoint, 8. evaluate
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                     save_checkpoint()
-                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.trainer.total_steps:
+                if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.trainer.total_steps
+                        and not stop.requested):
                     run_eval(f"step_{step}")
 
             if stop.requested:  # stopped early: a resumable checkpoint of exactly where we are, written at once
                 if saved_step != step:
                     save_checkpoint(settle=False)
-                progress.note(f"[yellow]stopped by {signal.Signals(stop.signum).name} at step {step}[/]; checkpoint "
-                              f"written; continue with: r1-launch resume=true run_dir={run_dir}")
+                progress.note(f"[yellow]stopped by {stop.reason} at step {step}[/]; checkpoint written; continue "
+                              f"with: r1-launch resume=true run_dir={run_dir}")
                 return {"step": step, "version": version, "evals": evals, "run_dir": str(run_dir),
-                        "stopped_by": stop.signum, "buffer": buffer.state_dict()}
+                        "stopped_by": stop.signum, "aborted": stop.aborted, "buffer": buffer.state_dict()}
             run_eval("final")
             save_checkpoint()
         if "base" in evals:
             print_comparison(evals["base"], evals["final"], progress.console)
         return {"step": step, "version": version, "evals": evals, "run_dir": str(run_dir), "stopped_by": None,
-                "buffer": buffer.state_dict()}
+                "aborted": None, "buffer": buffer.state_dict()}
     finally:
         for sink in (ledger, logger):
             if sink is not None:

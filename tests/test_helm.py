@@ -175,9 +175,11 @@ def test_the_chart_lints_renders_and_validates(helm, tmp_path, mode, gpus, volum
                                                                   else "t-r1-data")
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         assert mounts == {"r1-config": "/etc/r1", "r1-data": "/r1", "dshm": "/dev/shm", "tmp": "/tmp"}
-        secret_env = [e for e in container["env"] if "valueFrom" in e]
+        secret_env = [e for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
         assert secret_env == [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {
             "name": "r1-secrets", "key": "wandb-api-key"}}}]
+        # the health monitor names the Kubernetes node (the downward API), as SREs find it with kubectl
+        assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in container["env"]
 
 
 @pytest.mark.slow

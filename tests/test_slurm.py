@@ -17,6 +17,7 @@ import pytest
 
 from launcher.slurm import SlurmError, submit
 from r1.config.validate import ConfigError
+from tests import fake_nvml
 from tests.conftest import REPO, TINY, compose
 
 SLURM_DIR = REPO / "tests" / "slurm"
@@ -308,3 +309,37 @@ def test_a_job_that_keeps_failing_gives_up_and_its_dependent_stage_is_cancelled(
     assert "data.train_path" in _attempts(run_dir)[-1]["error"]
     assert _wait_for(next_job, timeout_s=120) == "CANCELLED"  # afterok can never be met: not left pending forever
     assert not (shared / "runs" / "next" / "slurm_attempts.jsonl").exists()  # it never ran
+
+
+@pytest.mark.slow
+def test_a_health_abort_requeues_the_job_without_the_sick_node(slurm_cluster, tmp_path, monkeypatch):
+    """node2's first GPU reports an uncorrectable ECC error (a fake NVML in the job's environment, which sbatch
+    passes on): the run checkpoints and exits 75, and the job script requeues the job with node2 excluded. A 2-node
+    job with one node left waits in the queue."""
+    script = tmp_path / "nvml.json"
+    fake_nvml.write_script(script, {"gpus": 2, "faults": [
+        {"node": "node2", "gpu": 0, "kind": "ecc_uncorrectable", "count": 1}]})
+    monkeypatch.setenv("R1_NVML_MODULE", "tests.fake_nvml")
+    monkeypatch.setenv("FAKE_NVML_SCRIPT", str(script))
+    run_dir, job = _submit_tiny(tmp_path, "sick", "trainer.total_steps=100", "health.interval_s=0.5",
+                                "algo.group_size=4", "algo.prompts_per_step=4")
+    try:
+        def requeued_without_node2() -> str | None:
+            show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
+                                  check=False).stdout
+            return show if "ExcNodeList=node2" in show and "JobState=PENDING" in show else None
+
+        _until(requeued_without_node2, explain=lambda: _log(run_dir, job))
+        [end] = [a for a in _attempts(run_dir) if a["event"] == "end"]
+        assert (end["outcome"], end["signal"], end["node"], end["gpu"]) == ("aborted", "ecc_uncorrectable", "node2",
+                                                                            0)
+        assert (run_dir / "checkpoints" / f"step_{end['step']:06d}" / "driver_state.json").exists()
+        assert (run_dir / f"slurm-{job}.exclude").read_text().strip() == "node2"
+        assert f"r1: excluding node2 from Slurm job {job}" in _log(run_dir, job)
+        [incident] = [json.loads(x) for x in (run_dir / "health" / "incidents.jsonl").read_text().splitlines()]
+        assert (incident["node"], incident["uuid"]) == ("node2", "GPU-fake-node2-0")
+        time.sleep(6)  # two scheduling passes: still waiting, never started on node2 again
+        again = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=False).stdout
+        assert "JobState=PENDING" in again and "Restarts=1" in again, again
+    finally:
+        subprocess.run(["scancel", job], check=False)

@@ -43,12 +43,13 @@ def _payloads(data: bytes):
 
 
 def read_run(run_file: Path) -> dict:
-    """{'config': {...}, 'history': [{key: value}, ...]} from a ``run-<id>.wandb`` file."""
+    """{'config': {...}, 'history': [{key: value}, ...], 'alerts': [{title, text, level}]} from a ``run-<id>.wandb``
+    file."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(run_file).read_bytes()
     assert data[:4] == b":W&B", f"{run_file} is not a W&B run log"
-    out: dict = {"config": {}, "history": [], "run_id": None}
+    out: dict = {"config": {}, "history": [], "run_id": None, "alerts": []}
     for payload in _payloads(data):
         record = pb.Record()
         record.ParseFromString(payload)
@@ -60,6 +61,8 @@ def read_run(run_file: Path) -> dict:
         elif kind == "config":
             for item in record.config.update:
                 out["config"][item.key] = json.loads(item.value_json)
+        elif kind == "alert":
+            out["alerts"].append({"title": record.alert.title, "text": record.alert.text, "level": record.alert.level})
         elif kind == "history":
             out["history"].append({
                 (item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item

@@ -147,6 +147,9 @@ class ClusterConfig:
     ray_address: str | None = None
     # Logical CPUs Ray may hand out on a local cluster (can exceed physical cores; torch threads are set per worker).
     num_cpus: int = 4
+    # GPUs Ray may hand out on a local cluster (null: the ones CUDA sees). Ray only counts them: on a CPU machine,
+    # declared GPUs give each worker that asks for one an index (CUDA_VISIBLE_DEVICES) and nothing else.
+    num_gpus: int | None = None
     placement_strategy: str = "PACK"
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     k8s: K8sConfig = field(default_factory=K8sConfig)
@@ -364,6 +367,49 @@ class SyncConfig:
     timeout_s: float = 600.0
 
 
+class HealthAction(str, Enum):
+    """What an incident makes r1 do, in rising order: each does what the ones before it do."""
+
+    log = "log"  # a line in the run log and <run_dir>/health/incidents.jsonl, a row in W&B's incident table
+    alert = "alert"  # + a W&B alert (Slack/e-mail per the project's W&B alert settings)
+    drain = "drain"  # + no more work for the GPU's workers: the rollout pool goes on without them (training: abort)
+    abort = "abort"  # + checkpoint, then exit with the requeue code (Slurm requeues the job without the node)
+
+
+@dataclass
+class HealthActions:
+    """The action per health signal (docs/sre.md says what each one means and what to do about it)."""
+
+    xid_critical: HealthAction = HealthAction.abort  # an Xid in health.xid_critical_codes
+    xid: HealthAction = HealthAction.alert  # any other Xid event
+    ecc_uncorrectable: HealthAction = HealthAction.abort  # volatile uncorrected ECC count went up
+    ecc_correctable: HealthAction = HealthAction.log
+    retired_pages_pending: HealthAction = HealthAction.alert  # a page retirement waits for a GPU reset
+    row_remap_pending: HealthAction = HealthAction.alert  # a row remap waits for a GPU reset
+    row_remap_failure: HealthAction = HealthAction.abort  # the GPU ran out of spare rows
+    thermal_slowdown: HealthAction = HealthAction.alert  # clocks lowered by a HW/SW thermal limit
+    hw_slowdown: HealthAction = HealthAction.alert  # HW slowdown (power brake, thermal, external signal)
+    power_slowdown: HealthAction = HealthAction.log  # clocks lowered by the software power cap
+    temperature: HealthAction = HealthAction.alert  # GPU temperature >= health.temperature_c
+    nvlink_errors: HealthAction = HealthAction.alert  # NVLink replay/recovery/CRC counters went up
+    pcie_replay: HealthAction = HealthAction.log  # PCIe replay counter went up
+    stall: HealthAction = HealthAction.abort  # no finished step and no generated token for health.stall_minutes
+
+
+@dataclass
+class HealthConfig:
+    """NVML health monitoring of every node of both pools, and the driver's progress watchdog (docs/sre.md)."""
+
+    enabled: bool = True
+    interval_s: float = 10.0  # seconds between two samples of a node (Xid events are waited for in between)
+    temperature_c: float = 87.0  # the "temperature" signal fires at or above this (H100 slowdown starts near 90)
+    xid_critical_codes: list[int] = field(default_factory=lambda: [48, 63, 64, 74, 79, 94, 95])
+    # No finished step and no generated token for this long: dump every actor's stacks, then health.actions.stall
+    # (0 = no watchdog). A step of the paper's run takes minutes; a hung collective never returns.
+    stall_minutes: float = 30.0
+    actions: HealthActions = field(default_factory=HealthActions)
+
+
 @dataclass
 class R1Config:
     name: str = "r1"
@@ -384,6 +430,7 @@ class R1Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     # The choices of each config group, filled in by the launcher from Hydra (for the record, W&B, checkpoints).
     choices: dict[str, Any] = field(default_factory=dict)
 

@@ -151,6 +151,8 @@ def validate(cfg) -> list[str]:
         problems.append(f"trainer.engine={t.engine!r}: choose one of {list(TRAIN_ENGINES)}")
     if r.stall_timeout_s <= 0:
         problems.append("rollout.stall_timeout_s must be > 0")
+    if cfg.health.interval_s <= 0 or cfg.health.stall_minutes < 0:
+        problems.append("health.interval_s must be > 0 and health.stall_minutes >= 0 (0 = no watchdog)")
     if r.engine == "vllm":
         problems += _vllm_problems(cfg)
     if t.engine == "megatron":

@@ -50,6 +50,21 @@ class MetricsLogger:
 
             self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
 
+    def alert(self, title: str, text: str, level: str) -> None:
+        """A W&B alert (``level``: INFO, WARN or ERROR), which the project's alert settings route to Slack or
+        e-mail. W&B drops a repeat of the same title within a minute."""
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.alert(title=title, text=text, level=getattr(wandb.AlertLevel, level))
+
+    def summary_table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        """A table in the run's summary (replaced by each call): the whole story, not a series."""
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.summary[name] = wandb.Table(columns=columns, data=rows)
+
     def close(self) -> None:
         self._file.close()
         if self.wandb_run is not None:

@@ -3,6 +3,8 @@
 A second signal aborts at once (KeyboardInterrupt). Slurm and Kubernetes send SIGTERM before killing a job, so a
 pre-empted run leaves a checkpoint it can resume from. SIGUSR1 is the warning a Slurm job asks for before its time
 limit or a preemption (``--signal=B:USR1@<s>``): the job then requeues itself (``launcher/slurm_job.py``).
+``abort`` is the same request from inside the run (a sick GPU, a stalled run: ``r1.health``); such a run exits with
+``REQUEUE_EXIT``.
 """
 
 from __future__ import annotations
@@ -15,21 +17,31 @@ from typing import Self
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+REQUEUE_EXIT = 75  # "try again later" (sysexits' EX_TEMPFAIL): a Slurm job requeues itself on it
 
 
 class GracefulStop:
     def __init__(self):
         self.signum: int | None = None
+        self.aborted: dict | None = None  # what made the run abort itself (an incident)
+        self.reason = ""
         self._previous: dict[int, object] = {}
 
     @property
     def requested(self) -> bool:
-        return self.signum is not None
+        return self.signum is not None or self.aborted is not None
+
+    def abort(self, reason: str, details: dict) -> None:
+        """Stop after the current step, checkpoint, exit with ``REQUEUE_EXIT`` (any thread may call it)."""
+        if not self.requested:
+            self.reason, self.aborted = reason, details
+            log.error("%s: stopping after the current step (checkpoint, then exit %d to be requeued)", reason,
+                      REQUEUE_EXIT)
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without a checkpoint")
-        self.signum = signum
+        self.signum, self.reason = signum, signal.Signals(signum).name
         log.warning("%s received: stopping after the current step (checkpoint, then shut down both pools); "
                     "send it again to abort now", signal.Signals(signum).name)
 

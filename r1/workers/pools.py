@@ -3,7 +3,8 @@
 Keeping the pools apart (not colocated) is what lets them run different engines, scale independently and overlap
 (asynchronous GRPO). Each pool fans a call out to its actors and gathers the results in order. A rollout worker
 that dies is replaced in its placement-group bundle and rejoins a re-formed weight-sync group with the current
-weights; callers re-submit its lost work.
+weights; callers re-submit its lost work. A *drained* worker (its GPU is sick: ``r1.health``) is stopped and not
+replaced; the pool goes on with the others.
 """
 
 from __future__ import annotations
@@ -195,6 +196,12 @@ class RolloutPool:
         self.actors = [self._spawn(i) for i in range(r.num_workers)]
         self.sync = None  # the WeightSync that feeds this pool (r1.workers.weight_sync); replacements rejoin it
         self.replaced = 0
+        self.drained: set[int] = set()
+
+    @property
+    def live(self) -> list[int]:
+        """The workers that take work: all but the drained ones."""
+        return [i for i in range(len(self.actors)) if i not in self.drained]
 
     def _spawn(self, index: int):
         r = self.cfg.rollout
@@ -206,8 +213,21 @@ class RolloutPool:
         ObjectRef (``Rollouts``: the groups, and the worker's totals)."""
         return self.actors[worker].generate_groups.remote(problems, params, uids, version)
 
+    def drain(self, index: int) -> None:
+        """No more work for worker ``index``: stopped, not replaced. Its requests in flight fail, and whoever sent
+        them redoes them on the others; the sync group is re-formed without it."""
+        log.warning("rollout worker %d drained (health); the pool goes on with workers %s", index,
+                    [i for i in self.live if i != index])
+        self.drained.add(index)
+        ray.kill(self.actors[index], no_restart=True)
+        if self.sync is not None and self.live:
+            self.sync.rejoin()
+
     def replace(self, dead: list[int]) -> None:
         """Start fresh workers in the dead ones' bundles; they rejoin the sync group with the current weights."""
+        dead = [i for i in dead if i not in self.drained]  # (a drained worker's failures are expected)
+        if not dead:
+            return
         for i in dead:
             log.warning("rollout worker %d died; replacing it (its in-flight requests will be redone)", i)
             ray.kill(self.actors[i], no_restart=True)
@@ -217,13 +237,14 @@ class RolloutPool:
             self.sync.rejoin()
 
     def _fan_out(self, method: str, problems: list[tuple[int, str, str]], params: SamplingParams, *args) -> list:
-        """One chunk per worker; a chunk whose worker dies is redone on its replacement."""
-        chunks = split_evenly(problems, len(self.actors))
+        """One chunk per live worker; a chunk whose worker dies is redone on its replacement."""
+        workers = self.live
+        chunks = split_evenly(problems, len(workers))
         results: dict[int, list] = {}
         while len(results) < sum(1 for c in chunks if c):
             todo = [i for i, c in enumerate(chunks) if c and i not in results]
             futures = {
-                i: getattr(self.actors[i], method).remote(
+                i: getattr(self.actors[workers[i]], method).remote(
                     chunks[i], SamplingParams(**{**params.__dict__, "seed": params.seed * 1009 + i}), *args)
                 for i in todo
             }
@@ -232,7 +253,7 @@ class RolloutPool:
                 try:
                     results[i] = ray.get(ref)
                 except RayActorError:
-                    dead.append(i)
+                    dead.append(workers[i])
             if dead:
                 self.replace(dead)
         return [item for i in sorted(results) for item in results[i]]

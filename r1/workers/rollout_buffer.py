@@ -103,6 +103,7 @@ class RolloutBuffer:
         self.redone_after_loss = 0
         self.dropped_uniform = 0
         self.worker_totals: dict[int, WorkerTotals] = {}  # the latest totals each worker sent with a result
+        self.collected = 0  # generation requests finished (a sign of progress for the watchdog)
 
     # --- the two operations of the driver loop ------------------------------------------------------------------
     def fill(self, version: int) -> None:
@@ -158,6 +159,8 @@ class RolloutBuffer:
 
     # --- bookkeeping ------------------------------------------------------------------------------------------
     def _submit(self, entries: list[tuple[int, int]], version: int) -> None:
+        while self._next_worker in self.pool.drained:  # (a drained worker takes no more requests)
+            self._next_worker = (self._next_worker + 1) % len(self.pool.actors)
         worker, self._next_worker = self._next_worker, (self._next_worker + 1) % len(self.pool.actors)
         seed = request_seed(self.cfg.seed, entries[0][0], self.attempts[entries[0][0]])
         problems = [(i, self.problems[i].prompt, self.problems[i].answer) for _, i in entries]
@@ -202,6 +205,7 @@ class RolloutBuffer:
             if self.pool.actors[request.worker] is request.actor:  # not replaced yet (by a sibling request)
                 self.pool.replace([request.worker])
             return
+        self.collected += 1
         for group in rollouts.groups:
             self.ready[group.uid] = group
         self.worker_totals[request.worker] = rollouts.totals

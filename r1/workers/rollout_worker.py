@@ -25,6 +25,7 @@ import time
 import ray
 import torch
 
+from r1.cluster import placement
 from r1.data.template import apply_template
 from r1.data.tokens import TokenRules
 from r1.distributed.bucketed_broadcast import GroupMembership
@@ -194,6 +195,9 @@ class RolloutWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def placement(self) -> tuple[str, list[int]]:
+        return placement()
 
     # --- weight sync (thread `sync`, concurrently with generation) ---------------------------------------------
     @ray.method(concurrency_group="sync")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from r1.cluster import placement
 from r1.data.tokens import load_tokenizer
 from r1.distributed.bucketed_broadcast import GroupMembership, free_port, manifest_of, node_ip
 from r1.engines.registry import build_train_engine
@@ -49,6 +50,9 @@ class TrainWorker:
 
     def address(self) -> tuple[str, int]:
         return node_ip(), free_port()
+
+    def placement(self) -> tuple[str, list[int]]:
+        return placement()
 
     @on_compute_thread
     def setup(self, master_addr: str, master_port: int) -> None:

@@ -31,10 +31,11 @@ class WeightSync:
 
     def _form(self) -> None:
         host, port = ray.get(self.train.leader.address.remote())
-        world = 1 + len(self.rollout.actors)
+        live = self.rollout.live
+        world = 1 + len(live)
         ray.get(
             [self.train.leader.init_sync.remote(host, port, world)]
-            + [a.init_sync.remote(host, port, i + 1, world) for i, a in enumerate(self.rollout.actors)]
+            + [self.rollout.actors[i].init_sync.remote(host, port, rank + 1, world) for rank, i in enumerate(live)]
         )
 
     def rejoin(self) -> None:
@@ -54,7 +55,7 @@ class WeightSync:
         sender fails, the receivers would wait for buckets that never come: the group is re-formed for them and
         the failure raised at once as ``WeightSyncError``."""
         senders = self.train.broadcast_weights(version)  # rank 0 sends; with a sharded model all ranks gather
-        recvs = {a.receive_weights.remote(self.manifest, version): i for i, a in enumerate(self.rollout.actors)}
+        recvs = {self.rollout.actors[i].receive_weights.remote(self.manifest, version): i for i in self.rollout.live}
         pending, dead, broken, sent = [*senders, *recvs], [], False, 0
         while pending and not (dead or broken):
             done, pending = ray.wait(pending, num_returns=1)
@@ -87,9 +88,9 @@ class WeightSync:
 
     def _dead_receivers(self) -> list[int]:
         """Indices of the rollout workers whose process is gone (asked only after a failed send)."""
-        refs = [a.pid.remote() for a in self.rollout.actors]
+        refs = {i: self.rollout.actors[i].pid.remote() for i in self.rollout.live}
         dead = []
-        for i, ref in enumerate(refs):
+        for i, ref in refs.items():
             try:
                 ray.get(ref, timeout=LIVENESS_TIMEOUT_S)
             except RayActorError:

@@ -89,6 +89,10 @@ spec:
           value: "0"
         - name: R1_POOL_GROUP
           value: {{ .name }}
+        - name: NODE_NAME  # the Kubernetes node: what r1's health monitor calls this node in incidents and W&B
+          valueFrom:
+            fieldRef:
+              fieldPath: spec.nodeName
         {{- range $v.secretEnv }}
         - name: {{ .name }}
           valueFrom:
