@@ -190,6 +190,13 @@ def _until(what, proc, tmp_path, timeout_s=240):
     return found
 
 
+def _title(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # (gone meanwhile)
+        return ""
+
+
 def _incidents(run_dir: Path) -> list[dict]:
     path = run_dir / "health" / "incidents.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
@@ -278,8 +285,8 @@ def test_a_hung_step_is_caught_by_the_watchdog_which_dumps_stacks_and_aborts(tmp
     frozen = None
     try:
         _until(lambda: len(_steps(run_dir)) >= 2, proc, tmp_path)
-        workers = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"]
-                   and p.info["cmdline"][0].startswith("ray::RolloutWorker")]
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)  # (this run's Ray: the driver's)
+                   if _title(p).startswith("ray::RolloutWorker")]
         assert len(workers) == 2
         frozen = workers[0]
         frozen.send_signal(signal.SIGSTOP)
