@@ -75,9 +75,10 @@ class HealthSupervisor:
     def check(self) -> dict[str, float]:
         """The latest readings of every node, as metrics; acts on the incidents found since the last check."""
         metrics: dict[str, float] = {}
-        for node_id, monitor in list(self.monitors.items()):
+        asked = {node_id: monitor.report.remote() for node_id, monitor in self.monitors.items()}  # all nodes at once
+        for node_id, ref in asked.items():
             try:
-                report = ray.get(monitor.report.remote(), timeout=60)
+                report = ray.get(ref, timeout=60)
             except (RayActorError, GetTimeoutError) as err:
                 log.warning("health: the monitor on %s does not answer (%s); dropped",
                             self.node_names.get(node_id, node_id), type(err).__name__)
