@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -157,6 +158,22 @@ def test_gpu_readings_are_exported_for_prometheus_by_ray(ray_local, tmp_path):
     finally:
         ray_local.get(monitor.close.remote())
         ray_local.kill(monitor)
+
+
+def test_health_disabled_starts_no_monitor_and_no_watchdog(tmp_path):
+    """health.enabled=false: no monitor, nothing read; health.stall_minutes=0: no watchdog thread."""
+    from types import SimpleNamespace
+
+    from r1.health.supervisor import HealthSupervisor
+    from r1.monitoring.stop import GracefulStop
+
+    cfg = SimpleNamespace(health=_health_cfg(enabled=False, stall_minutes=0))
+    pool = SimpleNamespace(actors=[], drained=set())
+    with HealthSupervisor(cfg, tmp_path, logger=None, train=pool, rollout=pool, stop=GracefulStop()) as health:
+        health.watch(lambda: 0)
+        assert health.monitors == {} and not any(t.name == "r1-watchdog" for t in threading.enumerate())
+        assert health.check() == {"health/incidents_total": 0, "health/drained_workers": 0}
+        assert not (tmp_path / "health" / "gpus.json").exists()
 
 
 # --- end to end: real tiny runs ---------------------------------------------------------------------------------
