@@ -36,6 +36,8 @@ def check_inputs(cfg) -> None:
 
 def prepare_model(cfg) -> str:
     """Local directory of the base model: built (and cached) for ``source=tiny``, else ``model.path``."""
+    if cfg.data.template == "chat":  # a base model's tokenizer has none: said before anything is built or started
+        check_chat_model(cfg)
     if cfg.model.source == "tiny":
         from rich.console import Console
 
@@ -53,6 +55,19 @@ def prepare_model(cfg) -> str:
     if cfg.rollout.engine == "vllm":
         check_vllm_can_serve(cfg, path)
     return path
+
+
+def check_chat_model(cfg) -> None:
+    from r1.data.template import check_chat_template
+    from r1.data.tokens import load_tokenizer
+
+    if cfg.model.source == "tiny":
+        raise ConfigError("data.template=chat: the tiny model (model.source=tiny) is a base model without a chat "
+                          "template; use data.template=r1_zero or plain")
+    try:
+        check_chat_template(load_tokenizer(cfg.model.path))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_vllm_can_serve(cfg, model_path: str) -> None:

@@ -87,3 +87,35 @@ def test_the_loaded_tokenizer_encodes_as_the_tiny_model_was_pretrained(model, re
         expected = written.encode(doc, add_special_tokens=rules.bos_id is not None).ids
         assert rules.encode(doc) == expected
         assert rules.tokenizer.decode(expected, skip_special_tokens=True).strip() == doc.strip()
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_the_chat_template_is_the_tokenizers_own(tiny_model, tmp_path):
+    """data.template=chat: one user turn and the generation prompt, as the tokenizer's template writes them; the
+    ids the rollout worker encodes equal the tokenizer's own apply_chat_template ids."""
+    from r1.data.tokens import TokenRules, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(tmp_path)  # (what a chat model's checkpoint carries)
+    chat = TokenRules(load_tokenizer(str(tmp_path)))
+    text = apply_template("What is 1 + 1?", "chat", chat.tokenizer)
+    assert text == "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n"
+    assert chat.encode(text) == list(chat.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 1 + 1?"}], add_generation_prompt=True, tokenize=True,
+        return_dict=False))
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused_before_anything_starts(tiny_model, tmp_path):
+    from r1.config.validate import ConfigError
+    from r1.inputs import prepare_model
+    from tests.conftest import TINY, compose
+
+    with pytest.raises(ConfigError, match="data.template=chat: the tiny model .* is a base model without a chat"):
+        prepare_model(compose([*TINY, "run_dir=unused", "data.template=chat"]))
+    with pytest.raises(ConfigError, match=f"data.template=chat: the tokenizer of '{tiny_model}' has no chat template"):
+        prepare_model(compose([*TINY, "run_dir=unused", "data.template=chat", "model.source=pretrained",
+                               f"model.path={tiny_model}"]))

@@ -1,5 +1,6 @@
 """Rewards: answer extraction, the R1-Zero format check, and math-verify in a pool that never hangs."""
 
+import re
 import time
 
 import pytest
@@ -137,3 +138,56 @@ def test_user_reward_terms_plug_in_by_import_path():
 def test_unknown_reward_term_is_a_clear_error():
     with pytest.raises(ValueError, match="package.module:function"):
         build_reward([("acuracy", 1.0)])
+
+
+# --- answer extractors (reward.answer_extractor) ----------------------------------------------------------------
+@pytest.mark.parametrize("response, expected", [
+    ("so x = \\boxed{42}.", "42"),
+    ("\\boxed{1} first, then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # the last one, nested braces whole
+    ("\\boxed{\\sqrt{x^{2}}} and \\boxed{3", "\\sqrt{x^{2}}"),  # a cut-off last box: the one before it
+    ("\\boxed{ }", None),
+    ("no box, <answer> 4 </answer>", None),
+])
+def test_boxed_extractor_takes_the_last_closed_box(response, expected):
+    from r1.rewards.extract import make_extractor
+
+    assert make_extractor("boxed")(response) == expected
+
+
+def test_final_line_extractor_reads_the_last_matching_line():
+    from r1.rewards.extract import make_extractor
+
+    gsm8k = make_extractor("final_line")
+    assert gsm8k("Natalia sold 48 clips.\n#### 72\n") == "72"
+    assert gsm8k("#### 1\nthen more thought\n####  2 \n\n") == "2"
+    assert gsm8k("the answer is 72") is None
+    custom = make_extractor("final_line", r"[Tt]he answer is\s*(\S+?)\.?$")
+    assert custom("work...\nThe answer is 17.\nThanks") == "17"
+    with pytest.raises(ValueError, match="needs a group"):
+        make_extractor("final_line", r"####.*")
+
+
+def test_the_boxed_extractor_feeds_math_verify():
+    """Accuracy of boxed answers, decided by the real math-verify (1/2 = 0.5; 3 != 4; no box = wrong)."""
+    reward = build_reward([("accuracy", 1.0)], verify_timeout_s=5, answer_extractor="boxed")
+    try:
+        out = reward.score(["half: \\boxed{\\frac{1}{2}}", "\\boxed{3}", "<answer> 4 </answer>"], ["0.5", "4", "4"])
+    finally:
+        reward.verifier.close()
+    assert out.total == [1.0, 0.0, 0.0] and out.answers == ["\\frac{1}{2}", "3", None]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reward.answer_extractor=boxd", ("reward.answer_extractor='boxd': choose one of ['answer_tags', 'boxed', "
+                                     "'final_line']")),
+    ("data.template=chatml", "data.template='chatml': choose one of ['r1_zero', 'plain', 'chat']"),
+])
+def test_an_unknown_extractor_or_template_names_the_choices(override, message):
+    from r1.config.validate import ConfigError, validate
+    from tests.conftest import TINY, compose
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose([*TINY, "run_dir=x", override]))
+    with pytest.raises(ConfigError, match="needs a group around the answer"):
+        validate(compose([*TINY, "run_dir=x", "reward.answer_extractor=final_line",
+                          "reward.final_line_pattern='####.*'"]))

@@ -200,6 +200,8 @@ class DataConfig:
     eval_path: str | None = None
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+    # r1_zero (the paper's Table 1) | plain (the prompt as is) | chat (the tokenizer's own chat template, one user turn
+    # and the assistant's generation prompt: instruct, cold-started and distilled models)
     template: str = "r1_zero"
     num_operands: int = 4  # arithmetic generator only
     operand_low: int = 0
@@ -332,6 +334,10 @@ class RewardConfig:
     )
     verify_workers: int = 1  # math-verify processes per rollout worker
     verify_timeout_s: float = 5.0
+    # Where the answer is in a response (r1/rewards/extract.py): answer_tags (<answer>…</answer>, the R1-Zero
+    # template) | boxed (the last \boxed{…}) | final_line (final_line_pattern's group on the last matching line).
+    answer_extractor: str = "answer_tags"
+    final_line_pattern: str = r"^\s*####\s*(.+?)\s*$"
 
 
 @dataclass

@@ -79,6 +79,30 @@ def _vllm_problems(cfg) -> list[str]:
     return problems
 
 
+def _answer_problems(cfg) -> list[str]:
+    """The prompt template and the answer extractor exist (a wrong one would score every response 0)."""
+    import re
+
+    from r1.data.template import CHOICES
+    from r1.rewards.extract import EXTRACTORS
+
+    problems = []
+    if cfg.data.template not in CHOICES:
+        problems.append(f"data.template={cfg.data.template!r}: choose one of {list(CHOICES)}")
+    if cfg.reward.answer_extractor not in EXTRACTORS:
+        problems.append(f"reward.answer_extractor={cfg.reward.answer_extractor!r}: choose one of {list(EXTRACTORS)}")
+    elif cfg.reward.answer_extractor == "final_line":
+        try:
+            groups = re.compile(cfg.reward.final_line_pattern).groups
+        except re.error as err:
+            groups = None
+            problems.append(f"reward.final_line_pattern={cfg.reward.final_line_pattern!r} is not a regex: {err}")
+        if groups == 0:
+            problems.append(f"reward.final_line_pattern={cfg.reward.final_line_pattern!r} needs a group around the "
+                            "answer, e.g. '^####\\s*(.+)$'")
+    return problems
+
+
 def _megatron_problems(t) -> list[str]:
     from r1.engines.megatron.engine import RECOMPUTE
 
@@ -151,6 +175,7 @@ def validate(cfg) -> list[str]:
         problems.append(f"trainer.engine={t.engine!r}: choose one of {list(TRAIN_ENGINES)}")
     if r.stall_timeout_s <= 0:
         problems.append("rollout.stall_timeout_s must be > 0")
+    problems += _answer_problems(cfg)
     if cfg.health.interval_s <= 0 or cfg.health.stall_minutes < 0:
         problems.append("health.interval_s must be > 0 and health.stall_minutes >= 0 (0 = no watchdog)")
     if r.engine == "vllm":

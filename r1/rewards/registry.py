@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from r1.rewards.extract import extract_answer
+from r1.rewards.extract import FINAL_LINE_PATTERN, extract_answer, make_extractor
 from r1.rewards.format import format_reward
 from r1.rewards.verifier import VerifierPool
 
@@ -42,15 +42,16 @@ def _load_user_term(spec: str) -> Callable[[str, str], float]:
 class RuleReward:
     """Scores a batch of responses against references. Owns the math-verify pool (one per rollout worker)."""
 
-    def __init__(self, terms: Sequence[tuple[str, float]], verifier: VerifierPool):
+    def __init__(self, terms: Sequence[tuple[str, float]], verifier: VerifierPool,
+                 extract: Callable[[str], str | None] = extract_answer):
         if not terms:
             raise ValueError("reward.terms is empty: give at least one term, e.g. accuracy and format")
         self.terms = [(name, float(weight)) for name, weight in terms]
-        self.verifier = verifier
+        self.verifier, self.extract = verifier, extract
         self._user = {name: _load_user_term(name) for name, _ in self.terms if name not in BUILTIN_TERMS}
 
     def score(self, responses: Sequence[str], references: Sequence[str]) -> RewardResult:
-        answers = [extract_answer(r) for r in responses]
+        answers = [self.extract(r) for r in responses]
         components: dict[str, list[float]] = {}
         for name, _ in self.terms:
             if name == "accuracy":
@@ -66,5 +67,7 @@ class RuleReward:
         return RewardResult(total=total, components=components, answers=answers)
 
 
-def build_reward(terms: Sequence[tuple[str, float]], *, verify_workers: int = 1, verify_timeout_s: float = 5.0):
-    return RuleReward(terms, VerifierPool(num_workers=verify_workers, timeout_s=verify_timeout_s))
+def build_reward(terms: Sequence[tuple[str, float]], *, verify_workers: int = 1, verify_timeout_s: float = 5.0,
+                 answer_extractor: str = "answer_tags", final_line_pattern: str = FINAL_LINE_PATTERN):
+    return RuleReward(terms, VerifierPool(num_workers=verify_workers, timeout_s=verify_timeout_s),
+                      make_extractor(answer_extractor, final_line_pattern))

@@ -48,6 +48,8 @@ class RolloutWorker:
             [(t.name, t.weight) for t in cfg.reward.terms],
             verify_workers=cfg.reward.verify_workers,
             verify_timeout_s=cfg.reward.verify_timeout_s,
+            answer_extractor=cfg.reward.answer_extractor,
+            final_line_pattern=cfg.reward.final_line_pattern,
         )
         self.reward.verifier.warm_up()  # not mid-run, on the first step whose responses contain an answer
         self.sync = GroupMembership()  # re-formed when a rollout worker is replaced
@@ -65,7 +67,7 @@ class RolloutWorker:
             self._loop.create_task(self._watchdog())
 
     def _encode(self, prompt: str) -> list[int]:
-        return self.tokens.encode(apply_template(prompt, self.cfg.data.template))
+        return self.tokens.encode(apply_template(prompt, self.cfg.data.template, self.tokens.tokenizer))
 
     # --- requests ------------------------------------------------------------------------------------------------
     async def generate_groups(
