@@ -191,3 +191,46 @@ def test_an_unknown_extractor_or_template_names_the_choices(override, message):
     with pytest.raises(ConfigError, match="needs a group around the answer"):
         validate(compose([*TINY, "run_dir=x", "reward.answer_extractor=final_line",
                           "reward.final_line_pattern='####.*'"]))
+
+
+# --- language consistency (reward term "language") --------------------------------------------------------------
+@pytest.mark.parametrize("response, zh, en", [
+    # 7 Han characters, 3 English words (counted by hand)
+    ("<think>我们先计算 the sum 然后 check</think><answer>7</answer>", 7, 3),
+    # math is no language: $...$, \(...\), LaTeX commands, digits, single-letter variables
+    ("<think>计算 $\\frac{a}{b}$ 等于 0.5, \\(x^2\\) so x = \\sqrt{4}</think><answer>2</answer>", 4, 1),
+    ("<think>Let's add: 3 + 4 = 7. 所以答案是七。</think><answer>7</answer>", 6, 2),
+    ("no think tags, so everything before the answer counts <answer>x</answer>", 0, 9),
+])
+def test_words_are_counted_per_language(response, zh, en):
+    from r1.rewards.language import chain_of_thought, language_consistency, words_by_language
+
+    counts = words_by_language(chain_of_thought(response))
+    assert (counts["zh"], counts["en"]) == (zh, en)
+    assert language_consistency(response, "zh") == pytest.approx(zh / (zh + en))
+    assert language_consistency(response, "en") == pytest.approx(en / (zh + en))
+
+
+def test_language_consistency_of_other_scripts_and_of_no_words():
+    from r1.rewards.language import language_consistency
+
+    assert language_consistency("<think>Привет world</think>", "en") == 0.5  # Cyrillic: a word of neither
+    assert language_consistency("<think>12 + 3 = 15</think><answer>15</answer>", "zh") == 1.0  # nothing mixed
+    with pytest.raises(ValueError, match=r"reward.language='fr': choose one of \['en', 'zh'\]"):
+        language_consistency("x", "fr")
+
+
+def test_the_r1_reasoning_reward_sums_accuracy_format_and_language():
+    """conf/reward/r1_reasoning.yaml as the rollout worker builds it: every term, weighted, on mixed zh/en samples."""
+    from tests.conftest import TINY, compose
+
+    cfg = compose([*TINY, "run_dir=x", "reward=r1_reasoning", "reward.language=zh"])
+    reward = build_reward([(t.name, t.weight) for t in cfg.reward.terms], verify_timeout_s=5,
+                          language=cfg.reward.language)
+    try:
+        out = reward.score(["<think>三加四 is seven</think> <answer>7</answer>",  # right, formatted, 3 zh of 5
+                            "<think>三加四</think> <answer>8</answer>"], ["7", "7"])  # wrong, formatted, all zh
+    finally:
+        reward.verifier.close()
+    assert out.components == {"accuracy": [1.0, 0.0], "format": [1.0, 1.0], "language": [0.6, 1.0]}
+    assert out.total == pytest.approx([2.6, 2.0])

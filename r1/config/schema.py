@@ -337,6 +337,8 @@ class RewardConfig:
     # Where the answer is in a response (r1/rewards/extract.py): answer_tags (<answer>…</answer>, the R1-Zero
     # template) | boxed (the last \boxed{…}) | final_line (final_line_pattern's group on the last matching line).
     answer_extractor: str = "answer_tags"
+    # The target language of the "language" term (the chain of thought's share of words in it): en | zh
+    language: str = "en"
     final_line_pattern: str = r"^\s*####\s*(.+?)\s*$"
 
 

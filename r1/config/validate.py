@@ -85,10 +85,13 @@ def _answer_problems(cfg) -> list[str]:
 
     from r1.data.template import CHOICES
     from r1.rewards.extract import EXTRACTORS
+    from r1.rewards.language import LANGUAGES
 
     problems = []
     if cfg.data.template not in CHOICES:
         problems.append(f"data.template={cfg.data.template!r}: choose one of {list(CHOICES)}")
+    if cfg.reward.language not in LANGUAGES:
+        problems.append(f"reward.language={cfg.reward.language!r}: choose one of {list(LANGUAGES)}")
     if cfg.reward.answer_extractor not in EXTRACTORS:
         problems.append(f"reward.answer_extractor={cfg.reward.answer_extractor!r}: choose one of {list(EXTRACTORS)}")
     elif cfg.reward.answer_extractor == "final_line":

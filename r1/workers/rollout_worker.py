@@ -50,6 +50,7 @@ class RolloutWorker:
             verify_timeout_s=cfg.reward.verify_timeout_s,
             answer_extractor=cfg.reward.answer_extractor,
             final_line_pattern=cfg.reward.final_line_pattern,
+            language=cfg.reward.language,
         )
         self.reward.verifier.warm_up()  # not mid-run, on the first step whose responses contain an answer
         self.sync = GroupMembership()  # re-formed when a rollout worker is replaced
