@@ -11,7 +11,8 @@ test can inject a fault mid-run (write it atomically)::
         {"gpu": 1, "kind": "xid", "code": 79},                          # one Xid event, delivered once per process
         {"gpu": 0, "kind": "ecc_uncorrectable", "count": 2},            # volatile uncorrected ECC errors
         {"gpu": 0, "kind": "throttle", "reasons": 64},                  # clocks event reasons (0x40: HW thermal)
-        {"gpu": 0, "kind": "nvlink", "errors": 3}]}                     # replay errors on link 0
+        {"gpu": 0, "kind": "nvlink", "errors": 3},                      # replay errors on link 0
+        {"gpu": 1, "kind": "hidden"}]}                                  # another job's GPU: NoPermission
 
 The node a fault names is matched like r1 names nodes: Slurm's node name, else NODE_NAME, else the host name.
 """
@@ -25,9 +26,10 @@ import socket
 import time
 
 import pynvml
-from pynvml import *
+from pynvml import *  # every name pynvml has; the functions below replace the emulated ones
 from pynvml import (
     NVML_ERROR_INVALID_ARGUMENT,
+    NVML_ERROR_NO_PERMISSION,
     NVML_ERROR_NOT_SUPPORTED,
     NVML_ERROR_TIMEOUT,
     NVML_ERROR_UNINITIALIZED,
@@ -91,6 +93,8 @@ def nvmlDeviceGetCount():
 def nvmlDeviceGetHandleByIndex(index):
     handle = ctypes.cast(ctypes.c_void_p(index + 1), pynvml.c_nvmlDevice_t)
     _index(handle)
+    if _faults(index, "hidden"):
+        raise NVMLError(NVML_ERROR_NO_PERMISSION)
     return handle
 
 

@@ -69,6 +69,25 @@ def test_the_fake_nvml_has_pynvmls_names_signatures_types_and_errors(tmp_path, m
         fake_nvml.nvmlShutdown()
 
 
+def test_a_gpu_nvml_cannot_open_is_left_out_and_the_others_keep_their_indices(tmp_path, monkeypatch):
+    """Under a scheduler's device cgroup NVML counts every GPU of the node but opens only the job's: the others are
+    reported unreadable, and the readable ones keep their NVML index (Ray's GPU ids use the same numbering)."""
+    from r1.health.nvml import NodeGpus
+
+    monkeypatch.setenv("FAKE_NVML_SCRIPT", str(tmp_path / "s.json"))
+    fake_nvml.write_script(tmp_path / "s.json", {"gpus": 3, "faults": [
+        {"gpu": 1, "kind": "hidden"}, {"gpu": 2, "kind": "xid", "code": 31}]})
+    fake_nvml.nvmlInit()
+    gpus = NodeGpus(fake_nvml)
+    try:
+        assert sorted(gpus.uuids) == [0, 2] and gpus.uuids[2].endswith("-2")
+        assert gpus.unreadable == {1: "NVMLError_NoPermission: Insufficient Permissions"}
+        assert gpus.read(2)["temperature_c"] == 55.0
+        assert gpus.wait_xids(1000) == [(2, 31)]
+    finally:
+        gpus.close()
+
+
 def test_without_a_driver_the_real_pynvml_fails_and_the_monitor_reports_cpu_and_memory_only(monkeypatch):
     """The degrade path with the real library: on this machine ``nvmlInit`` raises NVMLError_LibraryNotFound."""
     try:

@@ -39,7 +39,12 @@ class NodeMonitor:
     def __init__(self, health_cfg):
         self.cfg, self.node = health_cfg, node_name()
         nvml, self.why_no_nvml = open_nvml()
-        self.gpus = NodeGpus(nvml) if nvml is not None else None  # (None: the driver says so, once per node)
+        self.gpus = None  # (None: the driver says so, once per node)
+        if nvml is not None:
+            try:
+                self.gpus = NodeGpus(nvml)
+            except nvml.NVMLError as err:  # a driver that answers nvmlInit but not the device queries
+                self.why_no_nvml = f"{type(err).__name__}: {err}"
         self._lock = threading.Lock()
         self._latest: dict[int, dict] = {}
         self._incidents: list[Incident] = []
@@ -72,7 +77,7 @@ class NodeMonitor:
                 "mem_total_gb": mem.total / 2**30}
         now, found = {}, []
         if self.gpus is not None:
-            for i, uuid in enumerate(self.gpus.uuids):
+            for i, uuid in self.gpus.uuids.items():
                 now[i] = self.gpus.read(i)
                 found += gpu_incidents(self.cfg, self.node, i, uuid, self._latest.get(i), now[i],
                                        [x for g, x in xids if g == i], time.time())
@@ -104,14 +109,15 @@ class NodeMonitor:
             elapsed = max(time.monotonic() - self._started, 1e-9)
             return {
                 "node": self.node, "nvml": self.gpus is not None, "why_no_nvml": self.why_no_nvml,
-                "uuids": list(self.gpus.uuids) if self.gpus is not None else [],
+                "uuids": dict(self.gpus.uuids) if self.gpus is not None else {},
                 "gpus": {i: dict(s) for i, s in self._latest.items()}, "host": dict(self._node),
                 "monitor": {"samples": self.samples, "busy_s": self.busy_s, "busy_frac": self.busy_s / elapsed},
                 "incidents": [i.to_dict() for i in incidents],
             }
 
     def describe(self) -> dict:
-        return {"node": self.node, "nvml": self.gpus is not None, "why_no_nvml": self.why_no_nvml}
+        return {"node": self.node, "nvml": self.gpus is not None, "why_no_nvml": self.why_no_nvml,
+                "unreadable": dict(self.gpus.unreadable) if self.gpus is not None else {}}
 
     def dump_stacks(self) -> dict[str, str]:
         """``{"<pid> <process title>": py-spy dump}`` of every Ray worker process on this node: this monitor's

@@ -36,12 +36,21 @@ class NodeGpus:
 
     def __init__(self, nvml):
         self.nvml = nvml
-        self.handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
-        self.uuids = [_text(nvml.nvmlDeviceGetUUID(h)) for h in self.handles]
-        self._index = {handle_key(h): i for i, h in enumerate(self.handles)}
+        # by NVML index (the numbering Ray's GPU ids and CUDA_VISIBLE_DEVICES use on the node)
+        self.handles: dict[int, object] = {}
+        self.uuids: dict[int, str] = {}
+        self.unreadable: dict[int, str] = {}
+        for i in range(nvml.nvmlDeviceGetCount()):
+            try:  # (a GPU of another job, hidden by the scheduler's device cgroup: NoPermission)
+                handle = nvml.nvmlDeviceGetHandleByIndex(i)
+                self.uuids[i] = _text(nvml.nvmlDeviceGetUUID(handle))
+                self.handles[i] = handle
+            except nvml.NVMLError as err:
+                self.unreadable[i] = f"{type(err).__name__}: {err}"
+        self._index = {handle_key(h): i for i, h in self.handles.items()}
         self.events = nvml.nvmlEventSetCreate()
         self.xid_capable = []
-        for i, h in enumerate(self.handles):
+        for i, h in self.handles.items():
             try:
                 nvml.nvmlDeviceRegisterEvents(h, nvml.nvmlEventTypeXidCriticalError, self.events)
                 self.xid_capable.append(i)

@@ -58,11 +58,18 @@ class HealthSupervisor:
                 self.monitors[node["NodeID"]] = monitor_cls.options(
                     num_cpus=0, max_concurrency=4, scheduling_strategy=NodeAffinitySchedulingStrategy(
                         node["NodeID"], soft=False)).remote(self.cfg)
-        described = ray.get([m.describe.remote() for m in self.monitors.values()])
-        self.node_names = {node_id: d["node"] for node_id, d in zip(self.monitors, described)}
-        for d in described:
+        for node_id, monitor in list(self.monitors.items()):
+            try:  # health never stops a run: a monitor that cannot start leaves its node unwatched, said loudly
+                d = ray.get(monitor.describe.remote(), timeout=120)
+            except (RayActorError, GetTimeoutError) as err:
+                log.error("health: no monitor on Ray node %s (%s): its GPUs are not watched", node_id, err)
+                del self.monitors[node_id]
+                continue
+            self.node_names[node_id] = d["node"]
             if not d["nvml"]:
                 log.warning("health: no NVML on %s (%s): CPU and memory only", d["node"], d["why_no_nvml"])
+            for gpu, why in d["unreadable"].items():
+                log.warning("health: %s gpu%s cannot be read (%s): not watched", d["node"], gpu, why)
         for pool, actors in (("train", train.actors), ("rollout", rollout.actors)):
             for index, (node_id, gpus) in enumerate(ray.get([a.placement.remote() for a in actors])):
                 for gpu in gpus:
