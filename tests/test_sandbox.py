@@ -14,7 +14,7 @@ import pytest
 from r1.rewards.sandbox import NOBODY, SandboxLimits, bwrap_binary, run_python
 from tests.conftest import REPO
 
-LIMITS = SandboxLimits(cpu_s=2, wall_s=3, memory_mb=256, output_kb=64, processes=16)
+LIMITS = SandboxLimits(cpu_s=1, wall_s=8, memory_mb=256, output_kb=64, processes=16)  # (wall >> cpu: a busy CI)
 
 
 @pytest.fixture(scope="module", autouse=True)
