@@ -3,8 +3,8 @@
 It judges every sample with the pure policy (``r1.health.policy``) as it takes it, so a short thermal episode or an
 Xid between two driver steps is not missed, and keeps the incidents until the driver collects them. It also sets
 Ray metrics (``r1_gpu_*`` gauges, tagged node and gpu) that Ray exports for Prometheus on every node, and dumps the
-Python stacks of this node's processes (py-spy) when the watchdog asks. Where NVML is absent it says so once and
-reports CPU and memory only.
+Python stacks of this node's processes (py-spy) when the watchdog asks. Where NVML is absent it reports CPU and memory
+only (``describe`` says why; the driver says so once per node).
 """
 
 from __future__ import annotations
@@ -59,19 +59,15 @@ class NodeMonitor:
     def _loop(self) -> None:
         psutil.cpu_percent()  # (the first call only starts psutil's CPU clock)
         while not self._stop.is_set():
-            started = time.perf_counter()
             self._sample(xids=[])
-            self.busy_s += time.perf_counter() - started
             if self.gpus is not None and self.gpus.xid_capable:  # the wait for Xid events is the sleep
-                xids = self.gpus.wait_xids(int(self.cfg.interval_s * 1000))
-                if xids:
-                    started = time.perf_counter()
+                if xids := self.gpus.wait_xids(int(self.cfg.interval_s * 1000)):
                     self._sample(xids)
-                    self.busy_s += time.perf_counter() - started
             else:
                 self._stop.wait(self.cfg.interval_s)
 
     def _sample(self, xids: list[tuple[int, int]]) -> None:
+        started = time.perf_counter()
         mem = psutil.virtual_memory()
         node = {"cpu_pct": psutil.cpu_percent(), "mem_used_gb": (mem.total - mem.available) / 2**30,
                 "mem_total_gb": mem.total / 2**30}
@@ -91,6 +87,7 @@ class NodeMonitor:
             self._node, self._latest = node, {**self._latest, **now}
             self._incidents += found
             self.samples += 1
+            self.busy_s += time.perf_counter() - started
 
     def _make_gauges(self) -> dict:
         try:
@@ -109,7 +106,6 @@ class NodeMonitor:
             elapsed = max(time.monotonic() - self._started, 1e-9)
             return {
                 "node": self.node, "nvml": self.gpus is not None, "why_no_nvml": self.why_no_nvml,
-                "uuids": dict(self.gpus.uuids) if self.gpus is not None else {},
                 "gpus": {i: dict(s) for i, s in self._latest.items()}, "host": dict(self._node),
                 "monitor": {"samples": self.samples, "busy_s": self.busy_s, "busy_frac": self.busy_s / elapsed},
                 "incidents": [i.to_dict() for i in incidents],

@@ -62,10 +62,8 @@ class NodeGpus:
         n, h, out = self.nvml, self.handles[i], {}
 
         def put(key, query, scale=1.0):
-            try:
-                out[key] = float(query()) * scale
-            except n.NVMLError:
-                pass
+            if (value := _try(n, query)) is not None:
+                out[key] = float(value) * scale
 
         util = _try(n, lambda: n.nvmlDeviceGetUtilizationRates(h))
         if util is not None:

@@ -8,7 +8,7 @@ already has them at the first sample is reported at once.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 ACTIONS = ("log", "alert", "drain", "abort")  # rising: each does what the ones before it do
 
@@ -78,7 +78,7 @@ def gpu_incidents(cfg, node: str, gpu: int, uuid: str, before: dict | None, now:
 
 def escalate(incident: Incident, action: str, why: str) -> Incident:
     """The same incident with a stronger action (a drain the training pool cannot take becomes an abort)."""
-    return Incident(**{**incident.to_dict(), "action": action, "detail": f"{incident.detail}; {why}"})
+    return replace(incident, action=action, detail=f"{incident.detail}; {why}")
 
 
 def worst(incidents: list[Incident]) -> Incident | None:

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -119,7 +120,7 @@ class HealthSupervisor:
         if not self.rollout.live:
             return escalate(incident, "abort", "no rollout worker left")
         workers = ", ".join(f"rollout worker {i}" for _, i in owners) or "no r1 worker runs on it"
-        return Incident(**{**incident.to_dict(), "detail": f"{incident.detail}; drained: {workers}"})
+        return replace(incident, detail=f"{incident.detail}; drained: {workers}")
 
     def _record(self, incident: Incident) -> None:
         self.incidents.append(incident)
@@ -149,7 +150,8 @@ class HealthSupervisor:
         self._record(incident)
         if incident.action == "abort":
             self.stop.abort(f"health: stall ({incident.detail})", incident.to_dict())
-            self._hard_exit = threading.Timer(max(HARD_EXIT_GRACE_S, self.cfg.stall_minutes * 60), self._exit_now)
+            grace = max(HARD_EXIT_GRACE_S, self.cfg.stall_minutes * 60)
+            self._hard_exit = threading.Timer(grace, self._exit_now, args=(grace,))
             self._hard_exit.daemon = True
             self._hard_exit.start()
 
@@ -173,15 +175,16 @@ class HealthSupervisor:
         log.warning("health: stacks of the driver and every Ray worker written to %s", out)
         return out
 
-    def _exit_now(self) -> None:
-        log.critical("health: the run did not stop within %.0f s of the abort; exiting with %d (requeue)",
-                     HARD_EXIT_GRACE_S, REQUEUE_EXIT)
+    def _exit_now(self, grace: float) -> None:
+        log.critical("health: the run did not stop within %.0f s of the abort; exiting with %d (requeue)", grace,
+                     REQUEUE_EXIT)
         os._exit(REQUEUE_EXIT)
 
     def close(self) -> None:
-        for timer in (self._watchdog, self._hard_exit):
-            if timer is not None:
-                (timer.close if isinstance(timer, ProgressWatchdog) else timer.cancel)()
+        if self._watchdog is not None:
+            self._watchdog.close()
+        if self._hard_exit is not None:
+            self._hard_exit.cancel()
         for monitor in self.monitors.values():
             try:
                 ray.get(monitor.close.remote(), timeout=30)
