@@ -12,7 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
     HOME=/tmp/home RAY_USAGE_STATS_ENABLED=0
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev procps wget \
+ && apt-get install -y --no-install-recommends gcc libc6-dev procps wget bubblewrap \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 1000 r1 && useradd --uid 1000 --gid 1000 --no-create-home --shell /usr/sbin/nologin r1
 

@@ -21,7 +21,7 @@ def main(config_path: str) -> int:
     cfg = OmegaConf.load(config_path)
     cfg.cluster.ray_address = os.environ.get("RAY_ADDRESS") or "auto"
     from r1.cluster import connect, wait_for_nodes
-    from r1.driver import run
+    from r1.stages import run
 
     connect(cfg.cluster)
     k = cfg.cluster.k8s

@@ -65,6 +65,10 @@ def hydra_main(cfg: DictConfig) -> None:
     choices = {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
     cfg.choices = choices
     plain = to_plain(cfg)
+    if plain.pipeline.stages:  # +pipeline=...: its stages, each an r1-launch run of its own
+        from launcher.pipeline import run_pipeline
+
+        sys.exit(run_pipeline(plain, list(HydraConfig.get().overrides.task)))
     try:
         for warning in validate(plain):
             logging.getLogger("r1").warning(warning)
@@ -79,7 +83,7 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(submit_to_slurm(plain))
     if plain.cluster.kind == "k8s":
         sys.exit(submit_to_k8s(plain))
-    from r1.driver import run
+    from r1.stages import run
 
     try:
         result = run(plain)

@@ -86,7 +86,7 @@ def main(config_path: str) -> int:
 
     from r1.checkpoint import CheckpointManager
     from r1.cluster import connect, wait_for_nodes
-    from r1.driver import run
+    from r1.stages import run
 
     if attempt > 0:
         cfg.resume = True  # a requeued attempt continues from the latest checkpoint, whatever the first one did

@@ -247,6 +247,8 @@ def run(cfg) -> dict:
                 metrics.update({f"time/trainer_{k}": v for k, v in train.pop_seconds().items()})
                 for k in ("checked", "timeouts", "errors"):
                     metrics[f"verifier/{k}"] = sum(t.verifier.get(k, 0) for t in totals_now.values())
+                for k in {k for t in totals_now.values() for k in t.sandbox}:  # code rewards' programs and outcomes
+                    metrics[f"sandbox/{k}"] = sum(t.sandbox.get(k, 0) for t in totals_now.values())
                 metrics.update(health.check())  # readings of every GPU; its incidents alerted, drained or aborted
                 logger.log(metrics, step=step)
                 progress.step(step, metrics)

@@ -15,14 +15,25 @@ def check_inputs(cfg) -> None:
     """Every input path exists, checked in milliseconds before anything expensive starts (pretraining a tiny model,
     starting Ray, loading weights); each problem names the key to set."""
     problems = []
-    if cfg.model.source == "pretrained" and not (Path(cfg.model.path) / "config.json").is_file():
+    evaluated = cfg.stage == "eval" and cfg.eval.checkpoints  # (then the run's own model is not used)
+    for i, model in enumerate(cfg.eval.checkpoints if cfg.stage == "eval" else []):
+        if not (Path(model) / "config.json").is_file():
+            problems.append(f"eval.checkpoints[{i}]={model} is not a Hugging Face model directory (no config.json "
+                            "there); a stage's checkpoint is <run_dir>/checkpoints/step_N/policy")
+    for i, bench in enumerate(cfg.eval.benchmarks if cfg.stage == "eval" else []):
+        if not Path(bench.path).is_file():
+            problems.append(f"eval.benchmarks[{i}].path={bench.path} ({bench.name}) does not exist: a jsonl or "
+                            "parquet file of problems (docs/evaluation.md)")
+    if not evaluated and cfg.model.source == "pretrained" and not (Path(cfg.model.path) / "config.json").is_file():
         problems.append(
             f"model.path={cfg.model.path} is not a local Hugging Face model directory (no config.json there) for "
             f"model {cfg.model.name}. r1 never downloads weights: put the checkpoint there, set R1_MODELS to the "
             f"directory that holds {cfg.model.name}/ (the model configs read ${{R1_MODELS}}/<org>/<name>), or set "
             f"model.path=/path/to/model"
         )
-    if cfg.data.generator is None:
+    if cfg.stage == "sft":
+        problems += _sft_input_problems(cfg)
+    elif cfg.data.generator is None and not (cfg.stage == "eval" and cfg.eval.benchmarks):
         for key in ("train_path", "eval_path"):
             path = cfg.data[key]
             if not Path(path).is_file():
@@ -30,8 +41,69 @@ def check_inputs(cfg) -> None:
                     f"data.{key}={path} does not exist: set data.{key} to a jsonl or parquet file with "
                     f"'{cfg.data.prompt_field}' and '{cfg.data.answer_field}' fields (data=math reads ${{R1_DATA}})"
                 )
+    m = cfg.reward.model
+    if any(t.name == "reward_model" for t in cfg.reward.terms) and m.source == "pretrained" and not (
+            m.path and (Path(m.path) / "config.json").is_file()):
+        problems.append(f"reward.model.path={m.path}: the reward_model term needs a Hugging Face sequence-"
+                        "classification model directory (num_labels=1), or reward.model.source=tiny")
     if problems:
         raise ConfigError("missing inputs:\n  - " + "\n  - ".join(problems))
+
+
+def _sft_input_problems(cfg) -> list[str]:
+    from r1.data.sft import GENERATORS
+
+    if not cfg.sft.datasets:
+        return ["sft.datasets is empty: give at least one set, e.g. sft.datasets=[{path: data/cold_start.jsonl}]"]
+    problems = []
+    for i, source in enumerate(cfg.sft.datasets):
+        if source.path is None and source.generator is None:
+            problems.append(f"sft.datasets[{i}] has no data: set sft.datasets.{i}.path=<jsonl or parquet file> (or "
+                            f"a generator: {list(GENERATORS)})")
+        elif source.path is not None and source.generator is not None:
+            problems.append(f"sft.datasets[{i}]: give a path or a generator, not both")
+        elif source.generator is not None and source.generator not in GENERATORS:
+            problems.append(f"sft.datasets[{i}].generator={source.generator!r}: choose one of {list(GENERATORS)}")
+        elif source.path is not None and not Path(source.path).is_file():
+            problems.append(f"sft.datasets[{i}].path={source.path} does not exist: a jsonl or parquet file with "
+                            f"'{source.prompt_field}'/'{source.response_field}' or '{source.messages_field}' rows")
+        if source.weight <= 0:
+            problems.append(f"sft.datasets[{i}].weight={source.weight} must be > 0")
+    return problems
+
+
+def sft_paths(cfg) -> list[str]:
+    """The file of each SFT set: its path, or what its generator wrote (cached under cache_dir)."""
+    from r1.data.arithmetic import write_direct_answer_file, write_long_cot_file
+
+    d = cfg.data
+    task = Path(cfg.cache_dir) / "data" / f"arithmetic-{d.num_operands}x{d.operand_low}-{d.operand_high}"
+    paths = []
+    for source in cfg.sft.datasets:
+        out = task / f"{source.generator}-{source.size}.jsonl"
+        if source.generator is None:
+            paths.append(source.path)
+            continue
+        if not out.is_file() and source.generator == "arithmetic_long_cot":
+            write_long_cot_file(out, size=source.size, num_operands=d.num_operands, low=d.operand_low,
+                                high=d.operand_high)
+        elif not out.is_file():  # arithmetic_direct
+            write_direct_answer_file(out, size=source.size, low=d.operand_low, high=d.operand_high)
+        paths.append(str(out))
+    return paths
+
+
+def prepare_reward_model(cfg) -> str:
+    """The reward model's directory: ``reward.model.path``, or the embedded task's, trained (and cached) from the tiny
+    base model."""
+    m = cfg.reward.model
+    if m.source != "tiny":
+        return m.path
+    from r1.models.tiny import ensure_tiny_model
+    from r1.models.tiny_reward import ensure_tiny_reward_model
+
+    base = ensure_tiny_model(cfg.model.tiny, cfg.data, cfg.cache_dir, arch=cfg.model.arch)
+    return str(ensure_tiny_reward_model(base, cfg.data, m.tiny_train_steps, cfg.cache_dir, seed=cfg.seed))
 
 
 def prepare_model(cfg) -> str:
@@ -62,8 +134,11 @@ def check_chat_model(cfg) -> None:
     from r1.data.tokens import load_tokenizer
 
     if cfg.model.source == "tiny":
-        raise ConfigError("data.template=chat: the tiny model (model.source=tiny) is a base model without a chat "
-                          "template; use data.template=r1_zero or plain")
+        if not cfg.model.tiny.chat_template:
+            raise ConfigError("data.template=chat: the tiny model (model.source=tiny) is a base model without a chat "
+                              "template; use data.template=r1_zero or plain, or set model.tiny.chat_template "
+                              "(model=tiny_student has one)")
+        return
     try:
         check_chat_template(load_tokenizer(cfg.model.path))
     except ValueError as err:
@@ -90,11 +165,31 @@ def prepare_data(cfg) -> tuple[LoadedPrompts, LoadedPrompts]:
 
         d = cfg.data
         out = Path(cfg.cache_dir) / "data" / f"arithmetic-{d.num_operands}x{d.operand_low}-{d.operand_high}"
+        if d.open_fraction:
+            out = out.with_name(f"{out.name}-open{d.open_fraction:g}")
         train_path, eval_path = write_prompt_files(out, num_operands=d.num_operands, low=d.operand_low,
-                                                   high=d.operand_high)
+                                                   high=d.operand_high, open_fraction=d.open_fraction)
     elif cfg.data.generator is not None:
         raise ValueError(f"data.generator={cfg.data.generator!r} is unknown; choose 'arithmetic' or null")
     if not train_path or not eval_path:
         raise ValueError("set data.train_path and data.eval_path (jsonl or parquet with prompt/answer fields)")
-    fields = {"prompt_field": cfg.data.prompt_field, "answer_field": cfg.data.answer_field}
-    return load_prompts(train_path, **fields), load_prompts(eval_path, **fields)
+    fields = {"prompt_field": cfg.data.prompt_field, "answer_field": cfg.data.answer_field,
+              "tests_field": cfg.data.tests_field}
+    train_set = load_prompts(train_path, **fields, allow_open=cfg.data.allow_open_prompts)
+    eval_set = load_prompts(eval_path, **fields)
+    if any(p.tests for p in train_set.problems + eval_set.problems):
+        check_sandbox()
+    return train_set, eval_set
+
+
+def check_sandbox() -> None:
+    """Coding problems need the code sandbox: run a program in it now rather than score every program 0 later."""
+    from r1.rewards.sandbox import SandboxLimits, run_python
+
+    try:
+        outcome = run_python("print(6 * 7)", "", SandboxLimits(cpu_s=5, wall_s=30))
+    except RuntimeError as err:
+        raise RuntimeError(f"the data has coding problems (a `tests` field), and {err}") from None
+    if outcome.status != "ok" or outcome.stdout.strip() != "42":
+        raise RuntimeError("the data has coding problems, and the code sandbox does not run here (bubblewrap needs "
+                           f"unprivileged user namespaces or root): {outcome.status}: {outcome.stderr.strip()[-500:]}")

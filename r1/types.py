@@ -20,6 +20,34 @@ class SamplingParams:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class CodeTest:
+    """One test case of a coding problem: the program gets ``stdin`` and must print ``stdout`` (compared line by
+    line, trailing whitespace aside), or the Python ``assertion`` must hold after the program's own code ran."""
+
+    stdin: str | None = None
+    stdout: str | None = None
+    assertion: str | None = None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a response is checked against: a final ``answer`` (math-verify), or ``tests`` the answer's program must
+    all pass (run in the sandbox). A problem has one or the other, or neither (a general prompt)."""
+
+    answer: str = ""
+    tests: tuple[CodeTest, ...] = ()
+
+    @property
+    def is_code(self) -> bool:
+        return bool(self.tests)
+
+    @property
+    def is_open(self) -> bool:
+        """A general prompt: nothing to check against (all-scenario RL scores it with a reward model)."""
+        return not self.answer and not self.tests
+
+
 @dataclass
 class Completion:
     """One sampled response. ``rollout_logprobs[i]`` is log p(token_ids[i]) under the sampling policy at
@@ -57,7 +85,7 @@ class Group:
     """
 
     prompt_index: int
-    reference: str
+    reference: Reference
     samples: list[Sample]
     uid: int = -1
 
@@ -74,6 +102,7 @@ class WorkerTotals:
     busy_s: float = 0.0  # time with at least one rollout request generating (evaluation not counted)
     reward_s: float = 0.0  # time scoring rollouts' rewards
     verifier: dict[str, int] = field(default_factory=dict)  # math-verify checks, timeouts, errors
+    sandbox: dict[str, int] = field(default_factory=dict)  # code rewards: programs, passed, outcomes by kind
 
 
 @dataclass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +29,18 @@ TINY = [
     "model.tiny.pretrain_docs=300",
     "model.tiny.pretrain_batch_size=8",
 ]
+
+
+@pytest.fixture(scope="session")
+def bwrap():
+    """bubblewrap from Debian, for the code sandbox (installed here with apt where this runs as root, as CI does)."""
+    from r1.rewards.sandbox import bwrap_binary
+
+    if bwrap_binary() is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "bubblewrap"], capture_output=True, check=False,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
+    if bwrap_binary() is None:
+        pytest.skip("the code sandbox needs bubblewrap: `apt-get install bubblewrap`")
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +89,7 @@ def vllm_llama(cache_dir) -> str:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()
@@ -94,3 +108,35 @@ def pools(cfg, model_path):
         rollout.shutdown()
         train.shutdown()
 
+
+def kill_when(proc, ready, timeout_s: float = 300) -> None:
+    """SIGKILL ``proc`` and every process under it (a lost node: no handler runs) once ``ready()`` is true; whatever
+    fails, no ``launcher.main`` run of this test is left behind."""
+    import signal
+    import time
+
+    import psutil
+
+    try:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+        tree = [proc, *psutil.Process(proc.pid).children(recursive=True)]
+        for p in tree:
+            p.send_signal(signal.SIGKILL)
+        psutil.wait_procs(tree, timeout=30)
+    finally:
+        for p in psutil.Process().children(recursive=True):
+            if p.is_running() and "launcher.main" in " ".join(p.cmdline()):
+                p.kill()
+
+
+# The longest files first: pytest-xdist (--dist loadfile) hands whole files to its workers in collection order, so a
+# long file collected last (test_vllm.py, by name) would leave the other worker idle for its whole length.
+LONGEST_FIRST = ("test_vllm.py", "test_slurm.py", "test_pipeline.py", "test_async.py", "test_health.py",
+                 "test_cli_run.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: a file's tests keep their order)

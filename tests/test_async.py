@@ -75,7 +75,7 @@ def test_on_policy_async_loop_is_the_synchronous_loop(ray_local, tiny_model, cac
             for r, start in enumerate(range(0, P, per_request)):
                 chunk = list(zip(uids, indices))[start:start + per_request]
                 params = sampling_params(cfg, step, request_seed(cfg.seed, chunk[0][0], 0))
-                todo = [(i, problems[i].prompt, problems[i].answer) for _, i in chunk]
+                todo = [(i, problems[i].prompt, problems[i].reference) for _, i in chunk]
                 refs.append(rollout.submit(r % len(rollout.actors), todo, params, [u for u, _ in chunk], step))
             groups = [g for ref in refs for g in ray.get(ref).groups]
             assert all(g.policy_version == step for g in groups)
@@ -206,7 +206,7 @@ def test_evaluation_redoes_the_chunk_of_a_dead_worker(ray_local, tiny_model, cac
     cfg = compose(_overrides(cache_dir, tmp_path / "eval", 1))
     with pools(cfg, tiny_model) as (_, rollout, sync):
         os.kill(ray.get(rollout.actors[0].pid.remote()), signal.SIGKILL)
-        problems = [(i, p.prompt, p.answer) for i, p in enumerate(prepare_data(cfg)[1].problems[:4])]
+        problems = [(i, p.prompt, p.reference) for i, p in enumerate(prepare_data(cfg)[1].problems[:4])]
         rows = rollout.evaluate(problems, sampling_params(cfg, 0, seed=5), 0)
         assert len(rows) == 4 and rollout.replaced == 1
         # the replacement joined the re-formed sync group: a push reaches it (it now generates as version 1) and
@@ -263,7 +263,7 @@ def test_worker_dying_during_a_broadcast_is_replaced_and_the_version_resent(ray_
         os.kill(ray.get(rollout.actors[1].pid.remote()), signal.SIGKILL)
         sync.broadcast(1)  # no liveness check first: the death surfaces inside the collective
         assert rollout.replaced == 1
-        problems = [(i, p.prompt, p.answer) for i, p in enumerate(prepare_data(cfg)[0].problems[:2])]
+        problems = [(i, p.prompt, p.reference) for i, p in enumerate(prepare_data(cfg)[0].problems[:2])]
         results = ray.get([rollout.submit(w, problems[w:w + 1], sampling_params(cfg, 1, seed=w), [w], 1)
                            for w in range(2)])
         assert [g.policy_version for r in results for g in r.groups] == [1, 1]
@@ -384,7 +384,7 @@ def test_a_failing_sender_fails_the_push_at_once_and_the_pool_rejoins(ray_local,
             sync.push(1)
         ray.get(train.leader.__ray_call__.remote(lambda worker: delattr(worker.engine, "named_weights")))
         sync.push(2)
-        problems = [(i, p.prompt, p.answer) for i, p in enumerate(prepare_data(cfg)[0].problems[:2])]
+        problems = [(i, p.prompt, p.reference) for i, p in enumerate(prepare_data(cfg)[0].problems[:2])]
         results = ray.get([rollout.submit(w, problems[w:w + 1], sampling_params(cfg, 2, seed=w), [w], 2)
                            for w in range(2)])
         assert [g.policy_version for r in results for g in r.groups] == [2, 2]
@@ -399,7 +399,7 @@ def test_after_a_push_every_rollout_worker_serves_the_trainers_weights(ray_local
     cfg = compose(_overrides(cache_dir, tmp_path / "push", 1, f"model.dtype={dtype}", "trainer.lr=1e-2",
                              "reward.terms=[{name: 'tests.test_async:length_reward', weight: 1.0}]"))
     with pools(cfg, tiny_model) as (train, rollout, sync):
-        problems = [(i, p.prompt, p.answer) for i, p in enumerate(prepare_data(cfg)[0].problems[:P])]
+        problems = [(i, p.prompt, p.reference) for i, p in enumerate(prepare_data(cfg)[0].problems[:P])]
         groups = [g for w in range(2) for g in ray.get(rollout.submit(
             w, problems[w * 2:w * 2 + 2], sampling_params(cfg, 0, seed=w), [w * 2, w * 2 + 1], 0)).groups]
         batch = build_batch(cfg, groups, TokenRules.load(tiny_model).pad_id, train)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, kill_when
 from tests.wandb_records import read_run
 
 pytestmark = pytest.mark.slow
@@ -76,11 +76,6 @@ def test_a_run_killed_between_checkpoints_resumes_with_each_step_once(tiny_model
     """SIGKILL (a lost node: no handler runs) after step 3 is logged, the last checkpoint at step 2, groups in flight
     (max_staleness=1). resume=true redoes step 3: metrics.jsonl and groups.jsonl hold every step once, W&B continues
     the same run at step 3, and the trajectory equals an uninterrupted run's."""
-    import signal
-    import time
-
-    import psutil
-
     from r1.monitoring.ledger import read_ledger
     from r1.monitoring.loggers import wandb_run_id
 
@@ -96,21 +91,12 @@ def test_a_run_killed_between_checkpoints_resumes_with_each_step_once(tiny_model
     proc = subprocess.Popen([sys.executable, "-m", "launcher.main", *args, "logger=wandb", f"run_dir={run_dir}",
                              "trainer.simulated_update_s=1.5"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and any(json.loads(x)["step"] == 3 for x in metrics.read_text().splitlines()):
-                break
-            time.sleep(0.05)
-        tree = [proc, *psutil.Process(proc.pid).children(recursive=True)]
-        for p in tree:
-            p.send_signal(signal.SIGKILL)
-        psutil.wait_procs(tree, timeout=30)
-    finally:
-        for p in psutil.Process().children(recursive=True):  # never leave a run behind, whatever failed above
-            if p.is_running() and "launcher.main" in " ".join(p.cmdline()):
-                p.kill()
+
+    def logged_step_3() -> bool:
+        metrics = run_dir / "metrics.jsonl"
+        return metrics.exists() and any(json.loads(x)["step"] == 3 for x in metrics.read_text().splitlines())
+
+    kill_when(proc, logged_step_3)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002", "killed too late"
     assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
@@ -139,3 +125,4 @@ def test_a_run_killed_between_checkpoints_resumes_with_each_step_once(tiny_model
     assert [r["reward/mean"] for r in uninterrupted if "reward/mean" in r] == \
         [r["reward/mean"] for r in rows if "reward/mean" in r]
     assert [(r["step"], r["uid"]) for r in read_ledger(straight)] == [(r["step"], r["uid"]) for r in ledger]
+

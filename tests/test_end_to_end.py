@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from r1.data.tokens import TokenRules
 from r1.driver import run, sampling_params
 from r1.inputs import prepare_data
+from r1.types import CodeTest, Reference
 from r1.workers.rollout_buffer import outstanding_uids
 from tests.conftest import TINY, compose, pools
 
@@ -92,7 +93,12 @@ def test_llama_tokens_through_rollout_training_and_evaluation(ray_local, tiny_ll
 
     bos = TokenRules.load(tiny_llama).bos_id
     with pools(cfg, tiny_llama) as (_, rollout, _sync):
-        problems = [(i, p.prompt, p.answer) for i, p in enumerate(prepare_data(cfg)[1].problems[:2])]
-        groups = ray.get(rollout.submit(0, problems, sampling_params(cfg, 0, seed=1), [0, 1], 0)).groups
-        for group in groups:
+        problems = [(i, p.prompt, p.reference) for i, p in enumerate(prepare_data(cfg)[1].problems[:2])]
+        code = Reference(tests=(CodeTest(stdin="1\n", stdout="2\n"),))  # a coding problem in the same request
+        problems.append((2, "Write a program that doubles n.", code))
+        out = ray.get(rollout.submit(0, problems, sampling_params(cfg, 0, seed=1), [0, 1, 2], 0))
+        for group in out.groups:
             assert all(s.prompt_ids[0] == bos and s.prompt_ids.count(bos) == 1 for s in group.samples)
+        # the coding problem's reference travelled with its group; the untrained model wrote no program: counted
+        assert out.groups[2].reference == code and [s.answer for s in out.groups[2].samples] == [None] * 4
+        assert out.totals.sandbox == {"no_program": cfg.algo.group_size}

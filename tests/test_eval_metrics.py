@@ -13,7 +13,7 @@ def test_majority_vote_groups_equivalent_answers():
 
 
 def test_summarize_problem_pass1_cons_format():
-    s = summarize_problem([True, False, False, True], [1, 1, 0, 1], ["2", "3", "3", "2"], "2", lambda a, b: a == b)
+    s = summarize_problem([True, False, False, True], [1, 1, 0, 1], ["2", "3", "3", "2"], lambda a, b: a == b)
     assert s.pass1 == 0.5 and s.cons_correct and s.format_rate == 0.75
-    s = summarize_problem([True, False, False], [1, 1, 1], ["2", "3", "3"], "2", lambda a, b: a == b)
+    s = summarize_problem([True, False, False], [1, 1, 1], ["2", "3", "3"], lambda a, b: a == b)
     assert s.pass1 == 1 / 3 and not s.cons_correct

@@ -4,27 +4,18 @@ in the expected outcome within its limits, and nothing of it outlives the run. R
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import time
 
 import psutil
 import pytest
 
-from r1.rewards.sandbox import NOBODY, SandboxLimits, bwrap_binary, run_python
+from r1.rewards.sandbox import NOBODY, SandboxLimits, run_python
 from tests.conftest import REPO
 
 LIMITS = SandboxLimits(cpu_s=1, wall_s=8, memory_mb=256, output_kb=64, processes=16)  # (wall >> cpu: a busy CI)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def bwrap():
-    """bubblewrap from Debian (installed here with apt where this runs as root, as CI does)."""
-    if bwrap_binary() is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "bubblewrap"], capture_output=True, check=False,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
-    if bwrap_binary() is None:
-        pytest.skip("the code sandbox needs bubblewrap: `apt-get install bubblewrap`")
+pytestmark = pytest.mark.usefixtures("bwrap")  # (tests/conftest.py: installs bubblewrap where it can)
 
 
 @pytest.mark.parametrize("source, status, out", [

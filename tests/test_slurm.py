@@ -4,6 +4,7 @@ local Slurm cluster (tests/slurm/slurm-up.sh: munge, slurmctld, slurmdbd, 2 slur
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from launcher.slurm import SlurmError, submit
 from r1.config.validate import ConfigError
@@ -343,3 +345,29 @@ def test_a_health_abort_requeues_the_job_without_the_sick_node(slurm_cluster, tm
         assert "JobState=PENDING" in again and "Restarts=1" in again, again
     finally:
         subprocess.run(["scancel", job], check=False)
+
+
+@pytest.mark.slow
+def test_a_pipeline_is_a_chain_of_dependent_jobs_that_a_failed_stage_cancels(slurm_cluster, tmp_path):
+    """``+pipeline=r1 cluster=slurm``: a finished stage is not submitted, every other stage is a job depending
+    (afterok) on the one before; the first job fails (the stage it needs never ran) and Slurm cancels the rest."""
+    shared = tmp_path / "shared"
+    (shared / "pipe" / "cold_start").mkdir(parents=True)
+    (shared / "pipe" / "cold_start" / "stage.json").write_text("{}")  # as a finished stage leaves it
+    done = _launch("+pipeline=r1", *TINY, "cluster=slurm", "cluster.slurm.partition=debug",
+                   f"cluster.slurm.shared_dir={shared}", "pipeline.dir=pipe", "cache_dir=cache",
+                   "cluster.slurm.cpus_per_node=2", "cluster.slurm.gpus_per_node=2",
+                   "cluster.slurm.max_failed_attempts=1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "stage 1/7 cold_start finished already" in done.stdout
+    jobs = [line.split("Slurm job ")[1].split()[0].rstrip(":") for line in done.stdout.splitlines()
+            if "Slurm job " in line]
+    assert len(jobs) == 6
+    for before, job in itertools.pairwise(jobs):
+        show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+        assert re.search(rf"Dependency=afterok:{before}\b", show), show
+    first = shared / "pipe" / "reasoning_rl"
+    assert OmegaConf.load(first / "config.yaml").model.path == str(shared / "pipe" / "cold_start" / "policy")
+    assert _wait_for(jobs[0]) == "FAILED", _log(first, jobs[0])  # (cold_start/policy does not exist)
+    for job in jobs[1:]:
+        assert _wait_for(job, timeout_s=120) == "CANCELLED"

@@ -1,4 +1,4 @@
-"""GRPO as pure functions on tensors.
+"""GRPO (and the SFT loss of the R1 pipeline's supervised stages) as pure functions on tensors.
 
 Nothing here imports an engine, a worker or Ray: the driver composes these functions into a loss that the train
 engine calls without knowing what it computes (prime-rl style). Names and signatures are part of the public API:
@@ -10,10 +10,12 @@ from r1.algo.grpo import GRPOLoss
 from r1.algo.kl import kl_estimate, kl_shaped_rewards
 from r1.algo.loss import AGGREGATIONS, aggregate, policy_loss
 from r1.algo.offpolicy import truncated_is_weights
+from r1.algo.sft import SFTLoss
 
 __all__ = [
     "AGGREGATIONS",
     "GRPOLoss",
+    "SFTLoss",
     "aggregate",
     "filter_uniform_groups",
     "group_advantages",

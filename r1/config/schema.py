@@ -16,6 +16,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 
+class Stage(str, Enum):
+    grpo = "grpo"  # reinforcement learning: GRPO through the training and rollout pools (r1/driver.py)
+    sft = "sft"  # supervised fine-tuning on the training pool: cold start, SFT, distillation (r1/sft.py)
+    eval = "eval"  # benchmarks through the rollout pool, one or several checkpoints (r1/eval/benchmarks.py)
+    rejection_sampling = "rejection_sampling"  # N samples per prompt, keep the correct readable ones (r1/rejection_sampling.py)
+    report = "report"  # a pipeline's report from its stages' directories (r1/report.py)
+
+
 class ModelSource(str, Enum):
     pretrained = "pretrained"  # a local HF directory (or hub id already in the local HF cache)
     tiny = "tiny"  # built and pretrained offline by r1 itself (the embedded CPU default)
@@ -177,6 +185,8 @@ class TinyModelSpec:
         default_factory=lambda: {"careful": 0.35, "careless": 0.45, "malformed": 0.2}
     )
     seed: int = 0
+    # A Jinja chat template for the tokenizer (data.template=chat): a student of distillation speaks its own format.
+    chat_template: str | None = None
 
 
 @dataclass
@@ -200,6 +210,12 @@ class DataConfig:
     eval_path: str | None = None
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+    tests_field: str = "tests"  # coding problems: stdin/stdout pairs or asserts (r1/data/prompts.py)
+    # Rows with a prompt and neither answer nor tests are general prompts (all-scenario RL, scored by reward=...
+    # reward_model); otherwise they are skipped and counted.
+    allow_open_prompts: bool = False
+    # arithmetic generator: this share of the training rows are general prompts without an answer ("Explain ...")
+    open_fraction: float = 0.0
     # r1_zero (the paper's Table 1) | plain (the prompt as is) | chat (the tokenizer's own chat template, one user turn
     # and the assistant's generation prompt: instruct, cold-started and distilled models)
     template: str = "r1_zero"
@@ -287,6 +303,9 @@ class TrainerConfig:
     # mini-batch, see algo.minibatches_per_step); also the chunk size of its log-prob passes. (The megatron engine
     # packs micro-batches by tokens instead: trainer.megatron.micro_batch_tokens.)
     micro_batch_size: int = 32
+    # hf engine: > 0 packs each micro-batch's rows into one sequence of up to this many tokens (sequence packing:
+    # no padding; rows attend within themselves) instead of micro_batch_size padded rows. 0 = off.
+    micro_batch_tokens: int = 0
     seed: int = 1
     # Emulate a large model's speed: each optimizer step takes at least this long (benchmarks; 0 = real speed).
     simulated_update_s: float = 0.0
@@ -328,6 +347,33 @@ class RewardTerm:
 
 
 @dataclass
+class SandboxConfig:
+    """Limits of one run of an untrusted program (code rewards, r1/rewards/sandbox.py); see docs/code_rewards.md."""
+
+    cpu_s: int = 5  # CPU seconds (RLIMIT_CPU)
+    wall_s: float = 10.0  # wall seconds, then the whole sandbox is killed
+    memory_mb: int = 512  # address space (RLIMIT_AS)
+    output_kb: int = 256  # per file written, stdout and stderr included (RLIMIT_FSIZE)
+    processes: int = 16  # tasks it may start (RLIMIT_NPROC): fork bombs stop here
+    parallel: int = 4  # programs run at once per rollout worker
+
+
+@dataclass
+class RewardModelConfig:
+    """The reward model of the ``reward_model`` term (all-scenario RL's general prompts; r1/rewards/reward_model.py):
+    a transformers sequence-classification model with one output, served by its own Ray actors."""
+
+    # pretrained: an HF directory (path) | tiny: the embedded task's, trained offline from the tiny base model
+    source: ModelSource = ModelSource.pretrained
+    path: str | None = None
+    num_workers: int = 1  # replicas
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    batch_size: int = 16  # sequences per forward pass
+    tiny_train_steps: int = 150  # source=tiny: Bradley-Terry steps (16 preference pairs each)
+
+
+@dataclass
 class RewardConfig:
     terms: list[RewardTerm] = field(
         default_factory=lambda: [RewardTerm("accuracy", 1.0), RewardTerm("format", 1.0)]
@@ -340,6 +386,14 @@ class RewardConfig:
     # The target language of the "language" term (the chain of thought's share of words in it): en | zh
     language: str = "en"
     final_line_pattern: str = r"^\s*####\s*(.+?)\s*$"
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # coding problems' programs run under these limits
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)  # the reward_model term's
+
+
+@dataclass
+class Benchmark:
+    name: str = MISSING
+    path: str = MISSING
 
 
 @dataclass
@@ -351,6 +405,99 @@ class EvalConfig:
     top_p: float = 0.95
     max_new_tokens: int = 32768
     max_problems: int | None = None  # null = the whole eval set
+    # stage=eval: the benchmark files (jsonl/parquet, math rows with `answer` or code rows with `tests`; see
+    # docs/evaluation.md); none = data's held-out set. And the models to compare (HF directories, e.g. each stage's
+    # checkpoints/step_N/policy); none = the run's model.
+    benchmarks: list[Benchmark] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)  # names for the checkpoints in the results; none = from paths
+    # the prompt template of each checkpoint (a teacher's r1_zero beside its student's chat); none = data.template
+    templates: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SFTSource:
+    """One set of an SFT mixture: a file, or the embedded task's generator."""
+
+    path: str | None = None  # jsonl or parquet: prompt + response, or messages (r1/data/sft.py)
+    # Instead of a file, the embedded task's sets, written into cache_dir: "arithmetic_long_cot" (long chains of
+    # thought in the R1 format: reasoning with a check, then the answer) | "arithmetic_direct" (non-reasoning data:
+    # two-number sums answered without a chain of thought).
+    generator: str | None = None
+    size: int = 2000  # rows the generator writes
+    weight: float = 1.0  # its share of every batch (the weights of all sets are normalised)
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+
+
+@dataclass
+class SFTConfig:
+    """stage=sft: cold start, SFT on rejection-sampled data, distillation (r1/sft.py). Steps: trainer.total_steps;
+    optimizer, engine and pool: trainer.*; prompt template: data.template."""
+
+    datasets: list[SFTSource] = field(default_factory=list)
+    batch_size: int = 64  # sequences per optimizer step, drawn from the sets by weight
+    max_tokens: int = 4096  # prompt + response; longer rows are skipped and counted
+
+
+@dataclass
+class RejectionConfig:
+    """stage=rejection_sampling: samples of the model (model.path) for the data's training prompts through the
+    rollout pool; the correct, readable ones become an SFT set (r1/data/filters.py, r1/rejection_sampling.py)."""
+
+    samples_per_prompt: int = 16
+    num_prompts: int | None = None  # the first N training prompts; null = all
+    prompts_per_shard: int = 8  # one generation request, and the unit a killed run resumes by
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 32768
+    # filters: each rejection is counted by its reason
+    correct_term: str = "accuracy"  # the reward term that must be 1 for a sample to be correct (a user verifier too)
+    max_response_tokens: int = 32768
+    keep_truncated: bool = False  # keep samples cut off at max_new_tokens (their answer still verified)
+    require_format: bool = True  # <think>…</think> <answer>…</answer>
+    min_language_consistency: float = 0.95  # share of the chain of thought's words in reward.language
+    max_repetition: float = 0.3  # share of word n-grams that repeat an earlier one
+    repetition_ngram: int = 6
+    keep_per_prompt: int = 4  # correct samples kept per prompt, after deduplication
+    output: str = "sft_data.jsonl"  # under run_dir; .jsonl or .parquet
+
+
+@dataclass
+class ReportConfig:
+    """stage=report (r1/report.py)."""
+
+    dir: str | None = None  # the pipeline's directory: its stages are subdirectories
+    stages: list[str] = field(default_factory=list)
+    title: str = "r1 pipeline report"
+
+
+@dataclass
+class PipelineStage:
+    """One stage of a pipeline: an experiment, run in ``<pipeline.dir>/<name>``, fed by earlier stages."""
+
+    name: str = MISSING
+    experiment: str = MISSING
+    # model.path: "<stage name>" = that stage's final policy, "teacher" = pipeline.teacher, a path; null = the
+    # experiment's own (e.g. the run's base model)
+    model: str | None = None
+    sft_data: str | None = None  # "<stage name>": that rejection-sampling stage's set as sft.datasets.0.path
+    # stage=eval: the models to compare ("base" = the run's base model, "teacher", or stage names)
+    checkpoints: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PipelineConfig:
+    """``+pipeline=r1`` / ``+pipeline=r1_distill`` (launcher/pipeline.py): stages in order, locally or as dependent
+    Slurm jobs; a finished stage (its ``stage.json``) is skipped on a re-run."""
+
+    name: str | None = None
+    stages: list[PipelineStage] = field(default_factory=list)
+    dir: str = "outputs/pipelines/${pipeline.name}"
+    teacher: str | None = None  # r1_distill: the teacher's HF directory (e.g. <r1 pipeline>/all_scenario_rl/policy)
+    overrides: list[str] = field(default_factory=list)  # added to every stage (e.g. the sizes of a quick run)
 
 
 @dataclass
@@ -427,6 +574,7 @@ class R1Config:
     # Continue from run_dir's latest checkpoint (nothing there: start afresh). On by default under cluster=slurm, and
     # always for a requeued Slurm attempt.
     resume: bool = False
+    stage: Stage = Stage.grpo  # what this run does: grpo (RL) | sft | eval | rejection_sampling | report
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -439,6 +587,10 @@ class R1Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     # The choices of each config group, filled in by the launcher from Hydra (for the record, W&B, checkpoints).
     choices: dict[str, Any] = field(default_factory=dict)
 

@@ -103,6 +103,10 @@ def _answer_problems(cfg) -> list[str]:
         if groups == 0:
             problems.append(f"reward.final_line_pattern={cfg.reward.final_line_pattern!r} needs a group around the "
                             "answer, e.g. '^####\\s*(.+)$'")
+    box = cfg.reward.sandbox
+    if min(box.cpu_s, box.wall_s, box.memory_mb, box.output_kb, box.processes, box.parallel) <= 0:
+        problems.append("reward.sandbox: cpu_s, wall_s, memory_mb, output_kb, processes and parallel must be > 0 "
+                        f"(got {dict(box)})")
     return problems
 
 
@@ -199,6 +203,10 @@ def validate(cfg) -> list[str]:
             problems.append(
                 f"reward term {term.name!r}: choose one of {list(BUILTIN_TERMS)} or 'package.module:function'"
             )
+    terms = [term.name for term in cfg.reward.terms]
+    if cfg.stage == "rejection_sampling" and cfg.rejection.correct_term not in terms:
+        problems.append(f"rejection.correct_term={cfg.rejection.correct_term!r} is not one of reward.terms {terms}: "
+                        "samples would never count as correct")
     if t.num_workers < 1 or r.num_workers < 1:
         problems.append("trainer.num_workers and rollout.num_workers must be >= 1")
     if cfg.eval.k < 1:

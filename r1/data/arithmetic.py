@@ -33,6 +33,49 @@ def careful_solution(operands: tuple[int, ...]) -> str:
     return f"<think> {' '.join(steps)} so {total} </think> <answer> {total} </answer>"
 
 
+def long_cot_solution(operands: tuple[int, ...]) -> str:
+    """The cold-start style (R1 format: reasoning, then a summary): the running sum, then a check that undoes it
+    step by step, then the answer: ``3 + 5 = 8 , 8 + 7 = 15 , so 15 , check 15 - 7 = 8 , 8 - 5 = 3 , ok``."""
+    steps, total = [], operands[0]
+    for x in operands[1:]:
+        steps.append(f"{total} + {x} = {total + x} ,")
+        total += x
+    back, value = [], total
+    for x in reversed(operands[1:]):
+        back.append(f"{value} - {x} = {value - x} ,")
+        value -= x
+    return f"<think> {' '.join(steps)} so {total} , check {' '.join(back)} ok </think> <answer> {total} </answer>"
+
+
+def write_long_cot_file(path: Path, *, size: int, num_operands: int, low: int, high: int, seed: int = 0) -> Path:
+    """``size`` training problems (never held-out ones) with ``prompt``/``response`` in the long-CoT style: the
+    embedded task's cold-start data, in the format any user's SFT file has."""
+    rng = random.Random(seed)
+    problems = all_problems(num_operands, low, high, held_out=False)
+    rows = [{"prompt": question(ops), "response": " " + long_cot_solution(ops)}
+            for ops in (rng.choice(problems) for _ in range(size))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return path
+
+
+def write_direct_answer_file(path: Path, *, size: int, low: int, high: int, seed: int = 0) -> Path:
+    """The embedded task's non-reasoning data: sums of two numbers answered at once, with an empty chain of thought
+    (as R1's SFT data answers simple queries without one)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(size):
+        ops = (rng.randint(low, high), rng.randint(low, high))
+        rows.append({"prompt": question(ops), "response": f" <think> </think> <answer> {sum(ops)} </answer>"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return path
+
+
 def careless_solution(operands: tuple[int, ...]) -> str:
     guess = round(sum(operands) / 10.0) * 10
     return f"<think> easy </think> <answer> {guess} </answer>"
@@ -65,8 +108,11 @@ def all_problems(num_operands: int, low: int, high: int, held_out: bool) -> list
     return [ops for ops in itertools.product(range(low, high + 1), repeat=num_operands) if is_held_out(ops) == held_out]
 
 
-def write_prompt_files(out_dir: Path, *, num_operands: int, low: int, high: int) -> tuple[Path, Path]:
-    """``train.jsonl`` and ``eval.jsonl`` with ``prompt``/``answer`` fields, in the format any user dataset uses."""
+def write_prompt_files(out_dir: Path, *, num_operands: int, low: int, high: int,
+                       open_fraction: float = 0.0) -> tuple[Path, Path]:
+    """``train.jsonl`` and ``eval.jsonl`` with ``prompt``/``answer`` fields, in the format any user dataset uses.
+    ``open_fraction`` of the training rows are general prompts without an answer ("Explain 3 + 4 + 5 + 6": all-
+    scenario RL's, scored by the reward model)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, held_out in (("train", False), ("eval", True)):
@@ -75,6 +121,11 @@ def write_prompt_files(out_dir: Path, *, num_operands: int, low: int, high: int)
             for ops in all_problems(num_operands, low, high, held_out)
         ]
         random.Random(0).shuffle(rows)  # so a prefix (eval.max_problems) is a fair sample
+        if not held_out and open_fraction:
+            for row in rows[: int(open_fraction * len(rows))]:
+                row["prompt"] = row["prompt"].replace("Compute", "Explain", 1)
+                del row["answer"]
+            random.Random(1).shuffle(rows)
         path = out_dir / f"{name}.jsonl"
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,4 +1,10 @@
-"""Load ``prompt``/``answer`` rows from local jsonl or parquet files; skip and count rows that are unusable."""
+"""Load problems from local jsonl or parquet files; skip and count rows that are unusable.
+
+A row is a math problem (``prompt`` and a scalar ``answer``) or a coding problem (``prompt`` and ``tests``: a list,
+or a JSON string of a list as LiveCodeBench stores it, of ``{"input": ..., "output": ...}`` stdin/stdout pairs and/or
+``{"assert": "assert f(2) == 4"}`` call-based checks). Field names are ``data.prompt_field`` / ``answer_field`` /
+``tests_field``.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,18 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+from r1.types import CodeTest, Reference
+
+
 @dataclass(frozen=True)
 class Problem:
     prompt: str
-    answer: str
+    answer: str = ""  # math: the reference answer
+    tests: tuple[CodeTest, ...] = ()  # code: what the answer's program must pass
+
+    @property
+    def reference(self) -> Reference:
+        return Reference(self.answer, self.tests)
 
 
 @dataclass
@@ -23,19 +37,48 @@ class LoadedPrompts:
     path: str
 
 
-def _row_to_problem(row: object, prompt_field: str, answer_field: str) -> Problem | None:
+def parse_tests(value: object) -> tuple[CodeTest, ...]:
+    """A row's test cases; ``()`` if there are none or any is malformed (the row is then not a coding problem)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return ()
+    if not isinstance(value, list):
+        return ()
+    tests = []
+    for case in value:
+        if not isinstance(case, dict):
+            return ()
+        case = {k: v for k, v in case.items() if v is not None}  # (parquet gives every struct all the keys)
+        if isinstance(case.get("assert"), str) and case["assert"].strip() and not {"input", "output"} & case.keys():
+            tests.append(CodeTest(assertion=case["assert"]))
+        elif isinstance(case.get("input"), str) and isinstance(case.get("output"), str) and "assert" not in case:
+            tests.append(CodeTest(stdin=case["input"], stdout=case["output"]))
+        else:
+            return ()
+    return tuple(tests)
+
+
+def _row_to_problem(row: object, prompt_field: str, answer_field: str, tests_field: str = "tests",
+                    allow_open: bool = False) -> Problem | None:
     if not isinstance(row, dict):
         return None
     prompt, answer = row.get(prompt_field), row.get(answer_field)
     if not isinstance(prompt, str) or not prompt.strip():
         return None
+    if allow_open and answer is None and row.get(tests_field) is None:
+        return Problem(prompt.strip())  # a general prompt (all-scenario RL: the reward model scores it)
+    if row.get(tests_field) is not None:
+        tests = parse_tests(row[tests_field])
+        return Problem(prompt.strip(), tests=tests) if tests else None
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
         return None
     answer = str(answer).strip()
     return Problem(prompt.strip(), answer) if answer else None
 
 
-def _read_rows(path: Path) -> tuple[list[object], int]:
+def read_rows(path: Path) -> tuple[list[object], int]:
     """Rows of the file and the number of lines that were not even valid JSON."""
     if path.suffix == ".parquet":
         import datasets
@@ -57,23 +100,27 @@ def _read_rows(path: Path) -> tuple[list[object], int]:
         return rows, broken
 
 
-def load_prompts(path: str | Path, *, prompt_field: str = "prompt", answer_field: str = "answer") -> LoadedPrompts:
-    """All usable rows of ``path``. A row without a non-empty string prompt and a scalar answer is skipped."""
+def load_prompts(path: str | Path, *, prompt_field: str = "prompt", answer_field: str = "answer",
+                 tests_field: str = "tests", allow_open: bool = False) -> LoadedPrompts:
+    """All usable rows of ``path``. A row without a non-empty string prompt and either a scalar answer or well-formed
+    tests is skipped (with ``allow_open``, a row with neither is a general prompt)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"prompt file {path} does not exist (set data.train_path / data.eval_path)")
-    rows, skipped = _read_rows(path)
+    rows, skipped = read_rows(path)
     problems = []
     for row in rows:
-        problem = _row_to_problem(row, prompt_field, answer_field)
+        problem = _row_to_problem(row, prompt_field, answer_field, tests_field, allow_open)
         if problem is None:
             skipped += 1
         else:
             problems.append(problem)
     if skipped:
-        log.warning("%s: skipped %d bad rows (need string %r and scalar %r)", path, skipped, prompt_field, answer_field)
+        log.warning("%s: skipped %d bad rows (need string %r and scalar %r or test cases %r)", path, skipped,
+                    prompt_field, answer_field, tests_field)
     if not problems:
-        raise ValueError(f"{path} has no usable rows with fields {prompt_field!r} and {answer_field!r}")
+        raise ValueError(f"{path} has no usable rows with fields {prompt_field!r} and {answer_field!r} or "
+                         f"{tests_field!r}")
     return LoadedPrompts(problems, skipped, str(path))
 
 

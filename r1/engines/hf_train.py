@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from r1.engines.prompt_packing import pack_by_prompt
 from r1.engines.protocols import LossFn
+from r1.engines.sequence_packing import pack_sequences, plan_micro_batches
 from r1.types import TrainBatch
 
 
@@ -53,15 +54,16 @@ def first_response_column(batch: TrainBatch) -> int:
 
 
 def response_logprobs(model, batch: TrainBatch, temperature: float, *, with_entropy: bool = False,
-                      device: torch.device | str = "cpu", autocast=None):
+                      device: torch.device | str = "cpu", autocast=None, pack: bool = False):
     """Log-probs [B, L] of ``batch.input_ids`` where ``batch.response_mask`` is 1 (0 before the first response
     column; prompt positions are not computed), and, with ``with_entropy``, the entropy there (no grad).
 
-    Rows that share a prompt (a GRPO group) are packed into one sequence whose prompt is computed once
-    (``r1.engines.prompt_packing``). Otherwise only the positions that predict a response token are projected to
-    the vocabulary (``logits_to_keep``): the loss never reads the others."""
+    With ``pack`` all rows are one packed sequence (``r1.engines.sequence_packing``). Otherwise rows that share a
+    prompt (a GRPO group) are packed into one sequence whose prompt is computed once (``r1.engines.prompt_packing``),
+    and failing that only the positions that predict a response token are projected to the vocabulary
+    (``logits_to_keep``): the loss never reads the others."""
     autocast = autocast if autocast is not None else contextlib.nullcontext()
-    if (packed := pack_by_prompt(batch)) is not None:
+    if (packed := pack_sequences(batch) if pack else pack_by_prompt(batch)) is not None:
         with autocast:
             out = model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
                         position_ids=packed.position_ids.to(device))
@@ -114,6 +116,7 @@ class HFTrainEngine:
         grad_clip: float,
         micro_batch_size: int,
         with_reference: bool,
+        micro_batch_tokens: int = 0,
         dtype: str = "float32",
         seed: int = 0,
     ):
@@ -135,6 +138,7 @@ class HFTrainEngine:
         )
         self.grad_clip = grad_clip
         self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens  # > 0: packed micro-batches of up to this many tokens
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.data_parallel_rank = dist.get_rank() if self.distributed else 0
         self.data_parallel_size = dist.get_world_size() if self.distributed else 1
@@ -147,13 +151,20 @@ class HFTrainEngine:
         return torch.autocast(device_type=self.device.type, dtype=self.serving_dtype)
 
     # --- forward passes ---------------------------------------------------------------------------------------
-    def _micro_batches(self, batch: TrainBatch) -> Iterator[TrainBatch]:
-        for start in range(0, len(batch), self.micro_batch_size):
-            yield batch.select(slice(start, start + self.micro_batch_size)).trimmed()
+    def _micro_batches(self, batch: TrainBatch) -> Iterator[tuple[torch.Tensor, TrainBatch]]:
+        """(rows of ``batch``, those rows): ``micro_batch_size`` rows at a time, or, with ``micro_batch_tokens``,
+        rows planned into packed micro-batches of up to that many tokens (a longer row goes alone)."""
+        if self.micro_batch_tokens:
+            lengths = batch.attention_mask.sum(dim=1).tolist()
+            plan = [torch.tensor(rows) for rows in plan_micro_batches(lengths, self.micro_batch_tokens)]
+        else:
+            plan = list(torch.arange(len(batch)).split(self.micro_batch_size)) if len(batch) else []
+        for rows in plan:
+            yield rows, batch.select(rows).trimmed()
 
     def _response_logprobs(self, model, mb: TrainBatch, temperature: float, *, with_entropy: bool = False):
         return response_logprobs(model, mb, temperature, with_entropy=with_entropy, device=self.device,
-                                 autocast=self._autocast())
+                                 autocast=self._autocast(), pack=self.micro_batch_tokens > 0)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch, *, temperature: float, reference: bool = False) -> torch.Tensor:
@@ -163,10 +174,9 @@ class HFTrainEngine:
         was_training = model.training
         model.eval()
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-        for start in range(0, len(batch), self.micro_batch_size):
-            mb = batch.select(slice(start, start + self.micro_batch_size)).trimmed()
+        for rows, mb in self._micro_batches(batch):
             logp, _ = self._response_logprobs(model, mb, temperature)
-            out[start : start + len(mb), : logp.shape[1]] = logp.cpu()
+            out[rows, : logp.shape[1]] = logp.cpu()
         model.train(was_training)
         return out
 
@@ -181,7 +191,7 @@ class HFTrainEngine:
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         seconds = {"forward_s": 0.0, "backward_s": 0.0}
-        for mb in self._micro_batches(batch):
+        for _, mb in self._micro_batches(batch):
             start = time.perf_counter()
             if loss_fn.needs_reference and mb.ref_logprobs is None:
                 with torch.no_grad():

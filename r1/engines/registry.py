@@ -11,13 +11,16 @@ def build_train_engine(cfg, model_path: str):
     t = cfg.trainer
     common = {
         "lr": t.lr, "betas": tuple(t.adam_betas), "weight_decay": t.weight_decay, "warmup_steps": t.warmup_steps,
-        "grad_clip": t.grad_clip, "with_reference": cfg.algo.kl_placement != "none" and cfg.algo.kl_coef > 0, "dtype": cfg.model.dtype,
+        "grad_clip": t.grad_clip, "dtype": cfg.model.dtype,
         "seed": t.seed,
+        # (GRPO's KL term reads the reference policy; SFT has none)
+        "with_reference": cfg.stage == "grpo" and cfg.algo.kl_placement != "none" and cfg.algo.kl_coef > 0,
     }
     if t.engine == "hf":
         from r1.engines.hf_train import HFTrainEngine
 
-        return HFTrainEngine(model_path, micro_batch_size=t.micro_batch_size, **common)
+        return HFTrainEngine(model_path, micro_batch_size=t.micro_batch_size,
+                             micro_batch_tokens=t.micro_batch_tokens, **common)
     if t.engine == "megatron":
         from r1.engines.megatron.engine import MegatronTrainEngine
         from r1.engines.megatron.layout import ParallelLayout

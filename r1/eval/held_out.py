@@ -9,16 +9,25 @@ from r1.types import SamplingParams
 
 def evaluate(cfg, rollout, eval_set, step: int, version: int) -> dict[str, float]:
     """The held-out metrics of policy ``version`` (at driver step ``step``, which seeds the sampling)."""
-    problems = eval_set.problems[: cfg.eval.max_problems] if cfg.eval.max_problems else eval_set.problems
+    return summarize(evaluate_problems(cfg, rollout, eval_set.problems, step, version), cfg.eval.k)
+
+
+def evaluate_problems(cfg, rollout, problems, step: int, version: int) -> list[dict]:
+    """Per problem (the first ``eval.max_problems``): pass@1 over ``eval.k`` samples, cons@k, format, language
+    consistency, length, and each sample's answer and correctness."""
+    problems = problems[: cfg.eval.max_problems] if cfg.eval.max_problems else problems
     params = SamplingParams(
         n=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
         max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed * 7919 + step,
     )
-    rows = rollout.evaluate([(i, p.prompt, p.answer) for i, p in enumerate(problems)], params, version)
+    return rollout.evaluate([(i, p.prompt, p.reference) for i, p in enumerate(problems)], params, version)
+
+
+def summarize(rows: list[dict], k: int) -> dict[str, float]:
     n = len(rows)
     return {
         "pass@1": sum(r["pass1"] for r in rows) / n,
-        f"cons@{cfg.eval.k}": sum(r["cons"] for r in rows) / n,
+        f"cons@{k}": sum(r["cons"] for r in rows) / n,
         "format_rate": sum(r["format"] for r in rows) / n,
         "response_length": sum(r["length"] for r in rows) / n,
         "problems": float(n),

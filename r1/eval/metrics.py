@@ -45,15 +45,16 @@ def summarize_problem(
     correct: Sequence[bool],
     formatted: Sequence[float],
     answers: Sequence[str | None],
-    reference: str,
     equivalent: Callable[[str, str], bool],
 ) -> EvalSummary:
+    """cons@k is right when the majority answer is: the sample that first gave it was judged correct (its class
+    members are equivalent to it, so they agree)."""
     k = len(correct)
     if k == 0:
         raise ValueError("a problem needs at least one sample")
     majority = majority_answer(answers, equivalent)
     return EvalSummary(
         pass1=sum(map(float, correct)) / k,
-        cons_correct=majority is not None and equivalent(reference, majority),
+        cons_correct=majority is not None and bool(correct[list(answers).index(majority)]),
         format_rate=sum(formatted) / k,
     )

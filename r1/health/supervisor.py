@@ -71,7 +71,8 @@ class HealthSupervisor:
                 log.warning("health: no NVML on %s (%s): CPU and memory only", d["node"], d["why_no_nvml"])
             for gpu, why in d["unreadable"].items():
                 log.warning("health: %s gpu%s cannot be read (%s): not watched", d["node"], gpu, why)
-        for pool, actors in (("train", train.actors), ("rollout", rollout.actors)):
+        pools = {"train": train, "rollout": rollout}  # (an SFT run has no rollout pool)
+        for pool, actors in ((name, p.actors) for name, p in pools.items() if p is not None):
             for index, (node_id, gpus) in enumerate(ray.get([a.placement.remote() for a in actors])):
                 for gpu in gpus:
                     self.owners.setdefault((self.node_names.get(node_id, node_id), gpu), []).append((pool, index))
@@ -100,7 +101,8 @@ class HealthSupervisor:
             for found in report["incidents"]:
                 self._act(Incident(**found))
         metrics["health/incidents_total"] = len(self.incidents)
-        metrics["health/drained_workers"] = len(self.rollout.drained)
+        if self.rollout is not None:
+            metrics["health/drained_workers"] = len(self.rollout.drained)
         return metrics
 
     def _act(self, incident: Incident) -> None:
@@ -112,7 +114,7 @@ class HealthSupervisor:
 
     def _drain(self, incident: Incident) -> Incident:
         owners = self.owners.get((incident.node, incident.gpu), [])
-        if any(pool == "train" for pool, _ in owners):
+        if any(pool == "train" for pool, _ in owners) or self.rollout is None:
             return escalate(incident, "abort", "a training worker runs on it and the training pool cannot shrink")
         for _, index in owners:
             if index not in self.rollout.drained:

@@ -139,6 +139,11 @@ def _as_dict(obj) -> dict:
     return OmegaConf.to_container(obj, resolve=True) if OmegaConf.is_config(obj) else dict(obj)
 
 
+def pretraining_template(template: str) -> str:
+    """A base model reads documents, not conversations: a chat-templated run pretrains on the R1-Zero layout."""
+    return "r1_zero" if template == "chat" else template
+
+
 def spec_digest(spec, data_cfg, arch: str = "qwen2") -> str:
     payload = {
         "spec": _as_dict(spec),
@@ -146,7 +151,7 @@ def spec_digest(spec, data_cfg, arch: str = "qwen2") -> str:
         "operands": data_cfg.num_operands,
         "low": data_cfg.operand_low,
         "high": data_cfg.operand_high,
-        "template": data_cfg.template,
+        "template": pretraining_template(data_cfg.template),
         "build": BUILD_VERSION,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -165,9 +170,11 @@ def ensure_tiny_model(spec, data_cfg, cache_dir: str | Path, progress=None, arch
         high=data_cfg.operand_high,
         mix=dict(spec.style_mix),
         seed=spec.seed,
-        template=data_cfg.template,
+        template=pretraining_template(data_cfg.template),
     )
     tokenizer = train_tokenizer(corpus, spec.vocab_size, arch)
+    if spec.chat_template:  # (a base model's documents are plain text; the template is what SFT will teach)
+        tokenizer.chat_template = spec.chat_template
     model = build_model(spec, tokenizer, arch)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("pretraining tiny base model (%.2fM params) for %d steps", n_params / 1e6, spec.pretrain_steps)

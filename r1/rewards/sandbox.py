@@ -76,7 +76,9 @@ def _tasks_of(uid: int) -> int:
     return count
 
 
-def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimits()) -> Outcome:
+def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimits(),
+               uid: int | None = None) -> Outcome:
+    """Run ``source`` with ``stdin``; as root, as user ``uid`` (default ``nobody``; its group is ``nogroup``)."""
     bwrap = bwrap_binary()
     if bwrap is None:
         raise RuntimeError("the code sandbox needs bubblewrap (`apt-get install bubblewrap`): no `bwrap` on PATH")
@@ -100,7 +102,7 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
         # exec: a rollout worker is threaded); dropping to nobody is subprocess's own (C) setuid
         confine = ["prlimit", f"--cpu={limits.cpu_s}", f"--as={limits.memory_mb * 2**20}",
                    f"--fsize={limits.output_kb * 1024}", "--core=0", f"--nproc={nproc}", "--"]
-        as_nobody = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if as_root else {}
+        as_nobody = {"user": NOBODY if uid is None else uid, "group": NOBODY, "extra_groups": []} if as_root else {}
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen([*confine, *cmd], stdin=subprocess.PIPE, stdout=out, stderr=err,
                                     start_new_session=True, **as_nobody)

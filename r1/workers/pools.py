@@ -193,6 +193,12 @@ class RolloutPool:
         # threads (see rollout_worker); sync has 2 so that re-forming the group after a member died never queues
         # behind a receive stuck on the dead member
         self._remote_cls = ray.remote(concurrency_groups={"sync": 2})(RolloutWorker)
+        self.reward_models = None  # the reward_model term's replicas (all-scenario RL), shared by the workers
+        if any(t.name == "reward_model" for t in cfg.reward.terms):
+            from r1.inputs import prepare_reward_model
+            from r1.rewards.reward_model import RewardModelPool
+
+            self.reward_models = RewardModelPool(cfg, prepare_reward_model(cfg))
         self.actors = [self._spawn(i) for i in range(r.num_workers)]
         self.sync = None  # the WeightSync that feeds this pool (r1.workers.weight_sync); replacements rejoin it
         self.replaced = 0
@@ -206,7 +212,8 @@ class RolloutPool:
     def _spawn(self, index: int):
         r = self.cfg.rollout
         return _spawn(self._remote_cls, self.pg, index, r.cpus_per_worker, r.gpus_per_worker,
-                      (self.cfg, self.model_path, index), max_concurrency=REQUESTS_IN_FLIGHT)
+                      (self.cfg, self.model_path, index, self.reward_models and self.reward_models.actors),
+                      max_concurrency=REQUESTS_IN_FLIGHT)
 
     def submit(self, worker: int, problems, params: SamplingParams, uids: list[int], version: int):
         """Queue one generation request on ``worker``, to be generated with policy ``version``; returns its
@@ -269,4 +276,6 @@ class RolloutPool:
             pass  # a dead or stuck worker is killed below anyway
         for a in self.actors:
             ray.kill(a)
+        if self.reward_models is not None:
+            self.reward_models.shutdown()
         remove_placement_group(self.pg)

@@ -163,7 +163,7 @@ class RolloutBuffer:
             self._next_worker = (self._next_worker + 1) % len(self.pool.actors)
         worker, self._next_worker = self._next_worker, (self._next_worker + 1) % len(self.pool.actors)
         seed = request_seed(self.cfg.seed, entries[0][0], self.attempts[entries[0][0]])
-        problems = [(i, self.problems[i].prompt, self.problems[i].answer) for _, i in entries]
+        problems = [(i, self.problems[i].prompt, self.problems[i].reference) for _, i in entries]
         ref = self.pool.submit(worker, problems, self.params_at(version, seed), [u for u, _ in entries], version)
         self.in_flight[ref] = _Request(entries, version, worker, self.pool.actors[worker])
 

@@ -33,13 +33,16 @@ from r1.engines.protocols import EngineDead
 from r1.engines.registry import build_rollout_engine
 from r1.eval.metrics import summarize_problem
 from r1.rewards import build_reward, format_reward
-from r1.types import Group, Rollouts, Sample, SamplingParams, WorkerTotals
+from r1.rewards.language import language_consistency
+from r1.rewards.reward_model import RewardModelClient
+from r1.rewards.sandbox import NOBODY, SandboxLimits
+from r1.types import Group, Reference, Rollouts, Sample, SamplingParams, WorkerTotals
 
 log = logging.getLogger(__name__)
 
 
 class RolloutWorker:
-    def __init__(self, cfg, model_path: str, index: int):
+    def __init__(self, cfg, model_path: str, index: int, reward_models: list | None = None):
         torch.set_num_threads(max(1, cfg.rollout.torch_threads))
         self.cfg, self.index = cfg, index
         self.tokens = TokenRules.load(model_path)
@@ -51,6 +54,10 @@ class RolloutWorker:
             answer_extractor=cfg.reward.answer_extractor,
             final_line_pattern=cfg.reward.final_line_pattern,
             language=cfg.reward.language,
+            sandbox=SandboxLimits(**{k: v for k, v in cfg.reward.sandbox.items() if k != "parallel"}),
+            sandbox_parallel=cfg.reward.sandbox.parallel,
+            sandbox_uid_base=NOBODY - index * cfg.reward.sandbox.parallel,  # (workers of a node: uids of their own)
+            reward_model=RewardModelClient(reward_models, index) if reward_models else None,
         )
         self.reward.verifier.warm_up()  # not mid-run, on the first step whose responses contain an answer
         self.sync = GroupMembership()  # re-formed when a rollout worker is replaced
@@ -72,7 +79,7 @@ class RolloutWorker:
 
     # --- requests ------------------------------------------------------------------------------------------------
     async def generate_groups(
-        self, problems: list[tuple[int, str, str]], params: SamplingParams, uids: list[int], version: int
+        self, problems: list[tuple[int, str, Reference]], params: SamplingParams, uids: list[int], version: int
     ) -> Rollouts:
         """G completions per (index, prompt, reference) with policy ``version``, scored; groups tagged with uid and
         the versions that produced them; with this worker's totals."""
@@ -106,8 +113,9 @@ class RolloutWorker:
             self._accepted -= 1
         texts = self.tokens.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         refs = [ref for _, _, ref in problems for _ in range(params.n)]
+        prompts = [prompt for _, prompt, _ in problems for _ in range(params.n)]
         start = time.time()
-        scored = await asyncio.to_thread(self.reward.score, texts, refs)  # off the event loop: decoding goes on
+        scored = await asyncio.to_thread(self.reward.score, texts, refs, prompts)  # off the event loop: decoding goes on
         if rollout:
             self._reward_s += time.time() - start
         groups = []
@@ -140,24 +148,31 @@ class RolloutWorker:
                 await self._load_staged(up_to=version)
             self._running += 1
 
-    async def evaluate(self, problems: list[tuple[int, str, str]], params: SamplingParams, version: int) -> list[dict]:
-        """Per problem: pass@1 over k samples, cons@k correctness, format rate, mean response length."""
+    async def evaluate(self, problems: list[tuple[int, str, Reference]], params: SamplingParams,
+                       version: int) -> list[dict]:
+        """Per problem: pass@1 over k samples, cons@k correctness, format rate, language consistency, mean response
+        length, and each sample's answer and correctness."""
         await self._setup()
         # not through generate_groups: evaluation is not rollout work, the busy and reward totals leave it out
         groups = await self._generate_groups(problems, params, [-1] * len(problems), version, rollout=False)
-        verifier = self.reward.verifier
         out = []
         for group in groups:
             answers = [s.answer for s in group.samples]
-            correct = verifier.equivalent_many([(group.reference, a) for a in answers])
-            summary = summarize_problem(
-                correct, [format_reward(s.response_text) for s in group.samples], answers, group.reference,
-                verifier.equivalent,
+            correct = ([s.reward_components["accuracy"] == 1.0 for s in group.samples]  # (scored already)
+                       if "accuracy" in group.samples[0].reward_components
+                       else self.reward.correct([group.reference] * len(answers), answers))
+            summary = summarize_problem(  # programs vote by their text, math answers by math-verify
+                correct, [format_reward(s.response_text) for s in group.samples], answers,
+                (lambda a, b: False) if group.reference.is_code else self.reward.verifier.equivalent,
             )
+            k = len(group.samples)
             out.append(
                 {
                     "pass1": summary.pass1, "cons": float(summary.cons_correct), "format": summary.format_rate,
-                    "length": sum(len(s.response_ids) for s in group.samples) / len(group.samples),
+                    "length": sum(len(s.response_ids) for s in group.samples) / k,
+                    "language": sum(language_consistency(s.response_text, self.cfg.reward.language)
+                                    for s in group.samples) / k,
+                    "answers": answers, "correct": [bool(c) for c in correct],
                 }
             )
         return out
@@ -194,7 +209,8 @@ class RolloutWorker:
         s = self.reward.verifier.stats
         return WorkerTotals(
             busy_s=self._busy_s + (time.time() - since if since is not None else 0.0), reward_s=self._reward_s,
-            verifier={"checked": s.checked, "timeouts": s.timeouts, "errors": s.errors})
+            verifier={"checked": s.checked, "timeouts": s.timeouts, "errors": s.errors},
+            sandbox=dict(self.reward.code.stats))
 
     def pid(self) -> int:
         return os.getpid()

@@ -20,27 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from r1.engines.sequence_packing import plan_micro_batches  # noqa: F401 -- (the plan both engines use)
 from r1.types import TrainBatch
-
-
-def plan_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Rows grouped so that each group's total length stays within ``token_budget`` (a longer row goes alone).
-
-    First-fit decreasing: rows longest first, each into the first group with room; groups are then ordered by
-    their first row and keep their rows in batch order, so the plan is deterministic."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    groups: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        for g, free in enumerate(room):
-            if lengths[i] <= free:
-                groups[g].append(i)
-                room[g] -= lengths[i]
-                break
-        else:
-            groups.append([i])
-            room.append(token_budget - lengths[i])
-    return sorted((sorted(g) for g in groups), key=lambda g: g[0])
 
 
 @dataclass

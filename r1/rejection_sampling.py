@@ -1,0 +1,206 @@
+"""Rejection sampling (DeepSeek-R1, stage 3), top to bottom.
+
+    the data's training prompts, in shards of ``rejection.prompts_per_shard``
+    -> N samples per prompt through the rollout pool (every worker busy, two shards in flight each)
+    -> keep the correct, readable ones (``r1.data.filters``), deduplicated, at most ``keep_per_prompt`` per prompt
+    -> each finished shard written atomically -> merged into ``<run_dir>/<rejection.output>``, the next SFT set
+
+Every row carries its provenance: the model, its training step, the sampling parameters and seed, its shard and
+sample. A shard is sampled with its own seed, and a written shard is never sampled again: a run killed at any point
+and started again with the same ``run_dir`` samples only the shards it had not written, and writes no sample twice.
+A rollout worker that dies is replaced and its shard redone once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import ray
+from omegaconf import OmegaConf
+from ray.exceptions import RayActorError
+
+from r1.cluster import connect
+from r1.data.filters import dedup_key, rejection_reason
+from r1.inputs import check_inputs, prepare_data, prepare_model
+from r1.monitoring.loggers import MetricsLogger
+from r1.monitoring.progress import Progress
+from r1.types import SamplingParams
+from r1.workers.pools import RolloutPool
+
+log = logging.getLogger(__name__)
+IN_FLIGHT_PER_WORKER = 2
+
+
+def checkpoint_step(model_path: str) -> int | None:
+    """The training step of ``<run>/checkpoints/step_N/policy`` (its driver state), else None."""
+    state = Path(model_path).parent / "driver_state.json"
+    return json.loads(state.read_text()).get("step") if state.is_file() else None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class ShardStore:
+    """``<run_dir>/rejection/``: ``plan.json`` (what the shards were sampled with: a resumed run must match it) and
+    one ``shard_NNNNNN.jsonl`` per finished shard (its existence is the shard's completion), with its counts beside
+    it."""
+
+    def __init__(self, root: Path, plan: dict):
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        saved = root / "plan.json"
+        if saved.is_file() and json.loads(saved.read_text()) != plan:
+            raise ValueError(f"{root} holds shards sampled with another plan ({saved}): use a new run_dir, or the "
+                             "same model, data, seed and rejection settings")
+        write_atomic(saved, json.dumps(plan, indent=1))
+
+    def path(self, shard: int) -> Path:
+        return self.root / f"shard_{shard:06d}.jsonl"
+
+    def done(self, shard: int) -> bool:
+        return self.path(shard).is_file()
+
+    def write(self, shard: int, rows: list[dict], counts: Counter) -> None:
+        write_atomic(self.root / f"shard_{shard:06d}.counts.json", json.dumps(counts))
+        write_atomic(self.path(shard), "".join(json.dumps(r) + "\n" for r in rows))  # last: the shard is done
+
+    def counts(self, shard: int) -> Counter:
+        return Counter(json.loads((self.root / f"shard_{shard:06d}.counts.json").read_text()))
+
+    def merge(self, shards: int, output: Path) -> tuple[int, int]:
+        """All shards in order into ``output`` (jsonl or parquet), duplicates across shards dropped; (rows,
+        duplicates)."""
+        seen, rows, duplicates = set(), [], 0
+        for shard in range(shards):
+            for line in self.path(shard).read_text().splitlines():
+                row = json.loads(line)
+                key = dedup_key(row["prompt"], row["response"])
+                if key in seen:
+                    duplicates += 1
+                    continue
+                seen.add(key)
+                rows.append(row)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if output.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+            os.replace(tmp, output)
+        else:
+            write_atomic(output, "".join(json.dumps(r) + "\n" for r in rows))
+        return len(rows), duplicates
+
+
+def select(groups, problems, rules, language: str, provenance: dict, shard: int) -> tuple[list[dict], Counter]:
+    """The kept samples of one shard's groups as SFT rows, and the count of every outcome."""
+    rows, counts = [], Counter()
+    for group in groups:
+        prompt = problems[group.prompt_index].prompt
+        seen, kept = set(), 0
+        for j, sample in enumerate(group.samples):
+            counts["samples"] += 1
+            reason = rejection_reason(sample, rules, language)
+            key = dedup_key(prompt, sample.response_text)
+            if reason is None and key in seen:
+                reason = "duplicate"
+            if reason is None and kept >= rules.keep_per_prompt:
+                reason = "over_keep_per_prompt"
+            if reason is not None:
+                counts[f"rejected/{reason}"] += 1
+                continue
+            seen.add(key)
+            kept += 1
+            counts["kept"] += 1
+            rows.append({"prompt": prompt, "response": sample.response_text,
+                         "provenance": provenance | {"shard": shard, "prompt_index": group.prompt_index, "sample": j},
+                         "reward": sample.reward_components})
+    return rows, counts
+
+
+def run(cfg) -> dict:
+    check_inputs(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    rules = cfg.rejection
+    model_path = prepare_model(cfg)
+    problems = prepare_data(cfg)[0].problems[: rules.num_prompts or None]
+    size = rules.prompts_per_shard
+    shards = [list(range(start, min(start + size, len(problems)))) for start in range(0, len(problems), size)]
+    sampling = {"temperature": rules.temperature, "top_p": rules.top_p, "max_new_tokens": rules.max_new_tokens,
+                "samples_per_prompt": rules.samples_per_prompt, "seed": cfg.seed}
+    provenance = {"model": str(model_path), "step": checkpoint_step(str(model_path)), **sampling}
+    store = ShardStore(run_dir / "rejection", {"model": str(model_path), "prompts": len(problems),
+                                               "prompts_per_shard": size, **sampling,
+                                               "filters": OmegaConf.to_container(rules, resolve=True)})
+    todo = [s for s in range(len(shards)) if not store.done(s)]
+    finished = len(shards) - len(todo)
+    if finished:
+        log.info("resuming: %d of %d shards already written in %s", finished, len(shards), store.root)
+    owns_ray = connect(cfg.cluster)
+    rollout = logger = None
+    try:
+        rollout = RolloutPool(cfg, model_path)
+        logger = MetricsLogger(cfg, run_dir, OmegaConf.to_container(cfg, resolve=True), finished)
+        progress = Progress(len(shards), start_step=finished)
+        totals = sum((store.counts(s) for s in range(len(shards)) if store.done(s)), Counter())
+        inflight: dict = {}  # ref -> (shard, worker, redone)
+        queue = [(s, False) for s in todo]
+        while queue or inflight:
+            while queue and len(inflight) < IN_FLIGHT_PER_WORKER * len(rollout.live):
+                shard, redone = queue.pop(0)
+                busy = Counter(w for _, w, _ in inflight.values())
+                worker = min(rollout.live, key=lambda w: busy[w])
+                params = SamplingParams(n=rules.samples_per_prompt, temperature=rules.temperature, top_p=rules.top_p,
+                                        max_new_tokens=rules.max_new_tokens, seed=cfg.seed * 1_009 + shard)
+                batch = [(i, problems[i].prompt, problems[i].reference) for i in shards[shard]]
+                inflight[rollout.submit(worker, batch, params, shards[shard], 0)] = (shard, worker, redone)
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            shard, worker, redone = inflight.pop(ref)
+            t0 = time.time()
+            try:
+                result = ray.get(ref)
+            except RayActorError:
+                if redone:
+                    raise
+                log.warning("rollout worker %d died with shard %d: replaced, the shard is redone", worker, shard)
+                rollout.replace([worker])
+                queue.insert(0, (shard, True))
+                continue
+            rows, counts = select(result.groups, problems, rules, cfg.reward.language, provenance, shard)
+            store.write(shard, rows, counts)
+            totals += counts
+            finished += 1
+            logger.log({f"rejection/{k}": v for k, v in totals.items()} | {"rejection/shards": finished,
+                                                                           "time/select_s": time.time() - t0},
+                       step=finished)
+            progress.note(f"[bold]shard {finished}/{len(shards)}[/] kept {totals['kept']} of {totals['samples']} "
+                          f"samples ({_reasons(totals)}) ETA {progress.eta_text(finished)}")
+        rows, duplicates = store.merge(len(shards), run_dir / rules.output)
+    finally:
+        if logger is not None:
+            logger.close()
+        if rollout is not None:
+            rollout.shutdown()
+        if owns_ray:
+            ray.shutdown()
+    summary = dict(totals) | {"rows": rows, "duplicates_across_shards": duplicates, "prompts": len(problems)}
+    write_atomic(run_dir / "rejection" / "summary.json", json.dumps(summary, indent=1))
+    progress.note(f"wrote {rows} rows to {run_dir / rules.output} ({_reasons(totals)})")
+    return {"run_dir": str(run_dir), "output": str(run_dir / rules.output), "summary": summary,
+            "stopped_by": None, "aborted": None}
+
+
+def _reasons(totals: Counter) -> str:
+    return ", ".join(f"{k.removeprefix('rejected/')} {v}" for k, v in sorted(totals.items())
+                     if k.startswith("rejected/")) or "none rejected"
