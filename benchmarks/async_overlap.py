@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. cache_dir=/path")
     args = ap.parse_args()
     os.environ.setdefault("WANDB_SILENT", "true")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     out = [(f"machine: {platform.machine()}, {os.cpu_count()} cores; date: {time.strftime('%Y-%m-%d')}; "
             f"{args.steps} steps per run, means over steps 3..{args.steps}")]

@@ -49,7 +49,7 @@ def main() -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="r1-bench-"))
     cfg = compose([f"run_dir={run_dir}", "logger=none", f"trainer.total_steps={args.steps}", "eval.at_start=false",
                    "eval.max_problems=8", "checkpoint.every_steps=0", *args.overrides])
-    ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     run(cfg)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

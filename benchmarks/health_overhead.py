@@ -43,7 +43,7 @@ def main() -> None:
     script = Path(tempfile.mkdtemp()) / "nvml.json"
     write_script(script, {"gpus": args.gpus, "faults": []})
     env = {"R1_NVML_MODULE": "tests.fake_nvml", "FAKE_NVML_SCRIPT": str(script), "PYTHONPATH": str(REPO)}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     rows = []
     for interval in [float(x) for x in args.intervals.split(",")]:
         cfg = OmegaConf.structured(HealthConfig)

@@ -47,7 +47,7 @@ def run_one(args) -> None:
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"r1-curve-{args.label}-"))
     cfg = compose([f"run_dir={run_dir}", "logger=none", f"eval.every_steps={args.every}", *args.overrides])
-    ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(args.repo)}})
     start = time.time()
     try:

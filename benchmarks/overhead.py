@@ -135,7 +135,7 @@ def r1_steps(cfg) -> list[dict]:
 
     from r1.driver import run
 
-    ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         run(cfg)

@@ -19,7 +19,9 @@ def connect(cluster) -> bool:
         if cluster.ray_address:
             ray.init(address=cluster.ray_address, runtime_env=env, log_to_driver=True)
         else:
-            ray.init(num_cpus=cluster.num_cpus, num_gpus=_local_gpus(cluster), runtime_env=env,
+            # address="local": always a private instance. Without it Ray joins whatever cluster `ray start` last
+            # recorded in /tmp/ray (another job's, a test's) and refuses num_cpus there.
+            ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=_local_gpus(cluster), runtime_env=env,
                      include_dashboard=False, log_to_driver=True)
         return True
     if cluster.kind in ("slurm", "k8s"):  # the job's own Ray cluster: the Slurm job script's, or KubeRay's

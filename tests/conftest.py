@@ -121,6 +121,8 @@ def kill_when(proc, ready, timeout_s: float = 300) -> None:
         deadline = time.time() + timeout_s
         while time.time() < deadline and proc.poll() is None and not ready():
             time.sleep(0.05)
+        if proc.poll() is not None:
+            raise AssertionError(f"the run exited (code {proc.returncode}) before the point where the test kills it")
         tree = [proc, *psutil.Process(proc.pid).children(recursive=True)]
         for p in tree:
             p.send_signal(signal.SIGKILL)

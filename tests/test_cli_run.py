@@ -6,8 +6,10 @@ notice if the launcher stopped starting Ray itself.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +128,28 @@ def test_a_run_killed_between_checkpoints_resumes_with_each_step_once(tiny_model
         [r["reward/mean"] for r in rows if "reward/mean" in r]
     assert [(r["step"], r["uid"]) for r in read_ledger(straight)] == [(r["step"], r["uid"]) for r in ledger]
 
+
+def test_a_local_run_starts_its_own_ray_even_where_ray_start_recorded_another_cluster(tmp_path):
+    """`ray start` records its cluster in <ray temp>/ray_current_cluster, and a bare ray.init() joins that cluster (and
+    refuses num_cpus there): how CI's local runs failed while a Slurm test's Ray was up. cluster=local must start a
+    private instance whatever is recorded."""
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r1ray", dir="/tmp"))  # short: Ray's socket paths live under it
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")  # another cluster's GCS, as `ray start` writes
+    script = (
+        "import ray; from types import SimpleNamespace as N; from r1.cluster import connect; "
+        "print(connect(N(kind='local', ray_address=None, num_cpus=3, num_gpus=0))); "
+        "print(ray.get_runtime_context().gcs_address); print(ray.cluster_resources()['CPU']); ray.shutdown()"
+    )
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300, check=False)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    owns, gcs, cpus = proc.stdout.split()[-3:]
+    assert owns == "True" and gcs != "127.0.0.1:1" and float(cpus) == 3.0
