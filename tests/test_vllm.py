@@ -269,26 +269,25 @@ def _run_overrides(cache_dir, run_dir, steps, *extra):
                                           f"trainer.total_steps={steps}", *extra]
 
 
-@pytest.mark.parametrize("staleness,partial", [(0, False), (1, True)])
-def test_grpo_on_vllm_end_to_end(ray_local, vllm_qwen2, cache_dir, tmp_path, staleness, partial):
-    """Sync, and async with partial rollouts: the staleness bound holds for every token, every group is trained
-    exactly once, and on-policy tokens' log-probs are the trainer's. (Async without partial rollouts is the same
-    buffer on another engine: tests/test_async.py runs it on HF engines.)"""
+def test_grpo_on_vllm_end_to_end(ray_local, vllm_qwen2, cache_dir, tmp_path):
+    """Async with partial rollouts, the most demanding path: the staleness bound holds for every token, every group
+    is trained exactly once, and on-policy steps' log-probs are the trainer's. (The synchronous loop and async
+    without partial rollouts are the same driver and buffer on another engine: tests/test_async.py runs them on HF
+    engines; vLLM's log-probs against the trainer's are checked above, before and after a push.)"""
     from r1.driver import run as run_driver
     from r1.monitoring.ledger import read_ledger
     from tests.test_async import _step_metrics, assert_every_group_trained_once
 
-    run_dir = tmp_path / f"vllm{staleness}{partial}"
-    out = run_driver(compose(_run_overrides(cache_dir, run_dir, 4, f"algo.max_staleness={staleness}",
-                                            f"rollout.partial_rollouts={str(partial).lower()}")))
+    run_dir = tmp_path / "vllm_async"
+    out = run_driver(compose(_run_overrides(cache_dir, run_dir, 4, "algo.max_staleness=1",
+                                            "rollout.partial_rollouts=true")))
     assert_every_group_trained_once(run_dir, out["buffer"], 4)
     ledger = read_ledger(run_dir)
-    assert max(r["staleness"] for r in ledger) <= staleness
-    for m in _step_metrics(run_dir):
-        if m["staleness/max"] == 0:  # on-policy samples: vLLM's log-probs are the trainer's
-            assert m["train/is_log_ratio_abs_mean"] < 1e-5, m
-    if staleness:
-        assert max(r["staleness"] for r in ledger) == 1, "generation never overlapped training"
+    assert max(r["staleness"] for r in ledger) == 1, "generation never overlapped training"
+    on_policy = [m for m in _step_metrics(run_dir) if m["staleness/max"] == 0]
+    assert on_policy, "no step trained on-policy samples only (the first step must)"
+    for m in on_policy:  # vLLM's log-probs are the trainer's
+        assert m["train/is_log_ratio_abs_mean"] < 1e-5, m
 
 
 def _engine_cores():
