@@ -47,37 +47,37 @@ def _policy(run_dir, step):
 
 def test_two_steps_checkpoint_and_exact_resume(ray_local, tiny_model, cache_dir, tmp_path):
     straight = tmp_path / "straight"
-    out = run(_cfg(cache_dir, straight, total_steps=3))
-    assert out["step"] == 3
+    out = run(_cfg(cache_dir, straight, total_steps=2))
+    assert out["step"] == 2
     metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "reward/mean" in m]
-    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert [m["step"] for m in steps] == [1, 2]
     for key in ("reward/accuracy", "reward/format", "train/kl", "train/clip_fraction", "train/grad_norm",
                 "time/sync_s", "perf/gen_tokens_per_s", "response/length_mean", "train/entropy"):
         assert key in steps[0], key
     assert {"eval/pass@1", "eval/cons@2", "eval/format_rate"} <= set(metrics[0])
     # training moved the weights, and every checkpoint is a loadable HF model
-    assert not torch.equal(_policy(straight, 1)["model.norm.weight"], _policy(straight, 3)["model.norm.weight"])
+    assert not torch.equal(_policy(straight, 1)["model.norm.weight"], _policy(straight, 2)["model.norm.weight"])
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    AutoModelForCausalLM.from_pretrained(straight / "checkpoints" / "step_000003" / "policy")
-    AutoTokenizer.from_pretrained(straight / "checkpoints" / "step_000003" / "policy")
+    AutoModelForCausalLM.from_pretrained(straight / "checkpoints" / "step_000002" / "policy")
+    AutoTokenizer.from_pretrained(straight / "checkpoints" / "step_000002" / "policy")
 
-    # Stop after 2 steps, resume to 3: same data position, same weights as the uninterrupted run.
+    # Stop after 1 step, resume to 2: same data position, same weights as the uninterrupted run.
     resumed = tmp_path / "resumed"
-    run(_cfg(cache_dir, resumed, total_steps=2))
-    state = json.loads((resumed / "checkpoints" / "step_000002" / "driver_state.json").read_text())
-    assert state["step"] == 2 and state["buffer"]["sampler"]["index"] == 2 * 4
-    assert state["buffer"]["next_uid"] == 8 and outstanding_uids(state["buffer"]) == []  # on-policy, final step
-    out = run(_cfg(cache_dir, resumed, total_steps=3, resume=True))
-    assert out["step"] == 3
-    a, b = _policy(straight, 3), _policy(resumed, 3)
+    run(_cfg(cache_dir, resumed, total_steps=1))
+    state = json.loads((resumed / "checkpoints" / "step_000001" / "driver_state.json").read_text())
+    assert state["step"] == 1 and state["buffer"]["sampler"]["index"] == 4
+    assert state["buffer"]["next_uid"] == 4 and outstanding_uids(state["buffer"]) == []  # on-policy, final step
+    out = run(_cfg(cache_dir, resumed, total_steps=2, resume=True))
+    assert out["step"] == 2
+    a, b = _policy(straight, 2), _policy(resumed, 2)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
     resumed_steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()
                      if "reward/mean" in x]
-    assert resumed_steps == [1, 2, 3]  # the resumed run continued at step 3, it did not redo 1-2
+    assert resumed_steps == [1, 2]  # the resumed run continued at step 2, it did not redo 1
 
 
 def test_llama_tokens_through_rollout_training_and_evaluation(ray_local, tiny_llama, cache_dir, tmp_path):
