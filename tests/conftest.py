@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -129,8 +129,9 @@ def kill_when(proc, ready, timeout_s: float = 300) -> None:
         psutil.wait_procs(tree, timeout=30)
     finally:
         for p in psutil.Process().children(recursive=True):
-            if p.is_running() and "launcher.main" in " ".join(p.cmdline()):
-                p.kill()
+            with suppress(psutil.Error):  # (gone, or a zombie another test left unreaped)
+                if "launcher.main" in " ".join(p.cmdline()):
+                    p.kill()
 
 
 # The longest files first: pytest-xdist (--dist loadfile) hands whole files to its workers in collection order, so a
