@@ -35,11 +35,17 @@ def user_overrides(args: list[str]) -> list[str]:
 
 
 def base_model(cfg, args: list[str]) -> str:
-    """The run's base model as a path (the tiny one is built, or found in the cache, here)."""
+    """The run's base model as a path (the tiny one is built, or found in the cache, here). Under Slurm the cache is
+    the jobs' own, on the shared directory: the nodes that run the stages read the model from there."""
     from launcher.main import compose
     from r1.inputs import prepare_model
 
-    return prepare_model(compose(user_overrides(args)))
+    base = compose(user_overrides(args))
+    if base.cluster.kind == "slurm":
+        from launcher.slurm import on_shared_dir
+
+        on_shared_dir(base)
+    return str(Path(prepare_model(base)).absolute())  # (stages run elsewhere: another cwd, another node)
 
 
 def stage_args(cfg, stage, args: list[str], base: str | None) -> list[str]:

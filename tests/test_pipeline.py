@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from launcher.pipeline import stage_args, user_overrides
+from launcher.pipeline import base_model, stage_args, user_overrides
 from tests.conftest import REPO, TINY, compose
 
 
@@ -47,6 +48,15 @@ def test_each_stage_gets_the_outputs_of_the_ones_before(tmp_path):
     distill = compose(["+pipeline=r1_distill", f"pipeline.dir={tmp_path}", "run_dir=x"])
     with pytest.raises(ValueError, match="needs pipeline.teacher"):
         stage_args(distill, distill.pipeline.stages[0], [], base=None)
+
+
+def test_the_base_model_is_an_absolute_path_where_the_stages_run(tmp_path, monkeypatch):
+    """Stages run from the repository (locally) or on other nodes (Slurm): a relative cache_dir, taken where r1-launch
+    ran, must reach them as an absolute path."""
+    monkeypatch.chdir(tmp_path)
+    args = ["+pipeline=r1", *TINY, "cache_dir=cache", "run_dir=x"]
+    base = base_model(compose(args), args)
+    assert base.startswith(str(tmp_path / "cache" / "models")) and (Path(base) / "config.json").is_file()
 
 
 SMALL = [

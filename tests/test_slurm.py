@@ -368,6 +368,9 @@ def test_a_pipeline_is_a_chain_of_dependent_jobs_that_a_failed_stage_cancels(slu
         assert re.search(rf"Dependency=afterok:{before}\b", show), show
     first = shared / "pipe" / "reasoning_rl"
     assert OmegaConf.load(first / "config.yaml").model.path == str(shared / "pipe" / "cold_start" / "policy")
+    # the base model (evaluated beside the stages) was built into the jobs' cache on the shared directory, not the cwd
+    base = Path(OmegaConf.load(shared / "pipe" / "eval" / "config.yaml").eval.checkpoints[0])
+    assert base.parent == shared / "cache" / "models" and (base / "config.json").is_file()
     assert _wait_for(jobs[0]) == "FAILED", _log(first, jobs[0])  # (cold_start/policy does not exist)
     for job in jobs[1:]:
         assert _wait_for(job, timeout_s=120) == "CANCELLED"
