@@ -108,17 +108,17 @@ def main(config_path: str) -> int:
     if aborted := result.get("aborted"):
         if aborted.get("gpu") is not None:  # a node's GPU: never again on that node, for this job
             exclude_node(Path(cfg.run_dir) / EXCLUDE_FILE.format(job=job), aborted["node"])
-        attempts.write("end", attempt, outcome="aborted", step=result["step"], signal=aborted["signal"],
+        attempts.write("end", attempt, outcome="aborted", step=result.get("step"), signal=aborted["signal"],
                        node=aborted["node"], gpu=aborted.get("gpu"))
         return REQUEUE_EXIT
     stopped_by = result.get("stopped_by")
     if stopped_by == signal.SIGUSR1:  # time limit or preemption ahead: checkpointed, come back
-        attempts.write("end", attempt, outcome="preempted", step=result["step"])
+        attempts.write("end", attempt, outcome="preempted", step=result.get("step"))
         return REQUEUE_EXIT
     if stopped_by:
-        attempts.write("end", attempt, outcome=f"stopped by {signal.Signals(stopped_by).name}", step=result["step"])
+        attempts.write("end", attempt, outcome=f"stopped by {signal.Signals(stopped_by).name}", step=result.get("step"))
         return 128 + int(stopped_by)
-    attempts.write("end", attempt, outcome="completed", step=result["step"])
+    attempts.write("end", attempt, outcome="completed", step=result.get("step"))
     return 0
 
 

@@ -348,29 +348,38 @@ def test_a_health_abort_requeues_the_job_without_the_sick_node(slurm_cluster, tm
 
 
 @pytest.mark.slow
-def test_a_pipeline_is_a_chain_of_dependent_jobs_that_a_failed_stage_cancels(slurm_cluster, tmp_path):
-    """``+pipeline=r1 cluster=slurm``: a finished stage is not submitted, every other stage is a job depending
-    (afterok) on the one before; the first job fails (the stage it needs never ran) and Slurm cancels the rest."""
+def test_a_pipeline_is_a_chain_of_dependent_jobs_that_a_failed_stage_cancels(slurm_cluster, tiny_model, tmp_path):
+    """``+pipeline=r1 cluster=slurm``: finished stages are not submitted, every other stage is a job depending
+    (afterok) on the one before. The first job, rejection sampling (a stage without training steps), completes; the
+    next, a broken SFT stage, fails and Slurm cancels the rest."""
+    from tests.test_pipeline import SMALL
+
     shared = tmp_path / "shared"
-    (shared / "pipe" / "cold_start").mkdir(parents=True)
-    (shared / "pipe" / "cold_start" / "stage.json").write_text("{}")  # as a finished stage leaves it
-    done = _launch("+pipeline=r1", *TINY, "cluster=slurm", "cluster.slurm.partition=debug",
+    for stage in ("cold_start", "reasoning_rl"):  # as finished stages leave them
+        (shared / "pipe" / stage).mkdir(parents=True)
+        (shared / "pipe" / stage / "stage.json").write_text("{}")
+    (shared / "pipe" / "reasoning_rl" / "policy").symlink_to(tiny_model)
+    done = _launch("+pipeline=r1", *TINY, *SMALL, "cluster=slurm", "cluster.slurm.partition=debug",
                    f"cluster.slurm.shared_dir={shared}", "pipeline.dir=pipe", "cache_dir=cache",
                    "cluster.slurm.cpus_per_node=2", "cluster.slurm.gpus_per_node=2",
-                   "cluster.slurm.max_failed_attempts=1")
+                   "cluster.slurm.max_failed_attempts=1", 'pipeline.stages.3.overrides=["model.source=pretrained","model.path=/no/such/model"]')
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "stage 1/7 cold_start finished already" in done.stdout
+    assert "stage 1/7 cold_start finished already" in done.stdout and "stage 2/7 reasoning_rl finished" in done.stdout
     jobs = [line.split("Slurm job ")[1].split()[0].rstrip(":") for line in done.stdout.splitlines()
             if "Slurm job " in line]
-    assert len(jobs) == 6
+    assert len(jobs) == 5
     for before, job in itertools.pairwise(jobs):
         show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
         assert re.search(rf"Dependency=afterok:{before}\b", show), show
-    first = shared / "pipe" / "reasoning_rl"
-    assert OmegaConf.load(first / "config.yaml").model.path == str(shared / "pipe" / "cold_start" / "policy")
+    sampled = shared / "pipe" / "rejection_sampling"
+    assert OmegaConf.load(sampled / "config.yaml").model.path == str(shared / "pipe" / "reasoning_rl" / "policy")
     # the base model (evaluated beside the stages) was built into the jobs' cache on the shared directory, not the cwd
     base = Path(OmegaConf.load(shared / "pipe" / "eval" / "config.yaml").eval.checkpoints[0])
     assert base.parent == shared / "cache" / "models" and (base / "config.json").is_file()
-    assert _wait_for(jobs[0]) == "FAILED", _log(first, jobs[0])  # (cold_start/policy does not exist)
-    for job in jobs[1:]:
+
+    assert _wait_for(jobs[0]) == "COMPLETED", _log(sampled, jobs[0])
+    assert (sampled / "stage.json").is_file() and (sampled / "sft_data.jsonl").is_file()
+    assert [a["outcome"] for a in _attempts(sampled) if a["event"] == "end"] == ["completed"]
+    assert _wait_for(jobs[1]) == "FAILED", _log(shared / "pipe" / "sft", jobs[1])  # (its model is not there)
+    for job in jobs[2:]:
         assert _wait_for(job, timeout_s=120) == "CANCELLED"
