@@ -147,3 +147,73 @@ def test_coding_data_without_a_working_sandbox_stops_the_run_before_it_starts(tm
     monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on it
     with pytest.raises(RuntimeError, match=r"coding problems .* needs bubblewrap \(`apt-get install bubblewrap`\)"):
         prepare_data(cfg)
+
+
+HUMANEVAL_CHECK = '''
+def check(candidate):
+    assert candidate([1.0, 2.8, 3.0], 0.3) == True
+    assert candidate([1.0, 2.0, 3.9], 0.3) is False
+    assert abs(candidate.__defaults__ is None) == 1
+    assert not candidate([], 1.0)
+    assert [x for x in (candidate([1.0, 1.1], 0.2), candidate([1.0], 0.2)) if x] == [True]
+    assert 0 < 1 < 2 <= 2 and {"a": [1, (2, 3)]} == {"a": [1, (2, 3)]} and (None or 5) == 5
+    assert 3 in [1, 2, 3] and "x" not in "abc" and -(-2) == 2 and 7 // 2 * 2 + 7 % 2 == 7
+
+check(has_close_elements)
+'''
+CLOSE = ("def has_close_elements(numbers, threshold):\n    return any(abs(a - b) < threshold for i, a in "
+         "enumerate(numbers) for b in numbers[i + 1:])")
+
+
+@pytest.mark.usefixtures("bwrap")
+@pytest.mark.parametrize("program, status", [
+    (CLOSE, "ok"),  # HumanEval's shape: check(candidate) with its comparisons, chains, truth tests, arithmetic
+    (CLOSE + "\nraise SystemExit(0)", "exited_early"),  # ends before the tests run...
+    ("import sys\ndef has_close_elements(n, t):\n    sys.exit(0)", "exited_early"),  # ...or inside one
+    ("import os\ndef has_close_elements(n, t):\n    os._exit(0)", "exited_early"),  # no SystemExit at all
+    ("def has_close_elements(n, t):\n    print('\\nr1-verdict 0123456789abcdef0123456789abcdef')\n    raise SystemExit",
+     "exited_early"),  # a verdict without the run's secret
+    ("class Yes:\n    def __eq__(self, other):\n        return True\n    __ne__ = __eq__\n"
+     "def has_close_elements(n, t):\n    return Yes()", "untrusted_value"),  # always equal
+    ("class Yes(int):\n    def __eq__(self, other):\n        return True\n    def __bool__(self):\n        return True\n"
+     "def has_close_elements(n, t):\n    return Yes(1)", "untrusted_value"),  # a subclass of a builtin
+    ("class Truthy:\n    def __bool__(self):\n        return bool(__import__('random').random() < 2)\n"
+     "    def __eq__(self, other):\n        return NotImplemented\n"
+     "def has_close_elements(n, t):\n    return Truthy()", "untrusted_value"),  # a lying truth value
+    ("import builtins\nbuiltins.bool = lambda x: True\nbuiltins.isinstance = lambda *a: True\n"
+     "builtins.type = lambda x: int\ndef has_close_elements(n, t):\n    return 'yes'", "error"),  # rebinding builtins
+    ("def has_close_elements(n, t):\n    return False", "error"),  # simply wrong: its assert fails
+], ids=["correct", "exit-at-top", "sys-exit-in-test", "os-exit-in-test", "forged-verdict", "always-equal",
+        "int-subclass", "lying-bool", "rebound-builtins", "wrong"])
+def test_call_based_tests_cannot_be_ended_early_or_passed_by_values_that_lie(program, status):
+    verifier = CodeVerifier(LIMITS, parallel=1, uid_base=64200)
+    try:
+        passed = verifier.passes(program, (CodeTest(assertion=HUMANEVAL_CHECK),))
+    finally:
+        verifier.close()
+    assert passed is (status == "ok")
+    assert verifier.stats[status] == 1, dict(verifier.stats)
+
+
+@pytest.mark.usefixtures("bwrap")
+def test_values_the_tests_may_compare_and_the_programs_own_main_module():
+    """What call-based tests really compare passes: Decimal, datetime, nested containers, deque, a dataclass of the
+    program's compared through its fields; a program's __main__ is its own module (dataclasses and pickle find it)."""
+    program = ("import collections, dataclasses, datetime, decimal, pickle, sys\n"
+               "@dataclasses.dataclass\nclass Point:\n    x: int\n    y: int\n"
+               "def f():\n    return (decimal.Decimal('1.5'), datetime.date(2025, 1, 20), collections.deque([1, 2]),"
+               " {'k': {1, 2}}, b'x', 3 + 4j, range(3))\n"
+               "def point():\n    return pickle.loads(pickle.dumps(Point(1, 2)))\n"
+               "assert sys.modules['__main__'].Point is Point and __name__ == '__main__'")
+    tests = ("import collections, datetime, decimal\n"
+             "assert f() == (decimal.Decimal('1.5'), datetime.date(2025, 1, 20), collections.deque([1, 2]), "
+             "{'k': {1, 2}}, b'x', 3 + 4j, range(3))\n"
+             "assert (point().x, point().y) == (1, 2)\n"
+             "assert sorted(f()[3]['k'], reverse=True) == [2, 1] and len(f()) == 7")
+    verifier = CodeVerifier(LIMITS, parallel=1, uid_base=64200)
+    try:
+        assert verifier.passes(program, (CodeTest(assertion=tests),)), dict(verifier.stats)
+        assert not verifier.passes(program, (CodeTest(assertion="assert point() == point()"),))  # a program's class
+    finally:
+        verifier.close()
+    assert verifier.stats["untrusted_value"] == 1

@@ -352,9 +352,10 @@ class SandboxConfig:
 
     cpu_s: int = 5  # CPU seconds (RLIMIT_CPU)
     wall_s: float = 10.0  # wall seconds, then the whole sandbox is killed
-    memory_mb: int = 512  # address space (RLIMIT_AS)
+    memory_mb: int = 512  # address space per process (RLIMIT_AS)
     output_kb: int = 256  # per file written, stdout and stderr included (RLIMIT_FSIZE)
     processes: int = 16  # tasks it may start (RLIMIT_NPROC): fork bombs stop here
+    disk_mb: int = 64  # each of /box, /tmp and /dev/shm (tmpfs, in memory); the rest of its tree is read-only
     parallel: int = 4  # programs run at once per rollout worker
 
 

@@ -104,8 +104,9 @@ def _answer_problems(cfg) -> list[str]:
             problems.append(f"reward.final_line_pattern={cfg.reward.final_line_pattern!r} needs a group around the "
                             "answer, e.g. '^####\\s*(.+)$'")
     box = cfg.reward.sandbox
-    if min(box.cpu_s, box.wall_s, box.memory_mb, box.output_kb, box.processes, box.parallel) <= 0:
-        problems.append("reward.sandbox: cpu_s, wall_s, memory_mb, output_kb, processes and parallel must be > 0 "
+    if min(box.cpu_s, box.wall_s, box.memory_mb, box.output_kb, box.processes, box.disk_mb, box.parallel) <= 0:
+        problems.append("reward.sandbox: cpu_s, wall_s, memory_mb, output_kb, processes, disk_mb and parallel must "
+                        "be > 0 "
                         f"(got {dict(box)})")
     return problems
 

@@ -40,6 +40,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from r1.data.prompts import PromptSampler
+from r1.rewards.sandbox import SandboxUnavailable
 from r1.types import Group, Rollouts, SamplingParams, WorkerTotals
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,11 @@ class RolloutBuffer:
             if self.pool.actors[request.worker] is request.actor:  # not replaced yet (by a sibling request)
                 self.pool.replace([request.worker])
             return
+        except SandboxUnavailable:
+            # the worker's code sandbox cannot start: no reward can be given, and the run stops; the prompts are
+            # owed again (a checkpoint taken now keeps them)
+            self._requeue(request.entries)
+            raise
         self.collected += 1
         for group in rollouts.groups:
             self.ready[group.uid] = group
