@@ -1,6 +1,8 @@
 """Two GRPO steps on real Ray pools (1 trainer + 2 rollout workers, gloo weight sync), checkpoint, exact resume."""
 
 import json
+import os
+import subprocess
 
 import pytest
 import ray
@@ -19,6 +21,24 @@ pytestmark = pytest.mark.slow
 
 def digit_reward(response: str, reference: str) -> float:
     return sum(c.isdigit() for c in response) / max(1, len(response))
+
+
+HELD_UID = 63500  # a sandbox user whose whole process limit the stop test holds
+_scored = 0
+
+
+def digits_then_a_sandbox_that_cannot_start(response: str, reference: str) -> float:
+    """digit_reward for the 8 responses of step 1; from then on every response first runs a program in the real
+    sandbox as HELD_UID, which cannot start (its process limit is taken): SandboxUnavailable, as a coding problem's
+    accuracy raises it."""
+    global _scored
+    _scored += 1
+    if _scored > 8:
+        from r1.rewards.sandbox import Sandbox, SandboxLimits
+
+        with Sandbox(SandboxLimits(processes=2), uid=HELD_UID) as box:
+            box.run("print(1)")
+    return digit_reward(response, reference)
 
 
 def _cfg(cache_dir, run_dir, total_steps, resume=False, extra=()):
@@ -102,3 +122,31 @@ def test_llama_tokens_through_rollout_training_and_evaluation(ray_local, tiny_ll
         # the coding problem's reference travelled with its group; the untrained model wrote no program: counted
         assert out.groups[2].reference == code and [s.answer for s in out.groups[2].samples] == [None] * 4
         assert out.totals.sandbox == {"no_program": cfg.algo.group_size}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="holds processes as the sandbox's user (run as root)")
+def test_a_sandbox_that_cannot_start_stops_the_run_loudly_and_loses_nothing(ray_local, tiny_model, cache_dir,
+                                                                             tmp_path, monkeypatch):
+    """Mid-run, a rollout worker's sandbox cannot start: the run does not train on zero rewards. It stops with the
+    cause in its message, step 1's checkpoint holds every prompt still owed (the failed request's included), and
+    the error says how to continue."""
+    holders = [subprocess.Popen(["sleep", "300"], user=HELD_UID, group=HELD_UID) for _ in range(2)]
+    run_dir = tmp_path / "stopped"
+    cfg = _cfg(cache_dir, run_dir, total_steps=5, extra=[
+        "rollout.num_workers=1", "algo.prompts_per_step=2", "eval.at_start=false",
+        "reward.terms=[{name: 'tests.test_end_to_end:digits_then_a_sandbox_that_cannot_start', weight: 1.0}]"])
+    try:
+        with pytest.raises(RuntimeError) as caught:
+            run(cfg)
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+    message = str(caught.value)
+    assert message.startswith("stopped at step 1: ")
+    assert "Resource temporarily unavailable" in message and f"uid {HELD_UID} holds 2 tasks" in message
+    assert f"r1-launch resume=true run_dir={run_dir}" in message
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "reward/mean" in m] == [1]  # nothing trained after the failure
+    state = json.loads((run_dir / "checkpoints" / "step_000001" / "driver_state.json").read_text())
+    assert outstanding_uids(state["buffer"]) == [2, 3]  # step 2's prompts: owed, regenerated on resume
