@@ -91,10 +91,30 @@ def problems(cfg) -> list[str]:
                 out.append(f"{section}.num_workers={workers.num_workers} do not fit on "
                            f"cluster.k8s.{pool}.replicas={pods.replicas} pod(s) of {pods.gpus} GPUs")
     for entry in k.secret_env:
-        if set(entry) != {"name", "secretName", "key"}:
-            out.append(f"cluster.k8s.secret_env entry {dict(entry)}: give exactly name, secretName, key (the "
-                       "variable, the existing Secret, its key)")
+        if not {"name", "secretName", "key"} <= set(entry) <= {"name", "secretName", "key", "pods"}:
+            out.append(f"cluster.k8s.secret_env entry {dict(entry)}: give name, secretName, key (the variable, the "
+                       "existing Secret, its key) and optionally pods (of head, train, rollout; default: head)")
+        elif not set(entry.get("pods") or ["head"]) <= set(POD_GROUPS) or entry.get("pods") == []:
+            out.append(f"cluster.k8s.secret_env entry {dict(entry)}: pods must be a non-empty list of {POD_GROUPS}")
+    try:
+        seccomp_profile(k.sandbox_seccomp)
+    except ValueError as err:
+        out.append(str(err))
     return out
+
+
+POD_GROUPS = ("head", "train", "rollout")
+
+
+def seccomp_profile(value: str) -> dict:
+    """``cluster.k8s.sandbox_seccomp`` as a pod's seccompProfile."""
+    kind, _, path = str(value).partition(":")
+    if kind in ("RuntimeDefault", "Unconfined") and not path:
+        return {"type": kind}
+    if kind == "Localhost" and path:
+        return {"type": "Localhost", "localhostProfile": path}
+    raise ValueError(f"cluster.k8s.sandbox_seccomp={value!r}: give RuntimeDefault, Unconfined or "
+                     "Localhost:<path under the kubelet's seccomp directory> (e.g. Localhost:r1/code-sandbox.json)")
 
 
 def chart_values(cfg) -> dict:
@@ -126,7 +146,8 @@ def chart_values(cfg) -> dict:
                         "existingClaim": k.volume_claim or "", "size": str(k.volume_size),
                         "storageClass": k.storage_class or "", "accessMode": "ReadWriteMany"},
         "shmSize": str(k.shm_size),
-        "secretEnv": [dict(e) for e in k.secret_env],
+        "secretEnv": [OmegaConf.to_container(e) if OmegaConf.is_config(e) else dict(e) for e in k.secret_env],
+        "codeSandbox": {"seccompProfile": seccomp_profile(k.sandbox_seccomp)},
         "rayJob": {"backoffLimit": k.backoff_limit},
     }
 

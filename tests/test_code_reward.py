@@ -173,15 +173,15 @@ CLOSE = ("def has_close_elements(numbers, threshold):\n    return any(abs(a - b)
     ("import os\ndef has_close_elements(n, t):\n    os._exit(0)", "exited_early"),  # no SystemExit at all
     ("def has_close_elements(n, t):\n    print('\\nr1-verdict 0123456789abcdef0123456789abcdef')\n    raise SystemExit",
      "exited_early"),  # a verdict without the run's secret
-    ("class Yes:\n    def __eq__(self, other):\n        return True\n    __ne__ = __eq__\n"
-     "def has_close_elements(n, t):\n    return Yes()", "untrusted_value"),  # always equal
-    ("class Yes(int):\n    def __eq__(self, other):\n        return True\n    def __bool__(self):\n        return True\n"
-     "def has_close_elements(n, t):\n    return Yes(1)", "untrusted_value"),  # a subclass of a builtin
-    ("class Truthy:\n    def __bool__(self):\n        return bool(__import__('random').random() < 2)\n"
+    (("class Yes:\n    def __eq__(self, other):\n        return True\n    __ne__ = __eq__\n"
+     "def has_close_elements(n, t):\n    return Yes()"), "untrusted_value"),  # always equal
+    (("class Yes(int):\n    def __eq__(self, other):\n        return True\n    def __bool__(self):\n        return True\n"
+     "def has_close_elements(n, t):\n    return Yes(1)"), "untrusted_value"),  # a subclass of a builtin
+    (("class Truthy:\n    def __bool__(self):\n        return bool(__import__('random').random() < 2)\n"
      "    def __eq__(self, other):\n        return NotImplemented\n"
-     "def has_close_elements(n, t):\n    return Truthy()", "untrusted_value"),  # a lying truth value
-    ("import builtins\nbuiltins.bool = lambda x: True\nbuiltins.isinstance = lambda *a: True\n"
-     "builtins.type = lambda x: int\ndef has_close_elements(n, t):\n    return 'yes'", "error"),  # rebinding builtins
+     "def has_close_elements(n, t):\n    return Truthy()"), "untrusted_value"),  # a lying truth value
+    (("import builtins\nbuiltins.bool = lambda x: True\nbuiltins.isinstance = lambda *a: True\n"
+     "builtins.type = lambda x: int\ndef has_close_elements(n, t):\n    return 'yes'"), "error"),  # rebinding builtins
     ("def has_close_elements(n, t):\n    return False", "error"),  # simply wrong: its assert fails
 ], ids=["correct", "exit-at-top", "sys-exit-in-test", "os-exit-in-test", "forged-verdict", "always-equal",
         "int-subclass", "lying-bool", "rebound-builtins", "wrong"])

@@ -176,8 +176,8 @@ def test_the_chart_lints_renders_and_validates(helm, tmp_path, mode, gpus, volum
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         assert mounts == {"r1-config": "/etc/r1", "r1-data": "/r1", "dshm": "/dev/shm", "tmp": "/tmp"}
         secret_env = [e for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
-        assert secret_env == [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {
-            "name": "r1-secrets", "key": "wandb-api-key"}}}]
+        assert secret_env == ([] if group else [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": "r1-secrets", "key": "wandb-api-key"}}}])  # the driver's pod only, by default
         # the health monitor names the Kubernetes node (the downward API), as SREs find it with kubectl
         assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in container["env"]
 
@@ -206,7 +206,7 @@ def test_a_secret_is_only_ever_referenced(helm, tmp_path):
     name's neighbourhood never reaches a rendered manifest."""
     planted = "planted-wandb-key-7f3c9a"
     values = _values(secretEnv=[{"name": "WANDB_API_KEY", "secretName": "r1-secrets", "key": "wandb-api-key"},
-                                {"name": "HF_TOKEN", "secretName": "hf", "key": "token"}])
+                                {"name": "HF_TOKEN", "secretName": "hf", "key": "token", "pods": ["head", "train"]}])
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump(values))
     done = subprocess.run([helm, "template", "t", str(CHART), "-f", str(path)], capture_output=True, text=True,
@@ -214,7 +214,29 @@ def test_a_secret_is_only_ever_referenced(helm, tmp_path):
                                "HF_TOKEN": planted}, check=False)
     assert done.returncode == 0, done.stderr
     assert planted not in done.stdout + done.stderr
-    assert done.stdout.count("secretKeyRef") == 2 * 3  # two variables on the head and on each pool's pods
+    assert done.stdout.count("secretKeyRef") == 3  # each variable on the pods it names: the head (both), train
+
+
+@pytest.mark.slow
+def test_secrets_and_the_sandbox_profile_reach_only_the_pods_named(helm, tmp_path):
+    """Rollout pods run untrusted programs: no secret reaches them unless named. The code sandbox's seccomp profile
+    (user namespaces) goes to the pods where programs run -- the head and the rollout pool -- not the trainers."""
+    values = _values(secretEnv=[{"name": "WANDB_API_KEY", "secretName": "r1-secrets", "key": "wandb-api-key"},
+                                {"name": "HF_TOKEN", "secretName": "hf", "key": "token", "pods": ["train"]}],
+                     codeSandbox={"seccompProfile": {"type": "Localhost", "localhostProfile": "r1/code-sandbox.json"}})
+    docs = render(helm, values, tmp_path)
+    check_objects(docs)
+    job = by_kind(docs)["RayJob"]
+    pods = {pod.get("metadata", {}).get("labels", {}).get("r1.io/group", "submitter"): pod["spec"]
+            for pod in pod_templates(job)}
+    assert set(pods) == {"head", "train", "rollout", "submitter"}
+    assert "secretKeyRef" not in json.dumps(pods.pop("submitter"))
+    secrets = {group: [e["name"] for e in spec["containers"][0]["env"] if "secretKeyRef" in e.get("valueFrom", {})]
+               for group, spec in pods.items()}
+    assert secrets == {"head": ["WANDB_API_KEY"], "train": ["HF_TOKEN"], "rollout": []}
+    profiles = {group: spec["securityContext"]["seccompProfile"] for group, spec in pods.items()}
+    localhost = {"type": "Localhost", "localhostProfile": "r1/code-sandbox.json"}
+    assert profiles == {"head": localhost, "rollout": localhost, "train": {"type": "RuntimeDefault"}}
 
 
 BAD = [
@@ -226,6 +248,9 @@ BAD = [
     ({"secretEnv": [{"name": "WANDB_API_KEY", "secretName": "r1-secrets"}]}, "key"),
     ({"rayVersion": "latest"}, "rayVersion"),
     ({"persistence": {"accessMode": "ReadWriteSome"}}, "accessMode"),
+    ({"secretEnv": [{"name": "HF_TOKEN", "secretName": "hf", "key": "token", "pods": ["gpu"]}]}, "pods"),
+    ({"codeSandbox": {"seccompProfile": {"type": "Localhost"}}}, "localhostProfile"),  # which file?
+    ({"codeSandbox": {"seccompProfile": {"type": "Privileged"}}}, "type"),
 ]
 
 

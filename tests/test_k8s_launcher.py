@@ -41,15 +41,21 @@ def test_bad_k8s_settings_fail_before_anything_is_rendered():
 
     cfg = compose([*TINY, *K8S, "cluster.k8s.namespace=Research_1", "cluster.k8s.train.memory=lots",
                    "trainer.gpus_per_worker=1", "run_dir=/elsewhere/run",
-                   "cluster.k8s.secret_env=[{name: WANDB_API_KEY, secretName: r1-secrets}]"])
+                   ("cluster.k8s.secret_env=[{name: WANDB_API_KEY, secretName: r1-secrets}, {name: HF_TOKEN, "
+                   "secretName: hf, key: token, pods: [head, gpu]}]"), "cluster.k8s.sandbox_seccomp=Localhost"])
     assert problems(cfg) == [
         "cluster.k8s.namespace='Research_1' is not a Kubernetes namespace name",
         ("run_dir=/elsewhere/run is outside cluster.k8s.mount_path=/r1: it would not survive the pod; make it "
         "relative (it then goes under the volume) or put it under the mount path"),
         "cluster.k8s.train.memory='lots' is not a Kubernetes quantity (e.g. 32, 500m, 256Gi)",
         "trainer.gpus_per_worker=1.0 is more than a pod of the pool has (cluster.k8s.train.gpus=0)",
-        ("cluster.k8s.secret_env entry {'name': 'WANDB_API_KEY', 'secretName': 'r1-secrets'}: give exactly name, "
-        "secretName, key (the variable, the existing Secret, its key)"),
+        ("cluster.k8s.secret_env entry {'name': 'WANDB_API_KEY', 'secretName': 'r1-secrets'}: give name, "
+         "secretName, key (the variable, the existing Secret, its key) and optionally pods (of head, train, rollout; "
+         "default: head)"),
+        ("cluster.k8s.secret_env entry {'name': 'HF_TOKEN', 'secretName': 'hf', 'key': 'token', 'pods': ['head', "
+         "'gpu']}: pods must be a non-empty list of ('head', 'train', 'rollout')"),
+        ("cluster.k8s.sandbox_seccomp='Localhost': give RuntimeDefault, Unconfined or Localhost:<path under the "
+         "kubelet's seccomp directory> (e.g. Localhost:r1/code-sandbox.json)"),
     ]
     with pytest.raises(ConfigError, match="cluster=k8s:"):
         from launcher.k8s import render
@@ -59,7 +65,8 @@ def test_bad_k8s_settings_fail_before_anything_is_rendered():
 
 @pytest.mark.slow
 def test_a_dry_run_renders_the_chart_from_the_config_and_holds_no_secret(helm_on_path, tmp_path):
-    done = _launch(helm_on_path, tmp_path, *TINY, *K8S, "cluster.dry_run=true")
+    done = _launch(helm_on_path, tmp_path, *TINY, *K8S, "cluster.dry_run=true",
+                   "cluster.k8s.sandbox_seccomp=Localhost:r1/code-sandbox.json")
     assert done.returncode == 0, done.stderr
     records = tmp_path / "outputs" / "k8s" / NS / "r1-test"
     assert f"rendered {records}/manifests.yaml" in done.stdout
@@ -78,6 +85,10 @@ def test_a_dry_run_renders_the_chart_from_the_config_and_holds_no_secret(helm_on
     for path in (records / "values.yaml", records / "manifests.yaml"):
         assert PLANTED not in path.read_text()
     assert PLANTED not in done.stdout + done.stderr
+    # the sandbox's seccomp profile from the config, on the pods where programs run
+    assert groups["rollout"]["template"]["spec"]["securityContext"]["seccompProfile"] == {
+        "type": "Localhost", "localhostProfile": "r1/code-sandbox.json"}
+    assert groups["train"]["template"]["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
 
 
 @pytest.mark.slow

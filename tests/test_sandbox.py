@@ -19,6 +19,7 @@ from r1.types import CodeTest
 from tests.conftest import REPO
 from tests.sandbox_burst import SECRET_VARIABLE, leftover
 from tests.sandbox_burst import SNOOP as SNOOP_ONCE
+from tests.seccomp_exec import library as seccomp_library
 
 LIMITS = SandboxLimits(cpu_s=1, wall_s=8, memory_mb=256, output_kb=64, processes=16, disk_mb=4)  # (wall >> cpu)
 UID = 64000  # this module's sandbox user (the other modules' run beside it under -n 2: their users are others)
@@ -188,17 +189,44 @@ def as_user(uid: int, argv: list[str], env: dict[str, str]) -> subprocess.Comple
                           capture_output=True, text=True, timeout=600, check=False, env=env)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="starts the verifier as another, non-root, user")
-def test_the_sandbox_runs_as_a_non_root_user():
-    """The chart's pods run as uid 1000: the verifier as that user (no setuid, bubblewrap through unprivileged user
-    namespaces), on a burst of every kind of program, with a secret in its environment."""
-    out = as_user(NON_ROOT, [sys.executable, "-m", "tests.sandbox_burst", "0", "60"],
+CHART_PROFILE = REPO / "helm" / "r1" / "files" / "seccomp" / "r1-code-sandbox.json"
+RUNTIME_DEFAULT = REPO / "tests" / "data" / "seccomp-runtime-default-namespaces.json"
+as_non_root_under_seccomp = pytest.mark.skipif(
+    os.geteuid() != 0 or seccomp_library() is None,
+    reason="starts the verifier as another, non-root, user (needs root) under a seccomp profile (needs "
+           "libseccomp.so.2: Debian's libseccomp2)")
+
+
+@as_non_root_under_seccomp
+def test_the_sandbox_runs_as_a_non_root_user_under_the_charts_seccomp_profile():
+    """The chart's pods run as uid 1000 under a seccomp profile: the verifier as that user (no setuid: bubblewrap
+    through unprivileged user namespaces) under the profile the chart ships for the pods where programs run
+    (helm/r1/files/seccomp/r1-code-sandbox.json), on a burst of every kind of program, with a secret in its
+    environment."""
+    out = as_user(NON_ROOT, [sys.executable, "-m", "tests.seccomp_exec", str(CHART_PROFILE),
+                             sys.executable, "-m", "tests.sandbox_burst", "0", "60"],
                   {"HOME": "/tmp", "PATH": os.environ["PATH"], SECRET_VARIABLE: SECRET})
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
+    assert result["uid"] == NON_ROOT
     assert result["verdicts"] == result["expected"]
     stats = dict(result["stats"])
     stats.pop("infra_retries", None)  # (one user for every slot: a fork bomb may crowd a sibling's start, retried)
     assert stats == result["expected_stats"]
-    assert result["uid"] == NON_ROOT
     assert result["snooped"] == {"status": "ok", "secret_seen": False}  # (the program runs as the worker's user)
+
+
+@as_non_root_under_seccomp
+def test_under_runtime_default_the_sandbox_is_unavailable_and_says_why():
+    """RuntimeDefault (what the chart's training pods keep) forbids the namespaces: no program can run, and the
+    error names the cause and where the fix is -- the start-up check stops a run with it before anything starts."""
+    script = ("from r1.inputs import check_sandbox\ntry:\n    check_sandbox()\nexcept RuntimeError as err:\n"
+              "    print(err)\nelse:\n    print('ran')")
+    out = as_user(NON_ROOT, [sys.executable, "-m", "tests.seccomp_exec", str(RUNTIME_DEFAULT), sys.executable,
+                             "-c", script], {"HOME": "/tmp", "PATH": os.environ["PATH"]})
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = out.stdout.strip()
+    assert said.startswith("the data has coding problems (a `tests` field), and the code sandbox failed to start "
+                           "3 times in a row: bwrap could not set the sandbox up"), said
+    assert "bwrap: No permissions to create" in said  # (bubblewrap's words: "creating" upstream, Debian's "create")
+    assert "on Kubernetes the pod's seccomp profile (RuntimeDefault forbids them)" in said

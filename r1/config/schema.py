@@ -141,8 +141,13 @@ class K8sConfig:
     volume_size: str = "1Ti"
     storage_class: str | None = None
     shm_size: str = "64Gi"
-    # Environment variables from existing Secrets, by reference: [{name: WANDB_API_KEY, secretName: ..., key: ...}]
+    # Environment variables from existing Secrets, by reference: [{name: WANDB_API_KEY, secretName: ..., key: ...}],
+    # on the head only (the driver) unless an entry names its pods: pods: [head, train, rollout]
     secret_env: list[Any] = field(default_factory=list)
+    # The seccomp profile of the pods where the code sandbox runs (head, rollout pool): RuntimeDefault (forbids the
+    # user namespaces bubblewrap needs: no code rewards) | Unconfined | Localhost:<path under the kubelet's seccomp
+    # directory>, e.g. Localhost:r1/code-sandbox.json (helm/r1/files/seccomp/r1-code-sandbox.json on the nodes)
+    sandbox_seccomp: str = "RuntimeDefault"
     backoff_limit: int = 3  # KubeRay retries of a failed run, each on a new cluster, each resuming
     poll_s: float = 10.0  # how often r1-launch reads the RayJob's status while following it
 

@@ -144,7 +144,8 @@ class Sandbox:
                 return self._attempt(source, stdin, tests, attempt)
             except _StartFailed as err:
                 causes.append(str(err))
-                log.warning("code sandbox (uid %s): start %d of %d failed: %s", self.uid, attempt, START_ATTEMPTS, err)
+                log.warning("code sandbox (uid %s): start %d of %d failed: %s",
+                            os.getuid() if self.uid is None else self.uid, attempt, START_ATTEMPTS, err)
                 if attempt < START_ATTEMPTS:
                     time.sleep(RETRY_DELAYS_S[min(attempt - 1, len(RETRY_DELAYS_S) - 1)])
         raise SandboxUnavailable(causes[-1], START_ATTEMPTS)

@@ -52,7 +52,11 @@ spec:
     runAsGroup: {{ $v.securityContext.runAsGroup }}
     fsGroup: {{ $v.securityContext.fsGroup }}
     seccompProfile:
+      {{- if or (eq .name "head") (eq .name "rollout") }}
+      {{- toYaml $v.codeSandbox.seccompProfile | nindent 6 }}
+      {{- else }}
       type: RuntimeDefault
+      {{- end }}
   {{- with .group.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
@@ -93,12 +97,15 @@ spec:
           valueFrom:
             fieldRef:
               fieldPath: spec.nodeName
+        {{- $pod := .name }}
         {{- range $v.secretEnv }}
+        {{- if has $pod (default (list "head") .pods) }}
         - name: {{ .name }}
           valueFrom:
             secretKeyRef:
               name: {{ .secretName }}
               key: {{ .key }}
+        {{- end }}
         {{- end }}
       resources:
         requests:
