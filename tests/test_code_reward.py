@@ -209,7 +209,10 @@ def test_values_the_tests_may_compare_and_the_programs_own_main_module():
              "assert f() == (decimal.Decimal('1.5'), datetime.date(2025, 1, 20), collections.deque([1, 2]), "
              "{'k': {1, 2}}, b'x', 3 + 4j, range(3))\n"
              "assert (point().x, point().y) == (1, 2)\n"
-             "assert sorted(f()[3]['k'], reverse=True) == [2, 1] and len(f()) == 7")
+             "assert sorted(f()[3]['k'], reverse=True) == [2, 1] and len(f()) == 7\n"
+             "class TestPoint:  # (unittest's shape: checks inside a class body)\n"
+             "    def test_x(self):\n        assert point().x - 1 == 0 if point() is not None else False\n"
+             "TestPoint().test_x()")
     verifier = CodeVerifier(LIMITS, parallel=1, uid_base=64200)
     try:
         assert verifier.passes(program, (CodeTest(assertion=tests),)), dict(verifier.stats)

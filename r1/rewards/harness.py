@@ -8,7 +8,7 @@ Two ways a program used to pass tests it fails, both closed here:
   last test returned; a run without that line has not passed, whatever its exit status. ``SystemExit`` raised by the
   program at its top level or inside a test is caught and reported (exit status ``EXITED_EARLY``).
 - **Values that lie.** An object whose ``__eq__`` always returns True (or ``__bool__``, ``__lt__``, ``__contains__``,
-  ``__sub__`` ...) passes ``assert f(x) == y``. The tests' code is rewritten (``ast``) so that every comparison,
+  ``__sub__`` ...) passes ``assert f(x) == y``. The tests' code is rewritten (``rewrite.py``) so that every comparison,
   truth test and arithmetic operator runs in the harness's own functions, which accept only *trusted* values: those
   of builtin types implemented in C (``int``, ``float``, ``str``, ``bytes``, ``list``, ``tuple``, ``dict``, ``set``
   ... and ``Decimal``, the ``datetime`` types, ``deque``, ``OrderedDict``, ``defaultdict``), compared by exact type,
@@ -23,7 +23,6 @@ Standard library only, Python 3.8+ (it runs on the sandbox's interpreter, not th
 ``python -I -S harness.py PROGRAM TESTS``.
 """
 
-import ast
 import os
 import sys
 
@@ -152,74 +151,8 @@ def _operators():
 
 
 _COMPARE, _BINOPS, _UNARYOPS = _operators()
-HELPERS = {"__r1_compare": _compare, "__r1_truth": _truth, "__r1_not": _not, "__r1_and": _and, "__r1_or": _or,
-           "__r1_binop": _binop, "__r1_unaryop": _unaryop}
-
-
-class _Rewrite(ast.NodeTransformer):
-    """Comparisons, truth tests and arithmetic of the tests' code through the helpers above."""
-
-    @staticmethod
-    def _call(name, *args):
-        return ast.Call(func=ast.Name(id=name, ctx=ast.Load()), args=list(args), keywords=[])
-
-    @staticmethod
-    def _thunk(expr):
-        return ast.Lambda(args=ast.arguments(posonlyargs=[], args=[], vararg=None, kwonlyargs=[], kw_defaults=[],
-                                             kwarg=None, defaults=[]), body=expr)
-
-    def _test(self, node):
-        return self._call("__r1_truth", self.visit(node))
-
-    def visit_Compare(self, node):
-        self.generic_visit(node)
-        if all(_type(op).__name__ in ("Is", "IsNot") for op in node.ops):
-            return node  # identity cannot lie
-        args = [node.left]
-        for op, right in zip(node.ops, node.comparators):
-            args += [ast.Constant(value=_type(op).__name__), self._thunk(right)]
-        return self._call("__r1_compare", *args)
-
-    def visit_BoolOp(self, node):
-        self.generic_visit(node)
-        return self._call("__r1_and" if _isinstance(node.op, ast.And) else "__r1_or",
-                          *[self._thunk(v) for v in node.values])
-
-    def visit_UnaryOp(self, node):
-        self.generic_visit(node)
-        if _isinstance(node.op, ast.Not):
-            return self._call("__r1_not", node.operand)
-        return self._call("__r1_unaryop", ast.Constant(value=_type(node.op).__name__), node.operand)
-
-    def visit_BinOp(self, node):
-        self.generic_visit(node)
-        return self._call("__r1_binop", ast.Constant(value=_type(node.op).__name__), node.left, node.right)
-
-    def visit_Assert(self, node):
-        return ast.copy_location(ast.Assert(test=self._test(node.test),
-                                            msg=self.visit(node.msg) if node.msg else None), node)
-
-    def visit_If(self, node):
-        node.test = self._test(node.test)
-        node.body = [self.visit(n) for n in node.body]
-        node.orelse = [self.visit(n) for n in node.orelse]
-        return node
-
-    visit_While = visit_If
-
-    def visit_IfExp(self, node):
-        return ast.copy_location(ast.IfExp(test=self._test(node.test), body=self.visit(node.body),
-                                           orelse=self.visit(node.orelse)), node)
-
-    def visit_comprehension(self, node):
-        self.generic_visit(node)
-        node.ifs = [self._call("__r1_truth", cond) for cond in node.ifs]
-        return node
-
-
-def compile_tests(source):
-    tree = _Rewrite().visit(ast.parse(source, "<tests>"))
-    return compile(ast.fix_missing_locations(tree), "<tests>", "exec")
+HELPERS = {"__r1_compare__": _compare, "__r1_truth__": _truth, "__r1_not__": _not, "__r1_and__": _and,
+           "__r1_or__": _or, "__r1_binop__": _binop, "__r1_unaryop__": _unaryop}  # (dunder-ended: never mangled)
 
 
 def main():
@@ -229,7 +162,7 @@ def main():
     verdict_fd = os.dup(1)
     program_path, tests_path = sys.argv[1], sys.argv[2]
     with open(tests_path) as f:
-        tests = compile_tests(f.read())  # before the program runs: it cannot change how they compile
+        tests = compile(f.read(), "<tests>", "exec")  # (rewritten by r1/rewards/rewrite.py) before the program runs
     with open(program_path) as f:
         program = compile(f.read(), program_path, "exec")
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r1.rewards import harness
+from r1.rewards.rewrite import rewrite_tests
 from r1.rewards.sandbox_host import read_message, write_message
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class Sandbox:
             if tests is None:
                 binds, argv = [], [python, "-I", "-S", "/box/main.py"]
             else:
-                (box / "tests.py").write_text(tests)
+                (box / "tests.py").write_text(rewrite_tests(tests))
                 binds = ["--ro-bind", str(_HARNESS), "/r1/harness.py", "--ro-bind", str(box / "tests.py"),
                          "/r1/tests.py"]
                 argv = [python, "-I", "-S", "/r1/harness.py", "/box/main.py", "/r1/tests.py"]
