@@ -181,8 +181,8 @@ def test_the_boxed_extractor_feeds_math_verify():
     ("reward.answer_extractor=boxd", ("reward.answer_extractor='boxd': choose one of ['answer_tags', 'boxed', "
                                      "'final_line']")),
     ("data.template=chatml", "data.template='chatml': choose one of ['r1_zero', 'plain', 'chat']"),
-    ("reward.sandbox.wall_s=0", ("reward.sandbox: cpu_s, wall_s, memory_mb, output_kb, processes and parallel "
-                                 "must be > 0")),
+    ("reward.sandbox.disk_mb=0", ("reward.sandbox: cpu_s, wall_s, memory_mb, output_kb, processes, disk_mb and "
+                                  "parallel must be > 0")),
 ])
 def test_an_unknown_extractor_or_template_names_the_choices(override, message):
     from r1.config.validate import ConfigError, validate

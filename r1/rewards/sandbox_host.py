@@ -90,7 +90,7 @@ def _children():
     """This process's live children (after a run: orphans of the sandbox re-parented here)."""
     me, found = os.getpid(), []
     try:
-        with open(f"/proc/{me}/task/{me}/children") as f:
+        with open("/proc/thread-self/children") as f:  # (this process's own view, whatever /proc's PID namespace)
             return [int(p) for p in f.read().split()]
     except OSError:
         pass
@@ -152,27 +152,25 @@ def run(request):
         _child(request, status_w, error_w)
     os.close(status_w)
     os.close(error_w)
-    pidfd = os.pidfd_open(pid)
     poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
+    poller.register(_WAKE[0], select.POLLIN)  # SIGCHLD (signal.set_wakeup_fd): works on any kernel, no pidfd
     poller.register(0, select.POLLIN)  # the worker: EOF if it exits mid-run
     deadline = started + request["wall_s"]
     timed_out = orphaned = False
     while True:
+        done, wait_status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
         left = deadline - time.monotonic()
         if left <= 0:
             timed_out = True
-            break
-        ready = dict(poller.poll(left * 1000))
-        if pidfd in ready:
-            break
-        if ready.get(0):
+        elif any(fd == 0 for fd, _ in poller.poll(min(left, 1.0) * 1000)):
             orphaned = True
+        if timed_out or orphaned:  # the whole sandbox: bwrap dies, its namespace's init follows (--die-with-parent)
+            os.kill(pid, signal.SIGKILL)  # (our unreaped child: the pid cannot have been reused)
+            _, wait_status = os.waitpid(pid, 0)
             break
-    if timed_out or orphaned:  # the whole sandbox: bwrap dies, its namespace's init follows (--die-with-parent)
-        os.kill(pid, signal.SIGKILL)
-    _, wait_status = os.waitpid(pid, 0)
-    os.close(pidfd)
+        _drain_wakeups()
     reaped = _reap_all()
     spawn_error = _drain(error_r)
     reply = {"returncode": os.waitstatus_to_exitcode(wait_status), "timed_out": timed_out,
@@ -183,11 +181,28 @@ def run(request):
     return reply
 
 
+_WAKE = (-1, -1)
+
+
+def _drain_wakeups():
+    try:
+        while os.read(_WAKE[0], 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
 def main():
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         write_message(1, {"fatal": f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}"})
         return
+    global _WAKE
+    _WAKE = os.pipe()
+    for fd in _WAKE:
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(_WAKE[1])
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # (a handler, so that SIGCHLD wakes the poll above)
     write_message(1, {"ready": os.getpid()})
     while (request := read_message(0)) is not None:
         write_message(1, run(request))
