@@ -17,22 +17,22 @@ from collections import Counter
 
 from r1.types import CodeTest
 
-DOUBLE = (CodeTest(stdin="21\n", stdout="42\n"), CodeTest(stdin="-3\n", stdout="-6\n"))
+ONE_CASE = (CodeTest(stdin="21\n", stdout="42\n"),)  # (one case a run: a burst of programs, not of cases)
 CALLS = (CodeTest(assertion="assert double(21) == 42"), CodeTest(assertion="assert abs(double(0.25) - 0.5) < 1e-9"))
 LIES = "class Yes:\n    def __eq__(self, other):\n        return True\n    def __sub__(self, other):\n        return 0\n" \
        "def double(x):\n    return Yes()"
 
 # kind: (program, tests, passes, the outcomes it counts)
 KINDS = {
-    "correct_stdin": ("print(int(input()) * 2)", DOUBLE, True, {"ok": 2}),
+    "correct_stdin": ("print(int(input()) * 2)", ONE_CASE, True, {"ok": 1}),
     "correct_calls": ("def double(x):\n    return 2 * x", CALLS, True, {"ok": 1}),
-    "wrong_output": ("print(int(input()) + 21)", DOUBLE, False, {"ok": 2, "wrong_output": 1}),  # 2nd case wrong
+    "wrong_output": ("print(int(input()) + 1)", ONE_CASE, False, {"ok": 1, "wrong_output": 1}),
     "wrong_calls": ("def double(x):\n    return x + 1", CALLS, False, {"error": 1}),
-    "crash": ("raise ValueError('no')", DOUBLE, False, {"error": 1}),
+    "crash": ("raise ValueError('no')", ONE_CASE, False, {"error": 1}),
     "exits_early": ("def double(x):\n    return 0\nraise SystemExit(0)", CALLS, False, {"exited_early": 1}),
     "always_equal": (LIES, CALLS, False, {"untrusted_value": 1}),
-    "fork_bomb": ("import os\nwhile True:\n    os.fork()", DOUBLE, False, {"process_limit": 1}),
-    "spin": ("while True:\n    pass", DOUBLE, False, {"cpu_limit": 1}),
+    "fork_bomb": ("import os\nwhile True:\n    os.fork()", ONE_CASE, False, {"process_limit": 1}),
+    "spin": ("while True:\n    pass", ONE_CASE, False, {"cpu_limit": 1}),
 }
 RARE = {"fork_bomb": 4, "spin": 4}
 SECRET_VARIABLE = "R1_WANDB_API_KEY_PLANTED"  # where the test plants a secret in the verifier's environment
