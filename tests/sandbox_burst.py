@@ -17,7 +17,7 @@ from collections import Counter
 
 from r1.types import CodeTest
 
-ONE_CASE = (CodeTest(stdin="21\n", stdout="42\n"),)  # (one case a run: a burst of programs, not of cases)
+ONE_CASE = (CodeTest(stdin="21\n", stdout="42\n"),)  # (a burst of programs, not of cases)
 CALLS = (CodeTest(assertion="assert double(21) == 42"), CodeTest(assertion="assert abs(double(0.25) - 0.5) < 1e-9"))
 LIES = "class Yes:\n    def __eq__(self, other):\n        return True\n    def __sub__(self, other):\n        return 0\n" \
        "def double(x):\n    return Yes()"

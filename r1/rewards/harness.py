@@ -30,7 +30,7 @@ EXITED_EARLY = 86  # the program (or a test) raised SystemExit before the last t
 UNTRUSTED_VALUE = 87  # a test compared, tested or computed with a value of a type that can lie
 
 # Captured before the program runs: it may rebind builtins, not these references.
-_type, _len, _isinstance, _id, _bool, _list, _set = type, len, isinstance, id, bool, list, set
+_type, _len, _id, _bool, _list, _set = type, len, id, bool, list, set
 _dict_items, _getattr, _range, _write, _exit = dict.items, getattr, range, os.write, os._exit
 _BaseException, _SystemExit = BaseException, SystemExit
 
