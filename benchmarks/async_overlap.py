@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_COMPUTE = [  # the test suite's ~20K-parameter model: compute is negligible next to the emulated latencies
     "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_layers=2",
     "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "model.tiny.pretrain_steps=3",
-    "model.tiny.pretrain_docs=300", "model.tiny.pretrain_batch_size=8",
+    "model.tiny.pretrain_docs=300", "model.tiny.pretrain_batch_size=8", "model.tiny.select_band=null",
 ]
 
 

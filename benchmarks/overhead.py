@@ -34,7 +34,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
-RANDOM_256 = ["model.tiny.hidden_size=256", "model.tiny.intermediate_size=768", "model.tiny.pretrain_steps=0"]
+RANDOM_256 = ["model.tiny.hidden_size=256", "model.tiny.intermediate_size=768", "model.tiny.pretrain_steps=0",
+              "model.tiny.select_band=null"]
 WORKLOADS = {
     # 16 prompts x 8 samples, responses of <= 4 tokens, no KL: where fixed per-step costs show
     "tiny_step": ["rollout.length_schedule=[{from_step:0,max_tokens:4}]", "algo.kl_coef=0"],

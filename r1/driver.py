@@ -30,7 +30,7 @@ from r1.checkpoint import CheckpointManager
 from r1.cluster import connect
 from r1.data.prompts import PromptSampler
 from r1.data.tokens import TokenRules
-from r1.eval.held_out import evaluate, print_comparison
+from r1.eval.held_out import evaluate, print_comparison, provenance
 from r1.health.supervisor import HealthSupervisor
 from r1.inputs import check_inputs, prepare_data, prepare_model
 from r1.monitoring.ledger import GroupLedger
@@ -275,7 +275,7 @@ def run(cfg) -> dict:
             run_eval("final")
             save_checkpoint()
         if "base" in evals:
-            print_comparison(evals["base"], evals["final"], progress.console)
+            print_comparison(evals["base"], evals["final"], progress.console, provenance(cfg, model_path))
         return {"step": step, "version": version, "evals": evals, "run_dir": str(run_dir), "stopped_by": None,
                 "aborted": None, "buffer": buffer.state_dict()}
     except SandboxUnavailable as err:  # no reward can be given: stop, keeping every step and prompt (pools still up)

@@ -121,7 +121,14 @@ def prepare_model(cfg) -> str:
             if step == 1 or step % 100 == 0 or step == total:
                 console.print(f"[dim]pretraining tiny base model: step {step}/{total} loss {loss:.3f}[/]")
 
-        path = str(ensure_tiny_model(cfg.model.tiny, cfg.data, cfg.cache_dir, progress, arch=cfg.model.arch))
+        def on_check(check: dict, band: tuple[float, float]) -> None:
+            verdict = "kept" if check["in_band"] else "not kept"
+            console.print(f"[dim]  base check @ {check['step']}: pass@1 {100 * check['pass@1']:.1f}% (band "
+                          f"{100 * band[0]:.0f}-{100 * band[1]:.0f}%), thinks {100 * check['thinks']:.0f}%, right when "
+                          f"thinking {100 * check['thinking_accuracy']:.0f}%: {verdict}[/]", soft_wrap=True)
+
+        path = str(ensure_tiny_model(cfg.model.tiny, cfg.data, cfg.cache_dir, progress, arch=cfg.model.arch,
+                                     on_check=on_check))
     else:
         path = cfg.model.path
     if cfg.rollout.engine == "vllm":

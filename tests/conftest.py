@@ -28,6 +28,7 @@ TINY = [
     "model.tiny.pretrain_steps=3",
     "model.tiny.pretrain_docs=300",
     "model.tiny.pretrain_batch_size=8",
+    "model.tiny.select_band=null",  # 3 steps: a plumbing model, not the demo's selected base
 ]
 
 

@@ -29,6 +29,11 @@ class ModelSource(str, Enum):
     tiny = "tiny"  # built and pretrained offline by r1 itself (the embedded CPU default)
 
 
+class PretrainSchedule(str, Enum):
+    cosine = "cosine"  # warmup, then cosine decay to 0 over model.tiny.pretrain_steps
+    constant = "constant"  # warmup, then constant: the model keeps improving until selection keeps it
+
+
 class LossAgg(str, Enum):
     seq_mean_token_mean = "seq_mean_token_mean"
     token_mean = "token_mean"
@@ -185,11 +190,22 @@ class TinyModelSpec:
     pretrain_steps: int = 900
     pretrain_batch_size: int = 32
     pretrain_lr: float = 3e-3
+    pretrain_schedule: PretrainSchedule = PretrainSchedule.cosine
     # Share of each solution style in the pretraining corpus (see r1/data/arithmetic.py).
     style_mix: dict[str, float] = field(
         default_factory=lambda: {"careful": 0.35, "careless": 0.45, "malformed": 0.2}
     )
     seed: int = 0
+    # Base-model selection: every select_every steps the model samples select_samples answers to each of
+    # select_problems held-out problems (T=0.6, top-p 0.95, as the evaluation does); pretraining stops at the first
+    # check whose pass@1 lies in select_band [low, high] and keeps that model (pretrain_steps is then the most it
+    # may take; never in band: an error). null: train pretrain_steps and keep the last model.
+    select_band: list[float] | None = None
+    # ... and whose answers reached by thinking (a running sum in <think>) were right at least this often
+    select_min_thinking_accuracy: float = 0.0
+    select_every: int = 50
+    select_problems: int = 128
+    select_samples: int = 2
     # A Jinja chat template for the tokenizer (data.template=chat): a student of distillation speaks its own format.
     chat_template: str | None = None
 

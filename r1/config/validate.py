@@ -168,6 +168,23 @@ def validate(cfg) -> list[str]:
             "pi_old, nothing weighs by pi_old / pi_rollout), so the gradient is biased towards the stale policy. "
             "Set algo.is_correction=true unless that is what you want to measure"
         )
+    tiny = cfg.model.tiny
+    from r1.data.arithmetic import STYLES
+
+    unknown = sorted(set(tiny.style_mix) - set(STYLES))
+    if unknown or not any(tiny.style_mix.get(k, 0) > 0 for k in STYLES):
+        problems.append(f"model.tiny.style_mix: styles {unknown or list(tiny.style_mix)} -- the styles are "
+                        f"{list(STYLES)}, with weights >= 0 and at least one > 0")
+    if cfg.model.source == "tiny" and tiny.select_band is not None:
+        band = list(tiny.select_band)
+        if len(band) != 2 or not 0 <= band[0] <= band[1] <= 1:
+            problems.append(f"model.tiny.select_band={band}: [low, high] with 0 <= low <= high <= 1 (held-out pass@1 "
+                            "of the base model), or null to keep the last pretraining step")
+        if not 0 <= tiny.select_min_thinking_accuracy <= 1:
+            problems.append(f"model.tiny.select_min_thinking_accuracy={tiny.select_min_thinking_accuracy}: a share "
+                            "in [0, 1]")
+        if tiny.select_every < 1 or tiny.select_problems < 1 or tiny.select_samples < 1:
+            problems.append("model.tiny.select_every, select_problems and select_samples must be >= 1")
     if r.groups_per_request < 0:
         problems.append("rollout.groups_per_request must be >= 0 (0 = one request per worker per step)")
     if r.partial_rollouts and a.max_staleness < 1:

@@ -5,7 +5,11 @@ careful and sloppy writing:
 
 * ``careful``  a running sum, one addition per step, inside <think>, then the sum (always right);
 * ``careless`` an empty-ish <think> and a rounded guess in <answer> (right only when the sum is a multiple of 10);
-* ``malformed`` the right idea in a broken layout (missing or unclosed tags), which the format reward rejects.
+* ``malformed`` the right idea in a broken layout (missing or unclosed tags), which the format reward rejects;
+* ``practice`` no question and no template, just a running sum (``3 + 5 = 8 , 8 + 7 = 15 ,``): arithmetic seen
+  outside any answer, as a base model has seen worked sums in textbooks. It teaches the skill the careful style
+  needs without making the careful style more likely after a question, so the base can add reliably and still
+  mostly not bother.
 
 So the base model *can* solve the task but mostly doesn't bother to think: exactly the situation in which R1-Zero's
 GRPO with accuracy + format rewards should teach it to reason before answering (response length grows, accuracy
@@ -21,16 +25,21 @@ from pathlib import Path
 
 from r1.data.template import apply_template
 
-STYLES = ("careful", "careless", "malformed")
+STYLES = ("careful", "careless", "malformed", "practice")
 
 
 def careful_solution(operands: tuple[int, ...]) -> str:
     """Running sum, one addition per step: ``3 + 5 = 8 , 8 + 7 = 15 , so 15``."""
+    return f"<think> {practice_text(operands)} so {sum(operands)} </think> <answer> {sum(operands)} </answer>"
+
+
+def practice_text(operands: tuple[int, ...]) -> str:
+    """The running sum alone: ``3 + 5 = 8 , 8 + 7 = 15 ,``."""
     steps, total = [], operands[0]
     for x in operands[1:]:
         steps.append(f"{total} + {x} = {total + x} ,")
         total += x
-    return f"<think> {' '.join(steps)} so {total} </think> <answer> {total} </answer>"
+    return " ".join(steps)
 
 
 def long_cot_solution(operands: tuple[int, ...]) -> str:
@@ -141,11 +150,14 @@ def pretraining_corpus(
     """Documents ``template(question) + " " + solution`` drawn from training problems only, styles per ``mix``."""
     rng = random.Random(seed)
     problems = all_problems(num_operands, low, high, held_out=False)
-    styles, weights = zip(*[(s, mix[s]) for s in STYLES])
+    styles, weights = zip(*[(s, mix.get(s, 0.0)) for s in STYLES])
     docs = []
     for _ in range(num_docs):
         ops = rng.choice(problems)
         style = rng.choices(styles, weights)[0]
+        if style == "practice":
+            docs.append(practice_text(ops))
+            continue
         if style == "careful":
             solution = careful_solution(ops)
         elif style == "careless":

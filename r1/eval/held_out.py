@@ -34,7 +34,34 @@ def summarize(rows: list[dict], k: int) -> dict[str, float]:
     }
 
 
-def print_comparison(base: dict, final: dict, console) -> None:
+def provenance(cfg, model_path: str) -> str:
+    """What produced a result, for the line under the final table: the run's seed, the base model (for a tiny
+    model: its pretraining seed and where selection kept it) and, when the trainer computes on CPU, the ATen
+    kernels in use -- the same seed gives other floats with AVX-512 than with AVX2, so a CPU result names both."""
+    import json
+    import os
+    from pathlib import Path
+
+    import torch
+
+    parts = [f"seed {cfg.seed}"]
+    info = Path(model_path) / "pretrain.json"
+    if cfg.model.source == "tiny" and info.is_file():
+        selection = json.loads(info.read_text()).get("selection")
+        base = f"tiny base model: pretraining seed {cfg.model.tiny.seed}"
+        if selection:
+            kept = selection["kept"]
+            base += f", kept at step {kept['step']} (check pass@1 {100 * kept['pass@1']:.1f}%)"
+        parts.append(base)
+    else:
+        parts.append(f"base model {model_path}")
+    if not cfg.trainer.gpus_per_worker:
+        parts.append(f"CPU kernels {torch.backends.cpu.get_cpu_capability()} "
+                     f"(ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY') or 'unset'})")
+    return "; ".join(parts)
+
+
+def print_comparison(base: dict, final: dict, console, caption: str | None = None) -> None:
     table = Table(title=f"Held-out evaluation ({int(final['problems'])} problems)")
     table.add_column("metric")
     table.add_column("base model", justify="right")
@@ -48,3 +75,5 @@ def print_comparison(base: dict, final: dict, console) -> None:
         table.add_row(key, f"{before * scale:.1f}", f"{final[key] * scale:.1f}",
                       f"{(final[key] - before) * scale:+.1f}{unit}")
     console.print(table)
+    if caption:
+        console.print(f"produced by: {caption}", style="dim", soft_wrap=True, markup=False, highlight=False)

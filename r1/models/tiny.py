@@ -24,14 +24,15 @@ from pathlib import Path
 
 import torch
 
-from r1.data.arithmetic import pretraining_corpus
+from r1.config.validate import ConfigError
+from r1.data.arithmetic import all_problems, pretraining_corpus
 
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = {"qwen2": ["<pad>", "</s>"], "llama": ["<|begin_of_text|>", "<|end_of_text|>"]}
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 ARCHS = tuple(SPECIAL_TOKENS)
-BUILD_VERSION = 3  # bump when this file changes what it builds
+BUILD_VERSION = 4  # bump when this file changes what it builds
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int, arch: str = "qwen2"):
@@ -91,8 +92,10 @@ def build_model(spec, tokenizer, arch: str = "qwen2"):
                                         rope_theta=10000.0))
 
 
-def pretrain(model, tokenizer, corpus: list[str], spec, progress=None) -> list[float]:
-    """Next-token prediction on the corpus; returns the loss curve. Cosine LR, AdamW, fixed seed."""
+def pretrain(model, tokenizer, corpus: list[str], spec, progress=None, stop=None) -> list[float]:
+    """Next-token prediction on the corpus; returns the loss curve. AdamW, fixed seed, linear warmup, then cosine
+    decay over ``pretrain_steps`` (``pretrain_schedule=cosine``) or a constant rate (``constant``, for selection:
+    the model keeps improving until a check keeps it). ``stop(step)`` after each step ends training when true."""
     from r1.data.tokens import TokenRules
 
     rules = TokenRules(tokenizer)  # documents start as rollout prompts will: the same BOS rule
@@ -100,12 +103,14 @@ def pretrain(model, tokenizer, corpus: list[str], spec, progress=None) -> list[f
     gen = torch.Generator().manual_seed(spec.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, spec.pretrain_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warmup)
-        * 0.5
-        * (1 + math.cos(math.pi * min(1.0, s / max(1, spec.pretrain_steps)))),
-    )
+
+    def rate(s: int) -> float:
+        ramp = min(1.0, (s + 1) / warmup)
+        if spec.pretrain_schedule == "constant":
+            return ramp
+        return ramp * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, spec.pretrain_steps))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
     model.train()
     losses = []
     for step in range(spec.pretrain_steps):
@@ -127,8 +132,59 @@ def pretrain(model, tokenizer, corpus: list[str], spec, progress=None) -> list[f
         losses.append(loss.item())
         if progress is not None:
             progress(step + 1, spec.pretrain_steps, losses[-1])
+        if stop is not None:
+            model.eval()
+            done = stop(step + 1)
+            model.train()
+            if done:
+                break
     model.eval()
     return losses
+
+
+@torch.no_grad()
+def held_out_check(model, tokenizer, problems: list[tuple[int, ...]], *, samples: int, template: str,
+                   seed: int, max_new_tokens: int = 64, temperature: float = 0.6, top_p: float = 0.95) -> dict:
+    """The base model on held-out problems as the run's evaluation samples it (T=0.6, top-p 0.95 by default):
+    pass@1 over ``samples`` per problem, the format rate, and how often it chose to think (a running sum in
+    <think>) and how often such a chain of thought was right. Sampling is seeded and leaves the global RNG as it
+    was, so a check changes nothing of the training it interrupts."""
+    from r1.data.arithmetic import question
+    from r1.data.template import apply_template
+    from r1.data.tokens import TokenRules
+    from r1.rewards.extract import extract_answer
+    from r1.rewards.format import format_reward
+
+    rules = TokenRules(tokenizer)
+    prompts = [rules.encode(apply_template(question(ops), template)) for ops in problems]
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), rules.pad_id)
+    attn = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        ids[row, width - len(p):] = torch.tensor(p)
+        attn[row, width - len(p):] = 1
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature,
+                             top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=samples,
+                             pad_token_id=rules.pad_id, eos_token_id=rules.eos_id)
+    finally:
+        torch.random.set_rng_state(rng_state)
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    correct = formatted = thought = thought_right = 0
+    for i, text in enumerate(texts):
+        ops = problems[i // samples]
+        answer = extract_answer(text)
+        right = answer is not None and answer.strip() == str(sum(ops))
+        careful = text.lstrip().startswith("<think>") and text.lstrip()[len("<think>"):].lstrip()[:1].isdigit()
+        correct += right
+        formatted += format_reward(text) == 1.0
+        thought += careful
+        thought_right += careful and right
+    n = len(texts)
+    return {"pass@1": correct / n, "format_rate": formatted / n, "thinks": thought / n,
+            "thinking_accuracy": thought_right / max(1, thought)}
 
 
 def _as_dict(obj) -> dict:
@@ -157,8 +213,97 @@ def spec_digest(spec, data_cfg, arch: str = "qwen2") -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def ensure_tiny_model(spec, data_cfg, cache_dir: str | Path, progress=None, arch: str = "qwen2") -> Path:
-    """Path of the cached tiny base model for this spec, building it first if needed (atomic: tmp dir + rename)."""
+class BaseModelOutOfBand(ConfigError):
+    """Pretraining ended without a held-out check inside ``model.tiny.select_band``: nothing is cached. A
+    ConfigError, since the remedy is a setting (r1-launch prints it and exits 2)."""
+
+
+def check_problems(data_cfg, count: int) -> list[tuple[int, ...]]:
+    """Held-out problems for the base model's checks: the *end* of the shuffled held-out list, where the run's
+    evaluation takes its first ``eval.max_problems`` from the start (disjoint for the default sizes)."""
+    import random
+
+    problems = all_problems(data_cfg.num_operands, data_cfg.operand_low, data_cfg.operand_high, held_out=True)
+    random.Random(0).shuffle(problems)
+    return problems[-count:]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _merge_checks(a: dict, b: dict) -> dict:
+    """Two checks of the same model on the same problems (other seeds) as one of twice the samples."""
+    thinks = a["thinks"] + b["thinks"]
+    right = a["thinks"] * a["thinking_accuracy"] + b["thinks"] * b["thinking_accuracy"]
+    return {"pass@1": (a["pass@1"] + b["pass@1"]) / 2, "format_rate": (a["format_rate"] + b["format_rate"]) / 2,
+            "thinks": thinks / 2, "thinking_accuracy": right / thinks if thinks else 0.0}
+
+
+def _select(spec, model, tokenizer, data_cfg, checks: list[dict], on_check=None):
+    """The ``stop`` callback of selection: every ``select_every`` steps a held-out check; true (keep this model)
+    once its pass@1 is inside ``select_band`` and the answers it reached by thinking were right at least
+    ``select_min_thinking_accuracy`` of the time (GRPO can only teach a base to think if thinking pays: measured, a
+    base in the band whose chains of thought were right 16-37% of the time gained 0-9 points in 60 steps, one at
+    42% gained 52). A check that lands in the band is repeated with another seed and the
+    two are averaged before deciding: the first check over the band's edge is, more often than not, a lucky one,
+    and keeping it would hand GRPO a base weaker than the band says."""
+    low, high = spec.select_band
+    problems = check_problems(data_cfg, spec.select_problems)
+    template = pretraining_template(data_cfg.template)
+
+    def measure(step: int, repeat: int) -> dict:
+        return held_out_check(model, tokenizer, problems, samples=spec.select_samples, template=template,
+                              seed=spec.seed * 100_003 + step + 7919 * repeat)
+
+    def stop(step: int) -> bool:
+        if step % spec.select_every:
+            return False
+        def good(r: dict) -> bool:
+            return low <= r["pass@1"] <= high and r["thinking_accuracy"] >= spec.select_min_thinking_accuracy
+
+        result = measure(step, 0)
+        result["repeated"] = good(result)
+        if result["repeated"]:
+            result |= _merge_checks(result, measure(step, 1))
+        result["step"] = step
+        result["in_band"] = good(result)
+        checks.append(result)
+        if on_check is not None:
+            on_check(result, (low, high))
+        return result["in_band"]
+
+    return stop
+
+
+def _out_of_band_message(spec, checks: list[dict]) -> str:
+    low, high = spec.select_band
+    trail = ", ".join(f"{c['step']}: {_pct(c['pass@1'])}" for c in checks[-8:]) or "none"
+    above = [c for c in checks if c["pass@1"] > high]
+    if above:
+        before = [c for c in checks if c["step"] < above[0]["step"]]
+        where = f"step {before[-1]['step']}" if before else "the start"
+        return (f"model.tiny: the base model's held-out pass@1 jumped over select_band [{_pct(low)}, {_pct(high)}] "
+                f"between {where} and step {above[0]['step']} ({_pct(above[0]['pass@1'])}); check more often "
+                f"(model.tiny.select_every={spec.select_every}) or widen model.tiny.select_band. Checks (step: "
+                f"pass@1): {trail}")
+    skill = (f" with its chains of thought right >= {_pct(spec.select_min_thinking_accuracy)} of the time "
+             f"(select_min_thinking_accuracy)" if spec.select_min_thinking_accuracy else "")
+    return (f"model.tiny: the base model's held-out pass@1 never entered select_band [{_pct(low)}, {_pct(high)}]"
+            f"{skill} in {spec.pretrain_steps} pretraining steps (checks, step: pass@1: {trail}); a base this weak "
+            f"gives GRPO almost no reward to learn from. Raise model.tiny.pretrain_steps or pretrain_lr, widen "
+            f"model.tiny.select_band, or set it to null to keep the last step's model anyway")
+
+
+def ensure_tiny_model(spec, data_cfg, cache_dir: str | Path, progress=None, arch: str = "qwen2",
+                      on_check=None) -> Path:
+    """Path of the cached tiny base model for this spec, building it first if needed (atomic: tmp dir + rename).
+
+    With ``spec.select_band`` the model is *selected*, not just trained: pretraining stops at the first held-out
+    check whose pass@1 lies in the band, and that model is kept (``pretrain.json`` records every check and why it
+    was kept). Float summation differs between CPU kernels (AVX-512, AVX2, none), so the same seed reaches a given
+    skill at different steps on different machines; selecting on the measured skill gives every machine a base the
+    demo can learn from. Out of band after ``pretrain_steps``: ``BaseModelOutOfBand``, nothing cached."""
     target = Path(cache_dir) / "models" / f"tiny-{arch}-{spec_digest(spec, data_cfg, arch)}"
     if (target / "config.json").exists():
         return target
@@ -177,15 +322,27 @@ def ensure_tiny_model(spec, data_cfg, cache_dir: str | Path, progress=None, arch
         tokenizer.chat_template = spec.chat_template
     model = build_model(spec, tokenizer, arch)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("pretraining tiny base model (%.2fM params) for %d steps", n_params / 1e6, spec.pretrain_steps)
-    losses = pretrain(model, tokenizer, corpus, spec, progress)
+    log.info("pretraining tiny base model (%.2fM params) for %s%d steps", n_params / 1e6,
+             "at most " if spec.select_band else "", spec.pretrain_steps)
+    checks: list[dict] = []
+    stop = _select(spec, model, tokenizer, data_cfg, checks, on_check) if spec.select_band else None
+    losses = pretrain(model, tokenizer, corpus, spec, progress, stop)
+    selection = None
+    if spec.select_band:
+        if not (checks and checks[-1]["in_band"]):
+            raise BaseModelOutOfBand(_out_of_band_message(spec, checks))
+        kept = checks[-1]
+        selection = {"band": list(spec.select_band), "kept_step": kept["step"], "kept": kept, "checks": checks,
+                     "kernels": torch.backends.cpu.get_cpu_capability(),
+                     "reason": f"first held-out check inside select_band: pass@1 {_pct(kept['pass@1'])} at step "
+                               f"{kept['step']}"}
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "pretrain.json").write_text(
-        json.dumps({"params": n_params, "seconds": time.time() - start,
-                    "final_loss": losses[-1] if losses else None, "losses": losses})
+        json.dumps({"params": n_params, "seconds": time.time() - start, "steps": len(losses),
+                    "final_loss": losses[-1] if losses else None, "losses": losses, "selection": selection})
     )
     tmp.rename(target)
     return target
