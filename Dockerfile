@@ -18,14 +18,16 @@ RUN apt-get update \
 
 WORKDIR /opt/r1
 COPY pyproject.toml README.md ./
+COPY locks locks
 COPY r1 r1
 COPY launcher launcher
 COPY conf conf
 COPY slurm slurm
 COPY helm helm
 # torch first, pinned: the CUDA build vLLM 0.32 is made for; then the project (editable: conf/ and the templates are
-# found next to the code) with the GPU extra.
-RUN pip install torch==2.13.0 && pip install -e '.[gpu]' && python -c "import r1, launcher.k8s_job"
+# found next to the code) with the GPU extra; every package at the version of locks/gpu.txt, as `make` installs it.
+RUN pip install -c locks/gpu.txt torch==2.13.0 && pip install -c locks/gpu.txt -e '.[gpu]' \
+ && python -c "import r1, launcher.k8s_job"
 
 # Root owns the code; the user writes only to /tmp (an emptyDir in the chart) and the run volume.
 USER 1000:1000

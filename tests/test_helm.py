@@ -280,4 +280,6 @@ def test_the_dockerfile_builds_the_charts_default_image_to_run_as_the_charts_non
     assert chart["appVersion"] == tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     user = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")][-1]
     assert user == f"{values['securityContext']['runAsUser']}:{values['securityContext']['runAsGroup']}" != "0:0"
-    assert "pip install torch==2.13.0 && pip install -e '.[gpu]'" in text  # the pins of pyproject/Makefile
+    # the pins of pyproject/Makefile, and the GPU lock for every version
+    assert "pip install -c locks/gpu.txt torch==2.13.0 && pip install -c locks/gpu.txt -e '.[gpu]'" in text
+    assert "COPY locks locks" in text
