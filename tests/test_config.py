@@ -58,6 +58,19 @@ def test_semantic_errors_are_listed():
     assert "algo.group_size=1" in str(err.value) and "rollout.temperature" in str(err.value)
 
 
+def test_base_model_selection_options_are_checked():
+    cfg = compose(["run_dir=x", "model.tiny.select_band=[0.3,0.1]", "model.tiny.select_every=0",
+                   "model.tiny.select_min_thinking_accuracy=2", "+model.tiny.style_mix.sloppy=1"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    text = str(err.value)
+    assert "model.tiny.select_band=[0.3, 0.1]: [low, high] with 0 <= low <= high <= 1" in text
+    assert "model.tiny.select_every, select_problems and select_samples must be >= 1" in text
+    assert "model.tiny.select_min_thinking_accuracy=2" in text
+    assert "model.tiny.style_mix: styles ['sloppy'] -- the styles are ['careful', 'careless', 'malformed', " in text
+    validate(compose(["run_dir=x", "model.tiny.select_band=null"]))
+
+
 def test_async_options_are_checked():
     cfg = compose(["run_dir=x", "rollout.partial_rollouts=true", "algo.max_staleness=-1", "algo.is_cap=0.5"])
     with pytest.raises(ConfigError) as err:
