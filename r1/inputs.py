@@ -122,7 +122,7 @@ def prepare_model(cfg) -> str:
                 console.print(f"[dim]pretraining tiny base model: step {step}/{total} loss {loss:.3f}[/]")
 
         def on_check(check: dict, band: tuple[float, float]) -> None:
-            verdict = "kept" if check["in_band"] else "not kept"
+            verdict = "kept" if check["in_band"] else f"not kept ({check['why_not']})"
             console.print(f"[dim]  base check @ {check['step']}: pass@1 {100 * check['pass@1']:.1f}% (band "
                           f"{100 * band[0]:.0f}-{100 * band[1]:.0f}%), thinks {100 * check['thinks']:.0f}%, right when "
                           f"thinking {100 * check['thinking_accuracy']:.0f}%: {verdict}[/]", soft_wrap=True)

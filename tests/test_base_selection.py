@@ -55,6 +55,8 @@ def test_selection_keeps_the_first_model_in_the_band_and_says_why(tmp_path, band
     assert len(checks) > 1, "the first check was kept: the test no longer exercises selection"
     assert all(not c["in_band"] for c in checks[:-1])
     assert all(c["pass@1"] < low or c["thinking_accuracy"] < min_skill for c in checks[:-1])
+    if min_skill:  # the band is everything: each check before was refused for its chains of thought, and says so
+        assert {c["why_not"] for c in checks[:-1]} == {f"chains of thought right < {100 * min_skill:.1f}%"}
     assert [c["step"] for c in checks] == list(range(20, kept["step"] + 1, 20))
     assert info["steps"] == selection["kept_step"] == kept["step"] < spec.pretrain_steps
     assert f"pass@1 {100 * kept['pass@1']:.1f}% at step {kept['step']}" in selection["reason"]
@@ -123,4 +125,5 @@ def test_r1_launch_says_out_of_band_cleanly(tmp_path):
     assert "r1-launch: model.tiny: the base model's held-out pass@1 never entered select_band [50.0%, 60.0%]" in (
         proc.stderr)
     assert "Traceback" not in proc.stderr
-    assert "base check @ 2: pass@1 0.0% (band 50-60%)" in proc.stdout and "not kept" in proc.stdout
+    assert "base check @ 2: pass@1 0.0% (band 50-60%)" in proc.stdout
+    assert "not kept (pass@1 outside the band)" in proc.stdout

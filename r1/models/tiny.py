@@ -268,6 +268,8 @@ def _select(spec, model, tokenizer, data_cfg, checks: list[dict], on_check=None)
             result |= _merge_checks(result, measure(step, 1))
         result["step"] = step
         result["in_band"] = good(result)
+        result["why_not"] = ("" if result["in_band"] else "pass@1 outside the band" if not low <= result["pass@1"] <= high
+                             else f"chains of thought right < {_pct(spec.select_min_thinking_accuracy)}")
         checks.append(result)
         if on_check is not None:
             on_check(result, (low, high))
