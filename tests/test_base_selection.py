@@ -15,7 +15,15 @@ import pytest
 import torch
 
 from r1.config.schema import TinyModelSpec
-from r1.models.tiny import BaseModelOutOfBand, check_problems, ensure_tiny_model, held_out_check
+from r1.models.tiny import (
+    BaseModelOutOfBand,
+    build_model,
+    check_problems,
+    ensure_tiny_model,
+    held_out_check,
+    pack_documents,
+    train_tokenizer,
+)
 
 DATA = SimpleNamespace(num_operands=2, operand_low=0, operand_high=9, template="plain")
 LOW, HIGH = 0.15, 1.0
@@ -58,6 +66,11 @@ def test_selection_keeps_the_first_model_in_the_band_and_says_why(tmp_path, band
     if min_skill:  # the band is everything: each check before was refused for its chains of thought, and says so
         assert {c["why_not"] for c in checks[:-1]} == {f"chains of thought right < {100 * min_skill:.1f}%"}
     assert [c["step"] for c in checks] == list(range(20, kept["step"] + 1, 20))
+    # a check starts on a quarter of the problems and stops there if pass@1 is below half the band's floor
+    for c in checks:
+        assert c["problems"] == (spec.select_problems // 4 if c["quick"] else spec.select_problems)
+        assert not c["quick"] or (c["pass@1"] < low / 2 and "a quick look at 2 of 10 problems" in c["why_not"])
+    assert any(c["quick"] for c in checks) == (low > 0) and not kept["quick"]
     assert info["steps"] == selection["kept_step"] == kept["step"] < spec.pretrain_steps
     assert f"pass@1 {100 * kept['pass@1']:.1f}% at step {kept['step']}" in selection["reason"]
     assert selection["kernels"] == torch.backends.cpu.get_cpu_capability()
@@ -73,6 +86,39 @@ def test_selection_keeps_the_first_model_in_the_band_and_says_why(tmp_path, band
 
     # and a second call finds it in the cache instead of training again
     assert ensure_tiny_model(spec, DATA, tmp_path, on_check=lambda *a: pytest.fail("retrained")) == path
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_packed_documents_train_as_the_padded_batch(arch):
+    """Pretraining packs several documents into each row (position ids restarting per document); the reference is
+    one right-padded row per document with transformers' own 2D attention mask. Same loss, same gradients: no
+    document sees another, and no document's first token is predicted from the one before."""
+    from r1.data.arithmetic import pretraining_corpus
+    from r1.data.tokens import TokenRules
+
+    corpus = pretraining_corpus(64, num_operands=4, low=0, high=9, seed=0, template="r1_zero",
+                                mix={"careful": 0.2, "careless": 0.45, "malformed": 0.1, "practice": 0.25})
+    tokenizer = train_tokenizer(corpus, 512, arch)
+    model = build_model(TinyModelSpec(), tokenizer, arch)
+    rules = TokenRules(tokenizer)
+    docs = [rules.encode(d) + [rules.eos_id] for d in corpus[:32]]
+    packed = pack_documents(docs, rules.pad_id)
+    assert packed["input_ids"].shape[0] < len(docs) and packed["input_ids"].shape[1] <= max(map(len, docs))
+    assert sorted(packed["input_ids"][packed["labels"] != -100].tolist()) == sorted(t for d in docs for t in d[1:])
+
+    ids = torch.full((len(docs), max(map(len, docs))), rules.pad_id)
+    mask = torch.zeros_like(ids)
+    for row, doc in enumerate(docs):
+        ids[row, : len(doc)], mask[row, : len(doc)] = torch.tensor(doc), 1
+    reference = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    reference.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss = model(**packed, use_cache=False).loss
+    loss.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for p, g in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
 def test_check_matches_a_per_prompt_greedy_reference(tmp_path):
@@ -126,4 +172,5 @@ def test_r1_launch_says_out_of_band_cleanly(tmp_path):
         proc.stderr)
     assert "Traceback" not in proc.stderr
     assert "base check @ 2: pass@1 0.0% (band 50-60%)" in proc.stdout
-    assert "not kept (pass@1 outside the band)" in proc.stdout
+    # far below the band: the check stopped at a quarter of its problems
+    assert "not kept (pass@1 below half the band's floor, a quick look at 1 of 4 problems)" in proc.stdout
