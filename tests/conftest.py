@@ -135,8 +135,10 @@ def kill_when(proc, ready, timeout_s: float = 300) -> None:
                     p.kill()
 
 
-# The longest files first: pytest-xdist (--dist loadfile) hands whole files to its workers in collection order, so a
-# long file collected last (test_vllm.py, by name) would leave the other worker idle for its whole length.
+# The longest files first: pytest-xdist (--dist loadfile --no-loadscope-reorder) hands whole files to its workers in
+# collection order as each runs short of work, so a long file collected last (test_vllm.py, by name) would leave the
+# other worker idle for its whole length. (Without --no-loadscope-reorder xdist sorts files by their number of tests
+# instead, which puts the few-but-long system tests last.)
 LONGEST_FIRST = ("test_vllm.py", "test_slurm.py", "test_pipeline.py", "test_async.py", "test_health.py",
                  "test_cli_run.py")
 

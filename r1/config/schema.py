@@ -31,7 +31,7 @@ class ModelSource(str, Enum):
 
 class PretrainSchedule(str, Enum):
     cosine = "cosine"  # warmup, then cosine decay to 0 over model.tiny.pretrain_steps
-    constant = "constant"  # warmup, then constant: the model keeps improving until selection keeps it
+    constant = "constant"  # warmup, then a constant rate
 
 
 class LossAgg(str, Enum):

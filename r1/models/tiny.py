@@ -94,8 +94,9 @@ def build_model(spec, tokenizer, arch: str = "qwen2"):
 
 def pretrain(model, tokenizer, corpus: list[str], spec, progress=None, stop=None) -> list[float]:
     """Next-token prediction on the corpus; returns the loss curve. AdamW, fixed seed, linear warmup, then cosine
-    decay over ``pretrain_steps`` (``pretrain_schedule=cosine``) or a constant rate (``constant``, for selection:
-    the model keeps improving until a check keeps it). ``stop(step)`` after each step ends training when true."""
+    decay over ``pretrain_steps`` (``pretrain_schedule=cosine``; under selection, the most it may take) or a constant
+    rate (``constant``). ``stop(step)`` after each step ends training when true. Documents are packed several to a
+    row (``pack_documents``)."""
     from r1.data.tokens import TokenRules
 
     rules = TokenRules(tokenizer)  # documents start as rollout prompts will: the same BOS rule
