@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/r1-launch
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check r1 launcher tests benchmarks
