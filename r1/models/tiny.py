@@ -304,10 +304,8 @@ def _select(spec, model, tokenizer, data_cfg, checks: list[dict], on_check=None)
         if result["repeated"]:
             result |= _merge_checks(result, measure(step, 1))
         result["step"] = step
-        result["why_not"] = why_not(result)
-        if result["quick"]:
-            result["why_not"] = (f"pass@1 below half the band's floor, a quick look at {len(quick)} of "
-                                 f"{len(problems)} problems")
+        result["why_not"] = (f"pass@1 below half the band's floor, a quick look at {len(quick)} of {len(problems)} "
+                             f"problems") if result["quick"] else why_not(result)
         result["in_band"] = not result["why_not"]
         checks.append(result)
         if on_check is not None:
