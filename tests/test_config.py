@@ -81,6 +81,14 @@ def test_async_options_are_checked():
     validate(compose(["run_dir=x", "rollout.partial_rollouts=true", "algo.max_staleness=1"]))
 
 
+def test_a_vllm_engine_gets_one_gpu_per_tensor_parallel_rank():
+    """vLLM's tensor-parallel ranks are processes of the rollout worker, on the GPUs Ray gave it."""
+    cfg = compose(["run_dir=x", "rollout=vllm", "rollout.gpus_per_worker=1", "rollout.vllm.tensor_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"rollout.gpus_per_worker=1 must equal rollout.vllm.tensor_parallel_size=2"):
+        validate(cfg)
+    validate(compose(["run_dir=x", "rollout=vllm", "rollout.gpus_per_worker=2", "rollout.vllm.tensor_parallel_size=2"]))
+
+
 def test_megatron_layout_is_checked_against_the_pool_and_the_model(tiny_model):
     cfg = compose(["run_dir=x", "trainer=megatron", "trainer.num_workers=3", "trainer.megatron.tensor_parallel=2"])
     with pytest.raises(ConfigError, match=r"trainer.num_workers=3 is not a multiple of .* = 2"):
@@ -164,3 +172,25 @@ def test_missing_prompt_file_fails_before_the_tiny_model_is_pretrained(tmp_path)
     assert "data.train_path=/missing/train.jsonl does not exist" in out.stderr
     assert f"data.eval_path={tmp_path / 'eval.jsonl'} does not exist" in out.stderr
     assert not (tmp_path / "cache").exists(), "pretraining started before the paths were checked"
+
+
+def test_the_hf_engine_refuses_a_model_it_cannot_hold_and_r1_zero_trains_on_megatron(tmp_path):
+    """Qwen2.5-7B (its published config: 7,615,616,512 parameters) on an 80 GB GPU: the HF engine's fp32 weights,
+    gradients, AdamW state and reference are 142 GiB before any activation - refused before anything is allocated.
+    The paper's experiment runs on Megatron, with a layout the pool's 8 ranks hold."""
+    from transformers import Qwen2Config
+
+    from r1.engines.hf_train import check_fits, count_parameters
+
+    Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False).save_pretrained(tmp_path)
+    params = count_parameters(str(tmp_path))
+    assert params == 7_615_616_512
+    with pytest.raises(ValueError, match=r"7.62B parameters need 142 GiB .* has 80 GiB. Use trainer=megatron"):
+        check_fits(params, 80 * 2**30, with_reference=True, what="GPU H100")
+    check_fits(params, 80 * 2**30 * 2, with_reference=True, what="two H100s' worth")
+    cfg = compose(["+experiment=r1_zero", "run_dir=x"])
+    validate(cfg)
+    m = cfg.trainer.engine, cfg.trainer.megatron
+    assert m[0] == "megatron" and (m[1].tensor_parallel, m[1].context_parallel, m[1].recompute) == (2, 2, "full")
+    assert cfg.trainer.num_workers == 8 and cfg.trainer.num_workers // (2 * 2) == 2  # data parallel 2

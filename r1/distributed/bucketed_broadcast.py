@@ -36,7 +36,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return self.numel * torch.empty((), dtype=getattr(torch, self.dtype), device="cpu").element_size()
 
 
 def manifest_of(named: Iterable[tuple[str, torch.Tensor]]) -> list[TensorSpec]:
@@ -75,26 +75,49 @@ def node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
+def nccl_options(timeout: timedelta):
+    """``ProcessGroupNCCL`` options with ``timeout`` (its constructor takes no timeout of its own: without options
+    the group gets NCCL's default of 10 minutes whatever ``sync.timeout_s`` says)."""
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    return options
+
+
 class BroadcastGroup:
     """One member of the sync group. Rank 0 sends; every other rank receives."""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, *, backend: str, timeout_s: float):
         timeout = timedelta(seconds=timeout_s)
-        self.rank, self.world_size, self.backend = rank, world_size, backend
+        self.rank, self.world_size, self.backend, self.timeout = rank, world_size, backend, timeout
         self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
         if backend == "gloo":
             self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
             self.device = torch.device("cpu")
         elif backend == "nccl":
-            self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size)
+            self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size, nccl_options(2 * timeout))
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             raise ValueError(f"unknown sync backend {backend!r}; choose gloo or nccl")
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
+        """One collective, waited for on this thread for at most ``sync.timeout_s``. Gloo fails the wait itself at
+        its timeout. An NCCL wait only makes the current CUDA stream wait, and a peer that died leaves the kernel
+        spinning until NCCL's watchdog tears the process down (the trainer's rank 0 with it); a wait given a timeout
+        blocks the thread instead and raises when it passes - the same failure gloo gives, so the owner retires the
+        group (``GroupMembership``, which aborts an NCCL communicator) and re-forms it. NCCL's own timeout is set
+        to twice this: the watchdog stays the last resort."""
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = 0, 0
-        self.pg.broadcast([tensor], opts).wait()
+        work = self.pg.broadcast([tensor], opts)
+        if self.backend == "nccl":
+            work.wait(self.timeout)
+        else:
+            work.wait()
+
+    def abort(self) -> None:
+        """Abort an NCCL communicator (its pending kernels fail and free the stream); gloo has no abort."""
+        if self.backend == "nccl":
+            self.pg.abort()
 
     def _header(self, version: int, num_buckets: int) -> tuple[int, int]:
         header = torch.tensor([version, num_buckets], dtype=torch.int64, device=self.device)
@@ -161,5 +184,6 @@ class GroupMembership:
 
     def join(self, host: str, port: int, rank: int, world_size: int, *, backend: str, timeout_s: float) -> None:
         if self.group is not None:
+            self.group.abort()  # (NCCL: its kernels would hold the CUDA stream the new group's broadcasts run on)
             self._retired.append(self.group)
         self.group = BroadcastGroup(host, port, rank, world_size, backend=backend, timeout_s=timeout_s)

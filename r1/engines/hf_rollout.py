@@ -100,17 +100,17 @@ class HFRolloutEngine:
         completions: list[Completion] = []
         for start in range(0, len(expanded), self.generate_batch_size):
             # One seed per micro-batch, derived from the request seed: reproducible for a fixed request.
-            torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
+            torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen, device="cpu")))
             completions.extend(self._generate_batch(expanded[start : start + self.generate_batch_size], params))
         return completions
 
     def _generate_batch(self, prompts, params: SamplingParams) -> list[Completion]:
         hook = _StepHook(self._between_steps)
         width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device="cpu")
         attn = torch.zeros_like(ids)
         for row, p in enumerate(prompts):  # left padding: generation continues from the last column
-            ids[row, width - len(p) :] = torch.tensor(p)
+            ids[row, width - len(p) :] = torch.tensor(p, device="cpu")
             attn[row, width - len(p) :] = 1
         greedy = params.temperature <= 0
         out = self.model.generate(

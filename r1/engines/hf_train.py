@@ -104,6 +104,63 @@ def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "model.safetensors"))
 
 
+def training_bytes(num_params: int, *, with_reference: bool) -> int:
+    """What the HF engine holds per GPU before any activation: every rank keeps the whole model as fp32 masters (4
+    bytes a parameter), their fp32 gradients (4) and AdamW's two moments (8), and the reference policy as an fp32
+    copy (4)."""
+    return num_params * (16 + (4 if with_reference else 0))
+
+
+def check_fits(num_params: int, capacity_bytes: int, *, with_reference: bool, what: str) -> None:
+    """Refuse, before a byte is allocated, a model whose weights, gradients and optimizer state alone exceed the
+    device's memory (activations and the [tokens x vocab] logits come on top)."""
+    need = training_bytes(num_params, with_reference=with_reference)
+    if need > capacity_bytes:
+        raise ValueError(
+            f"trainer.engine=hf keeps the whole model on every GPU: {num_params / 1e9:.2f}B parameters need "
+            f"{need / 2**30:.0f} GiB for fp32 weights, gradients, AdamW state{' and the reference' if with_reference else ''} "
+            f"before any activation, and {what} has {capacity_bytes / 2**30:.0f} GiB. Use trainer=megatron (tensor, "
+            "pipeline and context parallelism, a distributed optimizer), as +experiment=r1_zero does")
+
+
+def count_parameters(model_path: str) -> int:
+    """The parameter count of the model at ``model_path``, from its config alone (built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return sum(p.numel() for p in model.parameters())
+
+
+REDUCE_BUCKET_BYTES = 256 * 2**20  # DDP's default bucket is 25 MB; fewer, larger collectives suit a whole-step reduce
+
+
+def all_reduce_in_buckets(tensors: list[torch.Tensor], bucket_bytes: int, group=None) -> None:
+    """Sum ``tensors`` over ``group`` in place, a flat bucket of up to ``bucket_bytes`` per collective (of one dtype
+    and device; a larger tensor goes alone): one all-reduce per parameter would be thousands of small NCCL calls a
+    step for a 7B model, each paying the collective's latency."""
+    def flush(bucket: list[torch.Tensor]) -> None:
+        if len(bucket) == 1:
+            dist.all_reduce(bucket[0], group=group)
+            return
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat, group=group)
+        for t, part in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
+            t.copy_(part.view_as(t))
+
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        if bucket and (t.dtype != bucket[0].dtype or t.device != bucket[0].device
+                       or size + t.numel() * t.element_size() > bucket_bytes):
+            flush(bucket)
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel() * t.element_size()
+    if bucket:
+        flush(bucket)
+
+
 class HFTrainEngine:
     def __init__(
         self,
@@ -125,6 +182,9 @@ class HFTrainEngine:
         torch.manual_seed(seed)
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        if cuda:
+            check_fits(count_parameters(model_path), torch.cuda.get_device_properties(self.device).total_memory,
+                       with_reference=with_reference, what=f"GPU {torch.cuda.get_device_name(self.device)}")
         self.serving_dtype = getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)  # fp32 master weights
         self.model.to(self.device).train()
@@ -143,6 +203,7 @@ class HFTrainEngine:
         self.data_parallel_rank = dist.get_rank() if self.distributed else 0
         self.data_parallel_size = dist.get_world_size() if self.distributed else 1
         self.collective = False  # every rank holds the whole model: rank 0 saves and sends it alone
+        self.reduce_bucket_bytes = REDUCE_BUCKET_BYTES
 
     def _autocast(self):
         """Forward/backward in the serving dtype (bf16/fp16); a no-op for fp32."""
@@ -156,9 +217,9 @@ class HFTrainEngine:
         rows planned into packed micro-batches of up to that many tokens (a longer row goes alone)."""
         if self.micro_batch_tokens:
             lengths = batch.attention_mask.sum(dim=1).tolist()
-            plan = [torch.tensor(rows) for rows in plan_micro_batches(lengths, self.micro_batch_tokens)]
+            plan = [torch.tensor(rows, device="cpu") for rows in plan_micro_batches(lengths, self.micro_batch_tokens)]
         else:
-            plan = list(torch.arange(len(batch)).split(self.micro_batch_size)) if len(batch) else []
+            plan = list(torch.arange(len(batch), device="cpu").split(self.micro_batch_size)) if len(batch) else []
         for rows in plan:
             yield rows, batch.select(rows).trimmed()
 
@@ -173,7 +234,7 @@ class HFTrainEngine:
             raise RuntimeError("this engine was built without a reference model (algo.kl_placement=none)")
         was_training = model.training
         model.eval()
-        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device="cpu")
         for rows, mb in self._micro_batches(batch):
             logp, _ = self._response_logprobs(model, mb, temperature)
             out[rows, : logp.shape[1]] = logp.cpu()
@@ -183,7 +244,7 @@ class HFTrainEngine:
     # --- the update -------------------------------------------------------------------------------------------
     def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
         units_local = float(loss_fn.units(batch))
-        units_global = torch.tensor(units_local)
+        units_global = torch.tensor(units_local, device=self.device)  # (NCCL reduces device tensors only)
         if self.distributed:
             dist.all_reduce(units_global)
         units_global = max(float(units_global), 1e-8)
@@ -214,7 +275,7 @@ class HFTrainEngine:
             for p in self.model.parameters():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
+            all_reduce_in_buckets([p.grad for p in self.model.parameters()], self.reduce_bucket_bytes)
             per_rank: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
             dist.all_gather_object(per_rank, totals)
             totals = {k: sum(r.get(k, 0.0) for r in per_rank) for k in dict.fromkeys(k for r in per_rank for k in r)}

@@ -63,32 +63,32 @@ def pack_by_prompt(batch: TrainBatch) -> PackedBatch | None:
     # starts with its own copy of the prompt's last token, so every position predicts exactly one token. (Read from
     # one shared position, the first tokens' gradients would be summed into it by a CPU kernel whose order varies.)
     width = max(s[0][1] - 1 + sum(end - start + 1 for _, start, end in s) for s in sequences)
-    packed = torch.zeros(len(sequences), width, dtype=ids.dtype)
-    positions = torch.zeros(len(sequences), width, dtype=torch.long)
-    segment = torch.full((len(sequences), width), -1, dtype=torch.long)  # 0 prompt, k response k, -1 padding
+    packed = torch.zeros(len(sequences), width, dtype=ids.dtype, device="cpu")
+    positions = torch.zeros(len(sequences), width, dtype=torch.long, device="cpu")
+    segment = torch.full((len(sequences), width), -1, dtype=torch.long, device="cpu")  # 0 prompt, k response k, -1 padding
     src_row, src_col, dst_row, dst_col = [], [], [], []
     for p, parts in enumerate(sequences):
         first_row, prompt_len, _ = parts[0]
         shared = prompt_len - 1
         packed[p, :shared] = ids[first_row, :shared]
-        positions[p, :shared] = torch.arange(shared)
+        positions[p, :shared] = torch.arange(shared, device="cpu")
         segment[p, :shared] = 0
         offset = shared
         for k, (row, start, end) in enumerate(parts, start=1):
             n = end - start
             packed[p, offset:offset + n + 1] = ids[row, start - 1:end]
-            positions[p, offset:offset + n + 1] = torch.arange(start - 1, end)
+            positions[p, offset:offset + n + 1] = torch.arange(start - 1, end, device="cpu")
             segment[p, offset:offset + n + 1] = k
-            src_col.append(torch.arange(offset, offset + n))  # token j is predicted by the token before it
-            src_row.append(torch.full((n,), p))
-            dst_row.append(torch.full((n,), row))
-            dst_col.append(torch.arange(start, end))
+            src_col.append(torch.arange(offset, offset + n, device="cpu"))  # token j is predicted by the token before it
+            src_row.append(torch.full((n,), p, device="cpu"))
+            dst_row.append(torch.full((n,), row, device="cpu"))
+            dst_col.append(torch.arange(start, end, device="cpu"))
             offset += n + 1
 
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    causal = torch.ones(width, width, dtype=torch.bool, device="cpu").tril()
     key_visible = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
     mask = causal & key_visible & (segment >= 0)[:, None, :]
-    mask |= torch.eye(width, dtype=torch.bool)  # a padding query attends to itself: no row is fully masked
+    mask |= torch.eye(width, dtype=torch.bool, device="cpu")  # a padding query attends to itself: no row is fully masked
     src = (torch.cat(src_row), torch.cat(src_col))
     dst = (torch.cat(dst_row), torch.cat(dst_col))
     return PackedBatch(packed, positions, mask[:, None], src, dst, ids[dst])

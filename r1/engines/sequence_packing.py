@@ -41,22 +41,22 @@ def pack_sequences(batch: TrainBatch) -> PackedBatch:
     """All rows of ``batch`` (right-padded, as ``collate`` makes them) in one packed sequence."""
     lengths = batch.attention_mask.sum(dim=1).tolist()
     width = sum(lengths)
-    ids = torch.zeros(1, width, dtype=batch.input_ids.dtype)
-    positions = torch.zeros(1, width, dtype=torch.long)
-    segment = torch.empty(width, dtype=torch.long)
+    ids = torch.zeros(1, width, dtype=batch.input_ids.dtype, device="cpu")
+    positions = torch.zeros(1, width, dtype=torch.long, device="cpu")
+    segment = torch.empty(width, dtype=torch.long, device="cpu")
     src_col, dst_row, dst_col = [], [], []
     offset = 0
     for row, n in enumerate(lengths):
         ids[0, offset:offset + n] = batch.input_ids[row, :n]
-        positions[0, offset:offset + n] = torch.arange(n)
+        positions[0, offset:offset + n] = torch.arange(n, device="cpu")
         segment[offset:offset + n] = row
         columns = batch.response_mask[row, :n].nonzero().flatten()
         columns = columns[columns > 0]  # (position 0 has no prediction)
         src_col.append(offset + columns - 1)  # token c is predicted by the token before it
-        dst_row.append(torch.full((len(columns),), row))
+        dst_row.append(torch.full((len(columns),), row, device="cpu"))
         dst_col.append(columns)
         offset += n
-    mask = torch.ones(width, width, dtype=torch.bool).tril() & (segment[None, :] == segment[:, None])
+    mask = torch.ones(width, width, dtype=torch.bool, device="cpu").tril() & (segment[None, :] == segment[:, None])
     src_col_all = torch.cat(src_col)
     src = (torch.zeros_like(src_col_all), src_col_all)
     dst = (torch.cat(dst_row), torch.cat(dst_col))

@@ -8,8 +8,10 @@ same inputs and outputs as TE's THD attention, computed with ``torch.nn.function
 Context parallelism by all-gather: every CP rank gathers the keys and values of all ranks (Megatron's "all_gather"
 CP communication type) and attends from its own queries with a mask built from where each token sits in its
 sequence (``r1.engines.megatron.packing``): not later in the same sequence. Each sequence is one row of a padded
-batch, so the cost is that of padded attention per sequence (no fused kernel, the whole score matrix of a sequence at
-once): right for CPU-sized runs; GPU runs use Transformer Engine's flash kernels.
+batch. Without CP that row is plain causal attention (``is_causal``, no mask tensor), which torch runs with its flash
+or memory-efficient kernels on GPU: memory linear in the sequence length, though micro-batches pad to their longest
+sequence. With CP the mask is explicit (torch's math kernel: the scores of a row at once): right for CPU-sized runs;
+GPU runs at long context use Transformer Engine's kernels where it is installed.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class PackedCoreAttention(MegatronModule):
         or, unpacked, [s, b, heads, d] -> [s, b, heads*d] as Megatron's own local attention."""
         if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
             return self._unpacked(query, key, value, attention_mask)
-        cu_seqlens = packed_seq_params.cu_seqlens_q.cpu()
+        cu_seqlens = packed_seq_params.cu_seqlens_q  # (on the model's device, as every index below)
         local = cp_local_indices(cu_seqlens, self.cp_size, self.cp_rank)
         if self.cp_group is not None:
             key, value = all_gather(key, self.cp_group), all_gather(value, self.cp_group)
@@ -61,15 +63,24 @@ class PackedCoreAttention(MegatronModule):
             out = x.new_zeros(n, width, *x.shape[1:])
             return out.index_put((rows, slots), x).transpose(1, 2)  # [n, heads, width, d]
 
-        q_at = torch.full((n, q_width), -1, dtype=torch.long).index_put((q_rows, q_slots), local)
-        k_at = torch.full((n, k_width), 2**62, dtype=torch.long).index_put((k_rows, k_slots), everywhere)
-        # stream positions grow along a sequence: a key is visible if it is not later than the query; padding key
-        # slots (2^62) never are; a padding query slot (-1) attends to everything (finite, and its output is dropped)
-        mask = (k_at[:, None, :] <= q_at[:, :, None]) | (q_at[:, :, None] < 0)
-        out = F.scaled_dot_product_attention(
-            batched(query, q_rows, q_slots, q_width), batched(key, k_rows, k_slots, k_width),
-            batched(value, k_rows, k_slots, k_width), attn_mask=mask[:, None].to(query.device), scale=self.scale,
-            enable_gqa=self.heads != self.kv_heads)
+        q = batched(query, q_rows, q_slots, q_width)
+        k, v = batched(key, k_rows, k_slots, k_width), batched(value, k_rows, k_slots, k_width)
+        if self.heads != self.kv_heads:  # (the fused kernels take as many key/value heads as query heads)
+            k, v = (x.repeat_interleave(self.heads // self.kv_heads, dim=1) for x in (k, v))
+        if self.cp_group is None:
+            # each sequence is a row from its first token: causal attention within the row, no mask tensor (flash
+            # and memory-efficient kernels on GPU; no [rows x W x W] scores). Padding keys sit after every real
+            # token, so no real query sees one; padding queries' outputs are dropped below
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            device = local.device
+            q_at = torch.full((n, q_width), -1, dtype=torch.long, device=device).index_put((q_rows, q_slots), local)
+            k_at = torch.full((n, k_width), 2**62, dtype=torch.long, device=device).index_put(
+                (k_rows, k_slots), everywhere)
+            # stream positions grow along a sequence: a key is visible if it is not later than the query; padding key
+            # slots (2^62) never are; a padding query slot (-1) attends to everything (finite, its output dropped)
+            mask = (k_at[:, None, :] <= q_at[:, :, None]) | (q_at[:, :, None] < 0)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)
         return out.transpose(1, 2)[q_rows, q_slots].reshape(query.shape[0], -1)
 
 
@@ -87,9 +98,9 @@ class PackedCoreAttention(MegatronModule):
 def _rows(seq_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """For tokens listed by sequence id (each sequence's tokens in stream order): each token's row (its sequence),
     its slot within the row, and the widest row."""
-    counts = torch.bincount(seq_of) if len(seq_of) else torch.zeros(0, dtype=torch.long)
+    counts = torch.bincount(seq_of) if len(seq_of) else torch.zeros(0, dtype=torch.long, device=seq_of.device)
     starts = torch.cumsum(counts, 0) - counts
     order = torch.argsort(seq_of, stable=True)
     slots = torch.empty_like(seq_of)
-    slots[order] = torch.arange(len(seq_of)) - starts[seq_of[order]]
+    slots[order] = torch.arange(len(seq_of), device=seq_of.device) - starts[seq_of[order]]
     return seq_of, slots, int(counts.max()) if len(counts) else 0

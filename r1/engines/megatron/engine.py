@@ -140,6 +140,8 @@ class MegatronTrainEngine:
                                           params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
                                           extra=RECOMPUTE[recompute])
         cpu = not torch.cuda.is_available()
+        # every tensor of a step is made on the model's device (the host batch is copied once, in ``pack``)
+        self.device = torch.device("cpu") if cpu else torch.device("cuda", torch.cuda.current_device())
         self.chunks = self.bridge.get_model(
             weight_path=model_path, bf16=self.bf16, fp16=False, wrap_with_ddp=True, use_cpu_initialization=cpu,
             ddp_config={"use_distributed_optimizer": True, "grad_reduce_in_fp32": True,
@@ -175,7 +177,8 @@ class MegatronTrainEngine:
         sequence padded to a multiple of 2 x CP (the context-parallel split)."""
         lengths = batch.attention_mask.sum(dim=1).tolist()
         multiple = 2 * self.layout.cp if self.layout.cp > 1 else 1
-        return [pack(batch, rows, multiple=multiple) for rows in plan_micro_batches(lengths, self.micro_batch_tokens)]
+        return [pack(batch, rows, multiple=multiple, device=self.device)
+                for rows in plan_micro_batches(lengths, self.micro_batch_tokens)]
 
     def _response_logprobs(self, chunk, mb: PackedMicroBatch, hidden: torch.Tensor, temperature: float,
                            with_entropy: bool):
@@ -197,11 +200,11 @@ class MegatronTrainEngine:
         anchor = hidden.sum() * 0 if torch.is_grad_enabled() and hidden.requires_grad else None
 
         def place(values, anchored: bool):
-            spread = torch.zeros(len(local), dtype=values.dtype).index_put((picks,), values)
+            spread = torch.zeros(len(local), dtype=values.dtype, device=values.device).index_put((picks,), values)
             if anchored and anchor is not None:
                 spread = spread + anchor
             gathered = all_gather(spread, self.cp_group)
-            return torch.zeros(mb.batch.input_ids.shape, dtype=values.dtype).index_put(
+            return torch.zeros(mb.batch.input_ids.shape, dtype=values.dtype, device=values.device).index_put(
                 targets, gathered[mb.predicts[everywhere]])
 
         return place(logp, True), (place(entropy, False) if entropy is not None else None)
@@ -236,11 +239,16 @@ class MegatronTrainEngine:
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch, *, temperature: float, reference: bool = False) -> torch.Tensor:
+        """[B, L] log-probs of ``batch``'s responses (on the host: what the worker returns)."""
+        return self._logprobs(batch, temperature=temperature, reference=reference).cpu()
+
+    @torch.no_grad()
+    def _logprobs(self, batch: TrainBatch, *, temperature: float, reference: bool) -> torch.Tensor:
         chunks = self.reference if reference else self.chunks
         if chunks is None:
             raise RuntimeError("this engine was built without a reference model (algo.kl_placement=none)")
         mbs = self._micro_batches(batch)
-        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=self.device)
 
         def keep(mb, chunk, hidden):
             logp = self._response_logprobs(chunk, mb, hidden, temperature, False)[0]
@@ -263,14 +271,14 @@ class MegatronTrainEngine:
     # --- the update -------------------------------------------------------------------------------------------
     def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
         dp_group = self.ps.get_data_parallel_group()
-        units_global = torch.tensor(float(loss_fn.units(batch)))
+        units_global = torch.tensor(float(loss_fn.units(batch)), device=self.device)  # (NCCL: device tensors)
         dist.all_reduce(units_global, group=dp_group)
         units_global = max(float(units_global), 1e-8)
         mbs = self._micro_batches(batch)
         seconds = {"forward_s": 0.0, "backward_s": 0.0}
         start = time.perf_counter()
         if loss_fn.needs_reference and batch.ref_logprobs is None:
-            ref = self.compute_logprobs(batch, temperature=loss_fn.temperature, reference=True)
+            ref = self._logprobs(batch, temperature=loss_fn.temperature, reference=True)
             for mb in mbs:
                 mb.batch.ref_logprobs = ref[mb.rows, : mb.batch.input_ids.shape[1]]
             seconds["forward_s"] += time.perf_counter() - start
@@ -358,7 +366,7 @@ class MegatronTrainEngine:
                     state = opt.optimizer.state[p]
                     if not state:
                         state.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
-                                     step=torch.tensor(0.0))
+                                     step=torch.tensor(0.0, device="cpu"))  # (torch's Adam: a host step)
 
     def _unshare_adam_steps(self) -> None:
         """megatron-core 0.16.1 restores torch Adam's ``step`` as *one* tensor shared by every parameter's state;

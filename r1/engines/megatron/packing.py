@@ -39,43 +39,50 @@ class PackedMicroBatch:
     predicts: torch.Tensor  # [T] bool: the token predicts a response token (the next token of its row)
 
 
-def pack(batch: TrainBatch, rows: list[int], *, multiple: int = 1) -> PackedMicroBatch:
-    """Pack ``rows`` of a right-padded ``batch``, each sequence padded to a multiple of ``multiple`` (2 x CP)."""
-    index = torch.tensor(rows, dtype=torch.long)
+def pack(batch: TrainBatch, rows: list[int], *, multiple: int = 1,
+         device: torch.device | str = "cpu") -> PackedMicroBatch:
+    """Pack ``rows`` of a right-padded (host) ``batch``, each sequence padded to a multiple of ``multiple`` (2 x CP),
+    onto ``device`` (the model's: the stream, its index tensors and the rows the loss reads). Built on the host,
+    copied once."""
+    host = torch.device("cpu")
+    index = torch.tensor(rows, dtype=torch.long, device=host)
     mb = batch.select(index).trimmed()
     lengths = mb.attention_mask.sum(dim=1).tolist()
     padded = [-(-n // multiple) * multiple for n in lengths]
     total = sum(padded)
-    input_ids = torch.zeros(total, dtype=torch.long)
-    row_of = torch.full((total,), -1, dtype=torch.long)
-    pos_of = torch.zeros(total, dtype=torch.long)
-    predicts = torch.zeros(total, dtype=torch.bool)
+    input_ids = torch.zeros(total, dtype=torch.long, device=host)
+    row_of = torch.full((total,), -1, dtype=torch.long, device=host)
+    pos_of = torch.zeros(total, dtype=torch.long, device=host)
+    predicts = torch.zeros(total, dtype=torch.bool, device=host)
     start = 0
     for r, (n, p) in enumerate(zip(lengths, padded, strict=True)):
         input_ids[start : start + n] = mb.input_ids[r, :n]
         row_of[start : start + n] = r
-        pos_of[start : start + p] = torch.arange(p)
+        pos_of[start : start + p] = torch.arange(p, device=host)
         predicts[start : start + n - 1] = mb.response_mask[r, 1:n].bool()  # token t predicts token t + 1
         start += p
-    cu_seqlens = torch.zeros(len(padded) + 1, dtype=torch.int32)
-    cu_seqlens[1:] = torch.tensor(padded, dtype=torch.int32).cumsum(0)
-    return PackedMicroBatch(index, mb, input_ids, cu_seqlens, max(padded), row_of, pos_of, predicts)
+    cu_seqlens = torch.zeros(len(padded) + 1, dtype=torch.int32, device=host)
+    cu_seqlens[1:] = torch.tensor(padded, dtype=torch.int32, device=host).cumsum(0)
+    return PackedMicroBatch(index.to(device), mb.to(device), input_ids.to(device), cu_seqlens.to(device),
+                            max(padded), row_of.to(device), pos_of.to(device), predicts.to(device))
 
 
 def cp_local_indices(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
     """Stream positions held by CP rank ``cp_rank``: for every sequence, its chunks ``cp_rank`` and
-    ``2 cp_size - 1 - cp_rank`` of ``2 cp_size``, in that order (the whole stream when ``cp_size`` is 1)."""
+    ``2 cp_size - 1 - cp_rank`` of ``2 cp_size``, in that order (the whole stream when ``cp_size`` is 1); on the
+    device of ``cu_seqlens``."""
+    device = cu_seqlens.device
     if cp_size == 1:
-        return torch.arange(int(cu_seqlens[-1]))
+        return torch.arange(int(cu_seqlens[-1]), device=device)
     parts = []
     for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
         chunk = (end - start) // (2 * cp_size)
         for c in (cp_rank, 2 * cp_size - 1 - cp_rank):
-            parts.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+            parts.append(torch.arange(start + c * chunk, start + (c + 1) * chunk, device=device))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
 
 def sequence_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """[T] the sequence each stream position belongs to."""
+    """[T] the sequence each stream position belongs to (on the device of ``cu_seqlens``)."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)

@@ -1,0 +1,97 @@
+"""The one-GPU check: the engines' steps on CUDA, in bf16, against the same steps on CPU. Skipped without a GPU.
+
+On a machine with one CUDA GPU (r1's lent H200; its image has torch + CUDA but no vLLM, Ray or Megatron - carry
+megatron-core and mbridge wheels for the Megatron checks, see docs/gpu.md):
+
+    python -m pytest -q tests/test_gpu.py
+
+Every check compares against an independent reference (the CPU fp32 step of the same engine, or the other engine)
+and asserts where each tensor lives, so a device mistake fails here as it would in a run. What a CPU-only CI cannot
+reach, this is for: CUDA kernels, autocast, NCCL. (Device mistakes themselves are caught on CPU too:
+tests/test_device_discipline.py.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from datetime import timedelta
+
+import pytest
+import torch
+
+from tests.test_megatron_bridge import _save_hf
+from tests.test_megatron_engine import OPTIM, _batch, _loss
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (run `python -m pytest tests/test_gpu.py` on a GPU machine)")
+needs_megatron = pytest.mark.skipif(importlib.util.find_spec("megatron") is None
+                                    or importlib.util.find_spec("mbridge") is None,
+                                    reason="needs megatron-core and mbridge installed")
+
+
+def _hf(hf_dir: str, dtype: str):
+    from r1.engines.hf_train import HFTrainEngine
+
+    return HFTrainEngine(hf_dir, micro_batch_size=8, with_reference=True, dtype=dtype, **OPTIM)
+
+
+def test_the_hf_engines_bf16_step_on_cuda_is_its_fp32_step(tmp_path):
+    """bf16 autocast over fp32 masters on the GPU against fp32 on the CPU (the same engine, forced to CPU)."""
+    hf_dir = _save_hf(tmp_path / "hf", "qwen2", tied=False)
+    gpu = _hf(hf_dir, "bfloat16")
+    assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in gpu.model.parameters())
+    gpu_before = gpu.compute_logprobs(_batch(), temperature=0.9)
+    gpu_stats = gpu.train_step(_batch(), _loss())
+    cpu = _hf(hf_dir, "float32")  # built where a GPU is, then moved: the engine keeps every tensor on .device
+    cpu.device = torch.device("cpu")
+    cpu.model.to("cpu")
+    cpu.reference.to("cpu")
+    cpu_before = cpu.compute_logprobs(_batch(), temperature=0.9)
+    cpu_stats = cpu.train_step(_batch(), _loss())
+    mask = _batch().response_mask.bool()
+    torch.testing.assert_close(gpu_before[mask], cpu_before[mask], atol=5e-2, rtol=5e-2)  # bf16 logits
+    assert gpu_stats["loss"] == pytest.approx(cpu_stats["loss"], rel=5e-2, abs=5e-3)
+    assert gpu_stats["grad_norm"] == pytest.approx(cpu_stats["grad_norm"], rel=5e-2)
+    for name, tensor in dict(gpu.named_weights()).items():
+        assert tensor.device.type == "cuda" and tensor.dtype == torch.bfloat16, name
+
+
+def _megatron_cuda_step(rank: int, world: int, hf_dir: str):
+    from r1.engines.megatron.engine import MegatronTrainEngine
+    from r1.engines.megatron.layout import ParallelLayout
+
+    engine = MegatronTrainEngine(hf_dir, layout=ParallelLayout(), micro_batch_tokens=25, with_reference=True,
+                                 dtype="bfloat16", **OPTIM)
+    assert engine.device.type == "cuda"
+    before = engine.compute_logprobs(_batch(), temperature=0.9)
+    stats = engine.train_step(_batch(), _loss())
+    return before, stats, {k: v.cpu() for k, v in engine.named_weights()}
+
+
+@needs_megatron
+def test_the_megatron_engines_bf16_step_on_cuda_is_the_hf_engines(tmp_path):
+    from tests.gloo_ranks import run_ranks
+
+    hf_dir = _save_hf(tmp_path / "hf", "qwen2", tied=False)
+    hf = _hf(hf_dir, "bfloat16")
+    hf_before = hf.compute_logprobs(_batch(), temperature=0.9)
+    hf_stats, hf_weights = hf.train_step(_batch(), _loss()), dict(hf.named_weights())
+    before, stats, weights = run_ranks(_megatron_cuda_step, 1, hf_dir, tmp_path=tmp_path)[0]
+    mask = _batch().response_mask.bool()
+    torch.testing.assert_close(before[mask], hf_before[mask], atol=5e-2, rtol=5e-2)
+    assert stats["loss"] == pytest.approx(hf_stats["loss"], rel=2e-2, abs=5e-3)
+    for name, tensor in hf_weights.items():
+        torch.testing.assert_close(weights[name].float(), tensor.float().cpu(), atol=3e-2, rtol=1e-2)
+
+
+def test_the_nccl_sync_group_takes_its_timeout_and_broadcasts_device_tensors():
+    """A one-rank NCCL weight-sync group: its options carry ``sync.timeout_s`` (twice it: the watchdog's), its
+    broadcasts run on CUDA tensors, and abort() releases it."""
+    from r1.distributed.bucketed_broadcast import BroadcastGroup, free_port, manifest_of
+
+    group = BroadcastGroup("127.0.0.1", free_port(), 0, 1, backend="nccl", timeout_s=30)
+    assert group.device.type == "cuda"
+    assert group.pg.options._timeout == timedelta(seconds=60)
+    weights = [("a", torch.arange(6.0, device="cuda").view(2, 3)), ("b", torch.ones(4, device="cuda"))]
+    assert group.send(weights, manifest_of(weights), 16, version=1) == 40
+    group.abort()
