@@ -18,7 +18,7 @@ from r1.data.template import apply_template
 from r1.data.tokens import TokenRules
 from r1.engines.hf_train import HFTrainEngine
 from r1.inputs import check_vllm_can_serve
-from r1.types import Group, Sample, SamplingParams, collate
+from r1.types import Group, Reference, Sample, SamplingParams, collate
 from tests.conftest import TINY, compose
 
 pytestmark = pytest.mark.slow
@@ -42,13 +42,14 @@ def run():
     return Loop()
 
 
-def _engine(run, path: str):
+def _engine(run, path: str, *, eager: bool = True):
+    """An engine on ``path``; eager (no torch.compile: ~25 s less to start here) except where a test says otherwise."""
     from r1.engines.vllm_rollout import VLLMRolloutEngine
 
     async def make():
         return VLLMRolloutEngine(path, dtype="float32", tensor_parallel_size=1, max_model_len=None, kv_cache_mb=32,
                                  gpu_memory_utilization=0.85, max_num_seqs=64, bucket_mb=0.05, seed=0,
-                                 max_tokens=64, cpu_cores=None)
+                                 max_tokens=64, cpu_cores=None, enforce_eager=eager)
 
     return run(make())
 
@@ -65,17 +66,21 @@ def _prompts(path):
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
 def served(request, run, vllm_qwen2, vllm_llama):
-    """(model dir, a vLLM engine on it): Qwen2 has tied embeddings, Llama an untied lm_head."""
+    """(model dir, a vLLM engine on it): Qwen2 has tied embeddings, Llama an untied lm_head. Compiled, as vLLM runs by
+    default: the log-prob and push tests check the path a run takes."""
     path = {"qwen2": vllm_qwen2, "llama": vllm_llama}[request.param]
-    engine = _engine(run, path)
+    engine = _engine(run, path, eager=False)
     yield path, engine
     engine.shutdown()
 
 
-def test_rollout_logprobs_equal_the_trainers_recompute(run, served):
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_rollout_logprobs_equal_the_trainers_recompute(run, served, top_p):
+    """The trainer recomputes log-probs over the full distribution at the temperature; so must vLLM report them, with
+    top-p sampling too (vLLM's own "processed" log-probs are renormalised over the tokens top-p keeps)."""
     path, engine = served
     tokens, prompts = _prompts(path)
-    params = SamplingParams(n=3, temperature=0.7, top_p=1.0, max_new_tokens=16, seed=11)
+    params = SamplingParams(n=3, temperature=0.7, top_p=top_p, max_new_tokens=16, seed=11)
     completions = run(engine.generate(prompts, params))
     assert len(completions) == 3 * len(prompts)
     groups = [Group(i, "0", [Sample(prompts[i], c.token_ids, c.rollout_logprobs, "", 0.0, {}, None, c.finish_reason, 0)
@@ -133,8 +138,8 @@ def _teacher_forced(model, prompt, tokens):
 
 
 def test_update_mid_generation_keeps_requests_and_labels_tokens(run, vllm_qwen2):
-    """pause(keep) -> update -> resume while requests are decoding: no request is lost, each token carries the
-    version that sampled it, tokens before the switch are the old policy's and after it the new one's."""
+    """pause(keep) -> update -> resume while requests are decoding: no request is lost or recomputed, each token
+    carries the version that sampled it, tokens before the switch are the old policy's and after it the new one's."""
     from transformers import AutoModelForCausalLM
 
     engine = _engine(run, vllm_qwen2)
@@ -158,6 +163,8 @@ def test_update_mid_generation_keeps_requests_and_labels_tokens(run, vllm_qwen2)
         completions = run(generate_and_update())
     finally:
         engine.shutdown()
+    # the requests in flight kept their KV cache: none was preempted, no token prefilled again
+    assert (engine.preemptions.requests, engine.preemptions.recomputed_tokens) == (0, 0)
     assert len(completions) == 16 * len(prompts)
     switched = [c for c in completions if c.token_versions[0] == 0 and c.token_versions[-1] == 1]
     assert switched, "no request was in flight across the update"
@@ -183,27 +190,35 @@ def test_update_mid_generation_keeps_requests_and_labels_tokens(run, vllm_qwen2)
     assert (got - new_lp).abs().mean() < (got - old_lp).abs().mean()
 
 
-def test_tensor_parallel_engine_takes_pushed_weights_on_every_rank(run, vllm_qwen2, tmp_path):
-    """TP=2 on CPU (two vLLM worker processes, one core each): both ranks join the r1_gloo group and load the full
-    state dict, sharding it; the served log-probs are then the new weights' (HF teacher forcing)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    from r1.engines.vllm_rollout import VLLMRolloutEngine, cpu_cores_of
+def _tp_model(vllm_qwen2, path):
+    """A tiny Qwen2 with 2 heads of 32 dims: divisible by TP=2, servable by CPU attention."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(vllm_qwen2)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(  # 2 heads of 32 dims: divisible by TP=2, servable by CPU attention
+    model = Qwen2ForCausalLM(Qwen2Config(
         vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
         intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    model.save_pretrained(tmp_path / "tp")
-    tok.save_pretrained(tmp_path / "tp")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_tensor_parallel_engine_takes_pushed_weights_on_every_rank(run, vllm_qwen2, tmp_path):
+    """TP=2 on CPU (two vLLM worker processes, one core each): both ranks join the r1_gloo group and load the full
+    state dict, sharding it; the served log-probs are then the new weights' (HF teacher forcing)."""
+    from transformers import AutoModelForCausalLM
+
+    from r1.engines.vllm_rollout import VLLMRolloutEngine, cpu_cores_of
+
+    _tp_model(vllm_qwen2, tmp_path / "tp")
     assert cpu_cores_of(0, 2, 1) == "0-0|1-1"
 
     async def make():
         return VLLMRolloutEngine(str(tmp_path / "tp"), dtype="float32", tensor_parallel_size=2, max_model_len=None,
                                  kv_cache_mb=32, gpu_memory_utilization=0.85, max_num_seqs=16, bucket_mb=0.05,
-                                 seed=0, max_tokens=16, cpu_cores=cpu_cores_of(0, 2, 1))
+                                 seed=0, max_tokens=16, cpu_cores=cpu_cores_of(0, 2, 1), enforce_eager=True)
 
     engine = run(make())
     try:
@@ -218,6 +233,29 @@ def test_tensor_parallel_engine_takes_pushed_weights_on_every_rank(run, vllm_qwe
         engine.shutdown()
     assert a.token_ids == b.token_ids and a.token_versions == [3] * len(a.token_ids)  # greedy: n equal samples
     assert (torch.tensor(a.rollout_logprobs) - _teacher_forced(new, prompt, a.token_ids)).abs().max() < 1e-4
+
+
+def test_a_tensor_parallel_engine_runs_in_a_rollout_worker_of_a_placement_group(ray_local, vllm_qwen2, cache_dir,
+                                                                                 tmp_path):
+    """The production topology: the rollout worker is a Ray actor in its pool's placement group, and its engine has
+    TP=2. Left to choose, vLLM takes its Ray executor there and asks the placement group for GPUs the rollout workers
+    already hold (on CPU it refuses: "current platform cpu does not support ray"); r1's engines run their ranks as
+    their own processes instead."""
+    from r1.workers.pools import RolloutPool
+    from tests.conftest import TINY_VLLM
+
+    path = _tp_model(vllm_qwen2, tmp_path / "tp")
+    cfg = compose(TINY_VLLM + VLLM_RUN + [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}",
+                                          "model.source=pretrained", f"model.path={path}", "rollout.num_workers=1",
+                                          "rollout.vllm.tensor_parallel_size=2"])
+    validate(cfg)
+    pool = RolloutPool(cfg, path)
+    try:
+        results = pool.evaluate([(0, "1 + 2", Reference("3")), (1, "4 + 5", Reference("9"))],
+                                SamplingParams(n=1, temperature=0.0, max_new_tokens=8, seed=0), version=0)
+    finally:
+        pool.shutdown()
+    assert len(results) == 2
 
 
 # --- bad input: clear errors, before any engine starts ------------------------------------------------------
@@ -257,7 +295,7 @@ def test_more_engines_than_cores_is_a_clear_error():
 
 # --- the rollout pool on vLLM, end to end through the driver -------------------------------------------------
 
-VLLM_RUN = ["rollout=vllm", "rollout.vllm.kv_cache_mb=32", "rollout.vllm.max_num_seqs=64",
+VLLM_RUN = ["rollout=vllm", "rollout.vllm.kv_cache_mb=32", "rollout.vllm.max_num_seqs=64", "rollout.vllm.enforce_eager=true",
             "algo.is_correction=true"]
 
 

@@ -262,6 +262,9 @@ class VLLMConfig:
     kv_cache_mb: int = 0  # KV-cache size per engine; 0 = vLLM's own sizing (gpu_memory_utilization / 4 GiB on CPU)
     gpu_memory_utilization: float = 0.85  # GPU share vLLM may use when kv_cache_mb is 0
     max_num_seqs: int = 256  # sequences decoded together (continuous batching)
+    # vLLM's enforce_eager: no torch.compile of the model and no CUDA graphs. An engine then starts in ~20 s instead
+    # of ~50 on a CPU (measured, tiny model), but decodes slower on GPUs: for tests, debugging and short CPU runs.
+    enforce_eager: bool = False
 
 
 @dataclass
@@ -580,7 +583,9 @@ class HealthConfig:
     enabled: bool = True
     interval_s: float = 10.0  # seconds between two samples of a node (Xid events are waited for in between)
     temperature_c: float = 87.0  # the "temperature" signal fires at or above this (H100 slowdown starts near 90)
-    xid_critical_codes: list[int] = field(default_factory=lambda: [48, 63, 64, 74, 79, 94, 95])
+    # NVIDIA's Xid catalog: ECC, row remapping, NVLink, off the bus (Ampere and later), and Hopper's GSP firmware
+    # timeout/error (119, 120), unrecovered ECC (140) and "recovery action changed" (154: reset or reboot required)
+    xid_critical_codes: list[int] = field(default_factory=lambda: [48, 63, 64, 74, 79, 94, 95, 119, 120, 140, 154])
     # No finished step and no generated token for this long: dump every actor's stacks, then health.actions.stall
     # (0 = no watchdog). A step of the paper's run takes minutes; a hung collective never returns.
     stall_minutes: float = 30.0

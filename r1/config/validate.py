@@ -66,6 +66,12 @@ def _vllm_problems(cfg) -> list[str]:
         problems.append(
             f"rollout.vllm.max_model_len={v.max_model_len} leaves no room for a prompt before the longest response "
             f"({max(longest, cfg.eval.max_new_tokens)} tokens, rollout.length_schedule / eval.max_new_tokens)")
+    if r.gpus_per_worker > 0 and r.gpus_per_worker != v.tensor_parallel_size:
+        # vLLM runs its tensor-parallel ranks as processes of the rollout worker, one per GPU Ray gave the worker
+        # (distributed_executor_backend="mp"): fewer GPUs and the ranks do not fit, more and they sit idle
+        problems.append(
+            f"rollout.gpus_per_worker={r.gpus_per_worker:g} must equal rollout.vllm.tensor_parallel_size="
+            f"{v.tensor_parallel_size}: each engine's tensor-parallel ranks run on its worker's own GPUs, one each")
     if r.gpus_per_worker == 0:  # CPU engines: each pins its own cores (VLLM_CPU_OMP_THREADS_BIND)
         import os
 

