@@ -30,9 +30,34 @@ def connect(cluster) -> bool:
     raise ValueError(f"cluster.kind={cluster.kind!r} is not supported; choose one of ['local', 'slurm', 'k8s']")
 
 
-def placement() -> tuple[str, list[int]]:
-    """This Ray worker's node id and the GPU indices Ray gave it (how the health monitor maps a GPU to workers)."""
-    return ray.get_runtime_context().get_node_id(), [int(g) for g in ray.get_gpu_ids()]
+def placement() -> tuple[str, list[str], list[str | None]]:
+    """This Ray worker's node id, the GPU ids Ray gave it, and each GPU's UUID where it can be known: how the health
+    monitor maps an NVML device to the workers on it.
+
+    Ray's ids are entries of the node's ``CUDA_VISIBLE_DEVICES`` (indices, or UUIDs where a scheduler set those),
+    not NVML indices: under a partial-node Slurm allocation with device cgroups, CUDA's device 0 is whichever GPU the
+    job got, NVML's device 0 the node's first. The UUID names the same GPU for both: from CUDA where the worker has
+    it, from the id itself where that is a UUID, else unknown (the monitor then falls back to the index)."""
+    ids = [str(g) for g in ray.get_gpu_ids()]
+    return ray.get_runtime_context().get_node_id(), ids, device_uuids(ids)
+
+
+def device_uuids(ids: list[str]) -> list[str | None]:
+    """The UUID (``GPU-...``, NVML's spelling) of each of this process's visible GPUs, in CUDA's order."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() >= len(ids):
+        return [f"GPU-{torch.cuda.get_device_properties(i).uuid}" for i in range(len(ids))]
+    return [g if g.startswith("GPU-") else None for g in ids]
+
+
+def nvml_index(gpu: str, uuid: str | None, nvml_uuids: dict[int, str]) -> int | None:
+    """The NVML index of a worker's GPU: by UUID when known (``nvml_uuids``: index -> UUID, as NVML reads them),
+    else Ray's id taken as the index (right when the job sees every GPU of the node). None: not on this node."""
+    if uuid is not None:
+        wanted = uuid.lower().removeprefix("gpu-")
+        return next((i for i, u in nvml_uuids.items() if u.lower().removeprefix("gpu-") == wanted), None)
+    return int(gpu) if gpu.isdigit() else None
 
 
 def wait_for_nodes(expected: int, timeout_s: float = 300.0) -> None:

@@ -138,6 +138,20 @@ def test_the_policy_fires_state_signals_on_the_edge_and_counters_on_an_increase(
     assert [i.action for i in gpu_incidents(drain, "n1", 0, "u", cool, cool, [48])] == ["drain"]
 
 
+def test_a_workers_gpu_is_found_in_nvml_by_its_uuid_not_its_cuda_index():
+    """A job given GPUs 2 and 3 of a node under device cgroups: its processes call them CUDA devices 0 and 1, NVML
+    calls them 2 and 3. The UUID names the same GPU for both (torch reports it without NVML's ``GPU-`` prefix)."""
+    from r1.cluster import device_uuids, nvml_index
+
+    nvml = {0: "GPU-aa01", 1: "GPU-bb02", 2: "GPU-CC03", 3: "GPU-dd04"}
+    assert nvml_index("0", "GPU-cc03", nvml) == 2 and nvml_index("1", "dd04", nvml) == 3
+    assert nvml_index("0", "GPU-ee05", nvml) is None  # not a GPU of this node: never someone else's
+    assert nvml_index("1", None, nvml) == 1  # no UUID known (no CUDA in the worker): Ray's id taken as the index
+    # Ray's ids are CUDA_VISIBLE_DEVICES entries, which may themselves be UUIDs (this machine has no CUDA)
+    assert device_uuids(["GPU-bb02", "3"]) == ["GPU-bb02", None]
+    assert nvml_index("GPU-bb02", "GPU-bb02", nvml) == 1
+
+
 def test_the_watchdog_fires_once_per_stall():
     signs, fired = [0], []
     dog = ProgressWatchdog(0.4, lambda: signs[0], fired.append)
@@ -341,7 +355,9 @@ def test_a_hung_step_is_caught_by_the_watchdog_which_dumps_stacks_and_aborts(tmp
     [stall] = _incidents(run_dir)
     assert (stall["signal"], stall["action"], stall["node"]) == ("stall", "abort", "driver")
     assert str(stacks) in stall["detail"]
-    assert "rollout_buffer.py" in (stacks / "driver.txt").read_text()  # the driver waits in the buffer's take()
+    # the driver waits on the frozen worker: for its groups (the buffer's take()) or for it to take a weight push
+    driver = (stacks / "driver.txt").read_text()
+    assert "rollout_buffer.py" in driver or "weight_sync.py" in driver, driver
     dumps = {p.name: p.read_text() for p in stacks.glob("*-*.txt")}
     frozen_dump = next(text for name, text in dumps.items() if name.endswith(f"-{frozen.pid}.txt"))
     # py-spy read the frozen process: its title, and the threads of a rollout worker (its asyncio event loop)

@@ -2,6 +2,7 @@
 
 import resource
 
+import pytest
 import ray
 import torch
 
@@ -94,3 +95,16 @@ def test_every_torch_call_of_a_training_worker_runs_on_one_thread(ray_local, tin
         assert torch_threads == 2  # trainer.torch_threads, on the thread that computes
     finally:
         pool.shutdown()
+
+
+def test_ranks_are_ordered_by_node_so_a_tensor_parallel_group_shares_one():
+    """Ray numbers bundles in request order: SPREAD over two nodes puts bundles 0 and 2 on one. Ranks go to a node's
+    bundles consecutively, and a layout whose TP groups would straddle nodes is refused."""
+    from r1.workers.pools import check_groups_within_nodes, ranks_by_node
+
+    spread = {0: "node-a", 1: "node-b", 2: "node-a", 3: "node-b"}
+    assert ranks_by_node(spread) == [0, 2, 1, 3]
+    assert ranks_by_node({0: "x", 1: "x"}) == [0, 1]
+    check_groups_within_nodes(spread, 2)
+    with pytest.raises(ValueError, match=r"tensor_parallel=4: .* fell \[2, 2\] to a node"):
+        check_groups_within_nodes(spread, 4)

@@ -113,7 +113,8 @@ class NodeMonitor:
 
     def describe(self) -> dict:
         return {"node": self.node, "nvml": self.gpus is not None, "why_no_nvml": self.why_no_nvml,
-                "unreadable": dict(self.gpus.unreadable) if self.gpus is not None else {}}
+                "unreadable": dict(self.gpus.unreadable) if self.gpus is not None else {},
+                "uuids": dict(self.gpus.uuids) if self.gpus is not None else {}}
 
     def dump_stacks(self) -> dict[str, str]:
         """``{"<pid> <process title>": py-spy dump}`` of every Ray worker process on this node: this monitor's

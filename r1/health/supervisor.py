@@ -28,6 +28,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from r1.cluster import nvml_index
 from r1.health.monitor import NodeMonitor
 from r1.health.policy import ACTIONS, Incident, action_of, escalate
 from r1.health.watchdog import ProgressWatchdog
@@ -48,7 +49,8 @@ class HealthSupervisor:
         self.incidents: list[Incident] = []
         self.monitors: dict[str, object] = {}  # Ray node id -> its monitor
         self.node_names: dict[str, str] = {}  # Ray node id -> the node's scheduler name
-        self.owners: dict[tuple[str, int], list[tuple[str, int]]] = {}  # (node, gpu) -> [(pool, worker index)]
+        self.owners: dict[tuple[str, int], list[tuple[str, int]]] = {}  # (node, NVML index) -> [(pool, worker)]
+        self.node_uuids: dict[str, dict[int, str]] = {}  # Ray node id -> NVML index -> GPU UUID
         self._watchdog: ProgressWatchdog | None = None
         self._hard_exit: threading.Timer | None = None
         if not self.cfg.enabled:
@@ -67,15 +69,21 @@ class HealthSupervisor:
                 del self.monitors[node_id]
                 continue
             self.node_names[node_id] = d["node"]
+            self.node_uuids[node_id] = {int(i): u for i, u in d["uuids"].items()}
             if not d["nvml"]:
                 log.warning("health: no NVML on %s (%s): CPU and memory only", d["node"], d["why_no_nvml"])
             for gpu, why in d["unreadable"].items():
                 log.warning("health: %s gpu%s cannot be read (%s): not watched", d["node"], gpu, why)
         pools = {"train": train, "rollout": rollout}  # (an SFT run has no rollout pool)
         for pool, actors in ((name, p.actors) for name, p in pools.items() if p is not None):
-            for index, (node_id, gpus) in enumerate(ray.get([a.placement.remote() for a in actors])):
-                for gpu in gpus:
-                    self.owners.setdefault((self.node_names.get(node_id, node_id), gpu), []).append((pool, index))
+            for index, (node_id, gpus, uuids) in enumerate(ray.get([a.placement.remote() for a in actors])):
+                for gpu, uuid in zip(gpus, uuids, strict=True):
+                    at = nvml_index(gpu, uuid, self.node_uuids.get(node_id, {}))
+                    if at is None:
+                        log.warning("health: %s worker %d's GPU %s (%s) is not one NVML lists on its node: not mapped",
+                                    pool, index, gpu, uuid)
+                        continue
+                    self.owners.setdefault((self.node_names.get(node_id, node_id), at), []).append((pool, index))
         (self.dir / "gpus.json").write_text(json.dumps(  # which worker runs on which GPU: what a drain stops
             [{"node": node, "gpu": gpu, "workers": [f"{p} {i}" for p, i in owners]}
              for (node, gpu), owners in sorted(self.owners.items())], indent=1))

@@ -77,11 +77,44 @@ def _spawn(remote_cls, pg, index: int, cpus: float, gpus: float, args, max_concu
     ).remote(*args)
 
 
+def ranks_by_node(bundle_nodes: dict[int, str]) -> list[int]:
+    """The bundle of each rank: a node's bundles consecutive (nodes in the order of their first bundle, bundles in
+    index order). Ray numbers a placement group's bundles in request order, not by node: with SPREAD, or on a
+    cluster whose free GPUs are scattered, bundle 1 may sit on another node than 0 and 2. Megatron makes tensor-
+    parallel groups of consecutive ranks, and a TP group split over nodes all-reduces every layer over the network."""
+    by_node: dict[str, list[int]] = {}
+    for bundle in sorted(bundle_nodes):
+        by_node.setdefault(bundle_nodes[bundle], []).append(bundle)
+    return [b for bundles in by_node.values() for b in bundles]
+
+
+def check_groups_within_nodes(bundle_nodes: dict[int, str], group: int) -> None:
+    """Refuse a training pool whose nodes hold ranks that are not whole tensor-parallel groups."""
+    counts = {}
+    for node in bundle_nodes.values():
+        counts[node] = counts.get(node, 0) + 1
+    if group > 1 and any(c % group for c in counts.values()):
+        raise ValueError(
+            f"trainer.megatron.tensor_parallel={group}: the ranks of a tensor-parallel group must share a node, but the "
+            f"training pool's GPUs fell {sorted(counts.values(), reverse=True)} to a node. Give the pool whole nodes "
+            f"(trainer.num_workers a multiple of the GPUs per node, cluster.placement_strategy=PACK or STRICT_PACK), "
+            f"or a tensor_parallel that divides each node's share")
+
+
 def _make_actors(cls, num_workers: int, cpus: float, gpus: float, strategy: str, name: str, make_args,
-                 env: dict[str, str] | None = None, tag: str | None = None):
+                 env: dict[str, str] | None = None, tag: str | None = None, group: int = 1):
+    """The pool's placement group and one actor per rank, ranks ordered by node (``ranks_by_node``)."""
     pg = _make_placement_group(num_workers, cpus, gpus, strategy, name, tag)
+    bundle_nodes = ray.util.placement_group_table(pg)["bundles_to_node_id"]
+    if gpus > 0:
+        try:
+            check_groups_within_nodes(bundle_nodes, group)
+        except ValueError:
+            remove_placement_group(pg)
+            raise
     remote_cls = ray.remote(cls)
-    return pg, [_spawn(remote_cls, pg, i, cpus, gpus, make_args(i), env=env) for i in range(num_workers)]
+    return pg, [_spawn(remote_cls, pg, bundle, cpus, gpus, make_args(rank), env=env)
+                for rank, bundle in enumerate(ranks_by_node(bundle_nodes))]
 
 
 def split_evenly(items: list, parts: int) -> list[list]:
@@ -102,7 +135,7 @@ class TrainPool:
         self.pg, self.actors = _make_actors(
             TrainWorker, t.num_workers, t.cpus_per_worker, t.gpus_per_worker, cfg.cluster.placement_strategy,
             f"r1-train-{cfg.name}", lambda i: (cfg, model_path, i, t.num_workers), env=TRAIN_WORKER_ENV,
-            tag=pool_tag(cfg, "train"),
+            tag=pool_tag(cfg, "train"), group=t.megatron.tensor_parallel if t.engine == "megatron" else 1,
         )
         addr, port = ray.get(self.actors[0].address.remote())
         ray.get([a.setup.remote(addr, port) for a in self.actors])
