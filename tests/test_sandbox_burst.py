@@ -1,5 +1,5 @@
-"""A GRPO step's worth of programs through the code verifier (tests/sandbox_burst.py): 1,000 programs, correct ones
-among wrong, crashing, exiting, lying, fork-bombing and spinning ones. Every verdict is the one its kind was built
+"""A GRPO step's worth of programs through the code verifier (tests/sandbox_burst.py): 512 (the paper's 16 samples x
+32 prompts), correct ones among wrong, crashing, exiting, lying, fork-bombing and spinning ones. Every verdict is the one its kind was built
 to get, the outcome counts add up, and no process of a sandbox user (zombies included) is left -- run as it is, and
 under a PID 1 that never reaps orphans (Docker without --init, a pod whose PID 1 is a shell). Real bubblewrap.
 
@@ -21,7 +21,7 @@ from tests.conftest import REPO
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("bwrap"),
               pytest.mark.skipif(os.geteuid() != 0, reason="counts the processes of the sandbox's users (as root)")]
 
-N = 1000
+N = 512  # a step of the paper's GRPO: 16 samples x 32 prompts
 
 # PID 1 of a fresh PID namespace: it starts the burst and waits for that one process only; every orphan re-parented
 # to it stays a zombie for good
@@ -38,7 +38,7 @@ def _check(result: dict) -> None:
 
 
 def _burst(*prefix: str, uid_base: int) -> dict:
-    """The burst in a process of its own, at a lower priority (nice 10): its 1,000 programs take both cores for
+    """The burst in a process of its own, at a lower priority (nice 10): its programs take both cores for
     ~20 s, which the timing-sensitive tests running beside it (worker kills, stalls, Slurm requeues) must not feel."""
     out = subprocess.run(["nice", "-n", "10", *prefix, sys.executable, "-m", "tests.sandbox_burst", str(uid_base),
                           str(N)], cwd=REPO, capture_output=True, text=True, timeout=900, check=False)

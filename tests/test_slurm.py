@@ -269,7 +269,10 @@ def test_the_tiny_experiment_runs_as_a_slurm_job_and_resumes_after_preemption_an
     assert [a["attempt"] for a in starts] == [0, 1, 2]
     # the preempted attempt checkpointed exactly where it stopped and the next one resumed there
     assert ends[0]["outcome"] == "preempted" and starts[1]["resume_from"] == f"step_{ends[0]['step']:06d}"
-    assert 1 not in ends  # killed with its node: no word from it (an attempt that counts as failed)
+    # killed with its node: no word from it (an attempt that counts as failed), or, where the driver outlived its
+    # node's Ray processes for a moment (Slurm's SIGTERM to the steps left), the failure or the signal it saw: never
+    # an end that claims it finished or checkpointed
+    assert ends.get(1, {}).get("outcome") in (None, "failed", "stopped by SIGTERM"), ends
     resumed = [int(a["resume_from"][-6:]) for a in starts[1:]]
     assert resumed == sorted(resumed) and resumed[0] >= 2, starts  # each from the latest checkpoint, moving on
     assert ends[2] == {**ends[2], "outcome": "completed", "step": total}
