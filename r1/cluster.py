@@ -51,15 +51,6 @@ def device_uuids(ids: list[str]) -> list[str | None]:
     return [g if g.startswith("GPU-") else None for g in ids]
 
 
-def nvml_index(gpu: str, uuid: str | None, nvml_uuids: dict[int, str]) -> int | None:
-    """The NVML index of a worker's GPU: by UUID when known (``nvml_uuids``: index -> UUID, as NVML reads them),
-    else Ray's id taken as the index (right when the job sees every GPU of the node). None: not on this node."""
-    if uuid is not None:
-        wanted = uuid.lower().removeprefix("gpu-")
-        return next((i for i, u in nvml_uuids.items() if u.lower().removeprefix("gpu-") == wanted), None)
-    return int(gpu) if gpu.isdigit() else None
-
-
 def wait_for_nodes(expected: int, timeout_s: float = 300.0) -> None:
     """Block until ``expected`` Ray nodes are alive: a job's nodes join at their own pace, and a pool placed before
     its nodes are there would wait for them anyway, without saying why."""

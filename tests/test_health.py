@@ -141,7 +141,8 @@ def test_the_policy_fires_state_signals_on_the_edge_and_counters_on_an_increase(
 def test_a_workers_gpu_is_found_in_nvml_by_its_uuid_not_its_cuda_index():
     """A job given GPUs 2 and 3 of a node under device cgroups: its processes call them CUDA devices 0 and 1, NVML
     calls them 2 and 3. The UUID names the same GPU for both (torch reports it without NVML's ``GPU-`` prefix)."""
-    from r1.cluster import device_uuids, nvml_index
+    from r1.cluster import device_uuids
+    from r1.health.nvml import nvml_index
 
     nvml = {0: "GPU-aa01", 1: "GPU-bb02", 2: "GPU-CC03", 3: "GPU-dd04"}
     assert nvml_index("0", "GPU-cc03", nvml) == 2 and nvml_index("1", "dd04", nvml) == 3

@@ -31,6 +31,15 @@ def handle_key(handle) -> int | None:
     return ctypes.cast(handle, ctypes.c_void_p).value
 
 
+def nvml_index(gpu: str, uuid: str | None, nvml_uuids: dict[int, str]) -> int | None:
+    """The NVML index of a worker's GPU: by UUID when known (``nvml_uuids``: index -> UUID, as NVML reads them),
+    else Ray's id taken as the index (right when the job sees every GPU of the node). None: not on this node."""
+    if uuid is not None:
+        wanted = uuid.lower().removeprefix("gpu-")
+        return next((i for i, u in nvml_uuids.items() if u.lower().removeprefix("gpu-") == wanted), None)
+    return int(gpu) if gpu.isdigit() else None
+
+
 class NodeGpus:
     """The GPUs NVML sees on this node, their UUIDs, and an event set registered for Xid errors."""
 

@@ -28,8 +28,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from r1.cluster import nvml_index
 from r1.health.monitor import NodeMonitor
+from r1.health.nvml import nvml_index
 from r1.health.policy import ACTIONS, Incident, action_of, escalate
 from r1.health.watchdog import ProgressWatchdog
 from r1.monitoring.stop import REQUEUE_EXIT

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 import ray
 import torch
@@ -90,9 +91,7 @@ def ranks_by_node(bundle_nodes: dict[int, str]) -> list[int]:
 
 def check_groups_within_nodes(bundle_nodes: dict[int, str], group: int) -> None:
     """Refuse a training pool whose nodes hold ranks that are not whole tensor-parallel groups."""
-    counts = {}
-    for node in bundle_nodes.values():
-        counts[node] = counts.get(node, 0) + 1
+    counts = Counter(bundle_nodes.values())
     if group > 1 and any(c % group for c in counts.values()):
         raise ValueError(
             f"trainer.megatron.tensor_parallel={group}: the ranks of a tensor-parallel group must share a node, but the "
