@@ -4,6 +4,7 @@ Decode and update latencies are emulated (``rollout.simulated_decode_step_s``, `
 that generation and training really overlap on a 2-core machine; the tests assert what happened, never how fast.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -124,12 +125,13 @@ def test_partial_rollouts_mix_versions_within_the_bound(ray_local, tiny_model, c
 
 def _generating_rollout_workers():
     """Rollout worker processes (asyncio actors, titled ``ray::RolloutWorker``). After the first step of an async
-    run with one group per request every worker has requests in flight: the decode is slowed to 50 ms a token."""
+    run with one group per request every worker has requests in flight: the decode is slowed to 50 ms a token.
+    Only this test process's own Ray is searched: a test running beside it (pytest-xdist) has workers of its own."""
     procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::RolloutWorker"):
-            procs.append(p)
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if " ".join(p.cmdline()).startswith("ray::RolloutWorker"):
+                procs.append(p)
     return procs
 
 

@@ -329,8 +329,13 @@ def test_grpo_on_vllm_end_to_end(ray_local, vllm_qwen2, cache_dir, tmp_path):
 
 
 def _engine_cores():
-    return [p for p in psutil.process_iter(["name", "cmdline"])
-            if "EngineCore" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])]
+    """vLLM engine processes of this test process's own Ray (a test beside it under pytest-xdist has its own)."""
+    cores = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "EngineCore" in p.name() + " ".join(p.cmdline()):
+                cores.append(p)
+    return cores
 
 
 def test_dead_and_stalled_engines_are_replaced_and_their_groups_redone_once(ray_local, vllm_qwen2, cache_dir,
@@ -343,7 +348,7 @@ def test_dead_and_stalled_engines_are_replaced_and_their_groups_redone_once(ray_
     from tests.test_async import _step_metrics, assert_every_group_trained_once
 
     run_dir = tmp_path / "faults"
-    faults = []
+    faults, survivor = [], []
     earlier = {p.pid for p in _engine_cores()}  # engines of earlier tests still shutting down are not this run's
 
     def live():
@@ -359,9 +364,12 @@ def test_dead_and_stalled_engines_are_replaced_and_their_groups_redone_once(ray_
                 if steps >= 1 and not faults and len(cores) == 2:
                     cores[0].send_signal(signal.SIGKILL)
                     faults.append(cores[0])
-                elif faults and len(faults) == 1 and len(cores) == 2:  # the replacement is up: stall the other
-                    cores[0].send_signal(signal.SIGSTOP)
-                    faults.append(cores[0])
+                    survivor.append(cores[1])
+                elif faults and len(faults) == 1 and len(cores) == 2:
+                    # the replacement is up: stall the survivor, which has requests in flight (not the replacement,
+                    # whose engine may still be starting: vLLM bounds that wait by its own startup timeout, 600 s)
+                    survivor[0].send_signal(signal.SIGSTOP)
+                    faults.append(survivor[0])
             time.sleep(0.2)
 
     injector = threading.Thread(target=inject, daemon=True)
