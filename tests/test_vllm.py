@@ -348,7 +348,7 @@ def test_dead_and_stalled_engines_are_replaced_and_their_groups_redone_once(ray_
     from tests.test_async import _step_metrics, assert_every_group_trained_once
 
     run_dir = tmp_path / "faults"
-    faults, survivor = [], []
+    faults, survivor, runners = [], [], []
     earlier = {p.pid for p in _engine_cores()}  # engines of earlier tests still shutting down are not this run's
 
     def live():
@@ -362,6 +362,7 @@ def test_dead_and_stalled_engines_are_replaced_and_their_groups_redone_once(ray_
             with contextlib.suppress(psutil.Error):
                 cores = live()
                 if steps >= 1 and not faults and len(cores) == 2:
+                    runners.extend(cores[0].children(recursive=True))  # the killed engine's model runner(s)
                     cores[0].send_signal(signal.SIGKILL)
                     faults.append(cores[0])
                     survivor.append(cores[1])
@@ -382,8 +383,15 @@ def test_dead_and_stalled_engines_are_replaced_and_their_groups_redone_once(ray_
         for p in faults[1:]:  # the stopped engine, if its worker's exit did not take it along
             with contextlib.suppress(psutil.Error):
                 p.kill()
+        _, orphans = psutil.wait_procs(runners, timeout=30)
+        for p in orphans:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
     injector.join(timeout=5)
     assert len(faults) == 2, "the faults were not injected"
+    # the killed engine's processes did not outlive it (re-parented to PID 1 they would hold their GPU memory):
+    # its rollout worker adopted them and took them along when it exited
+    assert runners and not orphans, [(p.pid, p.name()) for p in orphans]
     last = _step_metrics(run_dir)[-1]
     assert last["rollout/workers_replaced_total"] >= 2
     assert last["buffer/redone_after_worker_loss_total"] >= 2

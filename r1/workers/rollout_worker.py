@@ -41,8 +41,27 @@ from r1.types import Group, Reference, Rollouts, Sample, SamplingParams, WorkerT
 log = logging.getLogger(__name__)
 
 
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def _adopt_orphans() -> None:
+    """Make this worker the subreaper of every process it starts (Linux). vLLM's engine process starts processes of
+    its own (one model runner per TP rank); if the engine process dies (a crash, the OOM killer) they would be
+    re-parented to PID 1 and live on, holding their GPU memory, which the replacement worker then lacks. Adopted
+    by this worker instead, they are among the children ``_engine_failed`` kills."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_CHILD_SUBREAPER): %s; an engine's processes may outlive it",
+                        os.strerror(ctypes.get_errno()))
+
+
 class RolloutWorker:
     def __init__(self, cfg, model_path: str, index: int, reward_models: list | None = None):
+        _adopt_orphans()
         torch.set_num_threads(max(1, cfg.rollout.torch_threads))
         self.cfg, self.index = cfg, index
         self.tokens = TokenRules.load(model_path)
