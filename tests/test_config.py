@@ -193,4 +193,5 @@ def test_the_hf_engine_refuses_a_model_it_cannot_hold_and_r1_zero_trains_on_mega
     validate(cfg)
     m = cfg.trainer.engine, cfg.trainer.megatron
     assert m[0] == "megatron" and (m[1].tensor_parallel, m[1].context_parallel, m[1].recompute) == (2, 2, "full")
+    assert m[1].sequence_parallel and m[1].overlap_grad_reduce and m[1].grad_reduce_in_fp32  # (fp32: see the yaml)
     assert cfg.trainer.num_workers == 8 and cfg.trainer.num_workers // (2 * 2) == 2  # data parallel 2

@@ -41,31 +41,52 @@ def _loss() -> GRPOLoss:
 
 
 def _megatron_step(rank: int, world: int, hf_dir: str, tp: int, pp: int, cp: int, micro_batch_tokens: int,
-                   recompute: str = "none"):
-    from megatron.core import parallel_state
+                   recompute: str = "none", sequence_parallel: bool = True):
+    import traceback
 
+    from megatron.core import parallel_state
+    from megatron.core.distributed import param_and_grad_buffer
+
+    from r1.engines.megatron.attention import PackedCoreAttention
     from r1.engines.megatron.engine import MegatronTrainEngine
     from r1.engines.megatron.layout import ParallelLayout
+    from r1.engines.megatron.norm import SequenceParallelRMSNorm
 
     engine = MegatronTrainEngine(hf_dir, layout=ParallelLayout(tp=tp, pp=pp, cp=cp),
                                  micro_batch_tokens=micro_batch_tokens, with_reference=True, logprob_chunk_tokens=7,
-                                 recompute=recompute, **OPTIM)
+                                 recompute=recompute, sequence_parallel=sequence_parallel, **OPTIM)
     batch = _batch()
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     shard = batch.select(torch.arange(len(batch))[dp_rank::dp]) if dp > 1 else batch
     before = engine.compute_logprobs(shard, temperature=0.9)
-    from r1.engines.megatron.attention import PackedCoreAttention
 
-    forward, calls = PackedCoreAttention.forward, []
+    attention, norm, reduce_scatter = PackedCoreAttention.forward, SequenceParallelRMSNorm.forward, None
+    calls, normed, reductions = [], [], []
 
     def counted(self, *args, **kwargs):
         calls.append(torch.is_grad_enabled())
-        return forward(self, *args, **kwargs)
+        return attention(self, *args, **kwargs)
 
-    PackedCoreAttention.forward = counted
+    def norm_counted(self, x):  # (the tokens each norm call sees: all of a CP rank's stream, or 1/TP of it)
+        normed.append(x.shape[0])
+        return norm(self, x)
+
+    def reduce_scatter_seen(*args, **kwargs):  # called from a gradient hook (backward) or after the schedule
+        reductions.append(any(f.name == "register_grad_ready" for f in traceback.extract_stack()))
+        return reduce_scatter(*args, **kwargs)
+
+    PackedCoreAttention.forward, SequenceParallelRMSNorm.forward = counted, norm_counted
     stats = engine.train_step(shard, _loss())
-    PackedCoreAttention.forward = forward
-    return before, stats | {"attention_calls": len(calls)}, dict(engine.named_weights())
+    PackedCoreAttention.forward, SequenceParallelRMSNorm.forward = attention, norm
+    weights = {name: tensor.clone() for name, tensor in engine.named_weights()}  # (the next step moves them)
+    if dp > 1:  # (Megatron counts each bucket's gradients in the first step; it overlaps from the second on)
+        reduce_scatter, param_and_grad_buffer.dist_reduce_scatter_func = (
+            param_and_grad_buffer.dist_reduce_scatter_func, reduce_scatter_seen)
+        engine.train_step(shard, _loss())
+        param_and_grad_buffer.dist_reduce_scatter_func = reduce_scatter
+    stream = sum(int(mb.cu_seqlens[-1]) for mb in engine._micro_batches(shard)) // cp
+    return before, stats | {"attention_calls": len(calls), "normed_tokens": sum(normed), "stream_tokens": stream,
+                            "reductions_in_backward": reductions}, weights
 
 
 def _hf_step(hf_dir: str):
@@ -78,23 +99,33 @@ def _hf_step(hf_dir: str):
 
 
 # the batch holds 8 sequences of 5-9 tokens (61 in all): 1000 tokens is one packed micro-batch, 25 is three
-# (TP=2 with several micro-batches is the SFT test's layout below; TP=2 here goes with CP=2)
-@pytest.mark.parametrize("tp,pp,cp,dp,micro_batch_tokens,tied", [
-    (1, 1, 1, 1, 1000, False), (1, 1, 1, 2, 1000, False), (1, 2, 1, 1, 25, False),
-    (1, 2, 1, 1, 25, True), (1, 1, 2, 1, 25, False), (2, 1, 2, 1, 1000, True),
-], ids=["tp1", "dp2", "pp2-microbatches", "pp2-tied-embeddings", "cp2-microbatches", "tp2-cp2-tied"])
-def test_a_grpo_step_on_megatron_equals_the_hf_engine(tmp_path, tp, pp, cp, dp, micro_batch_tokens, tied):
+# (TP=2 with several micro-batches and sequence parallelism is the SFT test's layout below)
+@pytest.mark.parametrize("tp,pp,cp,dp,micro_batch_tokens,tied,sp", [
+    (1, 1, 1, 1, 1000, False, True), (1, 1, 1, 2, 1000, False, True), (1, 2, 1, 1, 25, False, True),
+    (1, 2, 1, 1, 25, True, True), (1, 1, 2, 1, 25, False, True), (2, 1, 2, 1, 1000, True, True),
+    (2, 1, 1, 1, 25, False, False),
+], ids=["tp1", "dp2", "pp2-microbatches", "pp2-tied-embeddings", "cp2-microbatches", "tp2-cp2-tied-sp",
+        "tp2-microbatches-no-sp"])
+def test_a_grpo_step_on_megatron_equals_the_hf_engine(tmp_path, tp, pp, cp, dp, micro_batch_tokens, tied, sp):
     """Megatron's packed micro-batches against the HF engine's padded batch: the same loss, gradient norm and
     updated weights. (Tied embeddings at PP=2: the first stage's embedding and the last stage's output layer are one
-    HF tensor, so their gradients must be summed across the stages. CP=2: every sequence is split over two ranks.)"""
+    HF tensor, so their gradients must be summed across the stages. CP=2: every sequence is split over two ranks.
+    TP=2 with sequence parallelism: the norms see half of each stream and their gradients are summed over TP. DP=2:
+    gradients are reduce-scattered from within the backward pass, overlapping it.)"""
     hf_dir = _save_hf(tmp_path / "hf", "qwen2", tied=tied)
     initial = load_safetensors_dir(tmp_path / "hf")
     hf_before, hf_stats, hf_weights = _hf_step(hf_dir)
-    results = run_ranks(_megatron_step, tp * pp * cp * dp, hf_dir, tp, pp, cp, micro_batch_tokens,
+    results = run_ranks(_megatron_step, tp * pp * cp * dp, hf_dir, tp, pp, cp, micro_batch_tokens, "none", sp,
                         tmp_path=tmp_path)
     before, stats, weights = results[0]
     if (tp, pp, cp, dp) == (1, 1, 1, 1):  # without recomputation: the reference's forward and the policy's, once
         assert stats["attention_calls"] == 2 * 2 * (1 if micro_batch_tokens == 1000 else 3)
+    if pp == 1:  # each norm (2 layers x 2 + the final one) of the reference's forward and the policy's sees the
+        # (CP rank's) stream, or 1/TP of it under sequence parallelism
+        assert stats["normed_tokens"] == 2 * 5 * stats["stream_tokens"] // (tp if sp else 1)
+    if dp > 1:  # overlap_grad_reduce: the reduce-scatter starts in the gradient hook of the bucket's last gradient
+        # (in the next step; in the first Megatron counts the gradients each bucket gets)
+        assert stats["reductions_in_backward"] and all(stats["reductions_in_backward"])
     if dp == 1:
         mask = _batch().response_mask.bool()
         torch.testing.assert_close(before[mask], hf_before[mask], atol=1e-5, rtol=1e-5)
@@ -126,25 +157,29 @@ def test_activation_recomputation_gives_the_same_step(tmp_path, recompute):
         torch.testing.assert_close(weights[name], tensor, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def _megatron_bf16_step(rank: int, world: int, hf_dir: str):
+def _megatron_bf16_step(rank: int, world: int, hf_dir: str, grad_reduce_in_fp32: bool):
     from r1.engines.megatron.engine import MegatronTrainEngine
     from r1.engines.megatron.layout import ParallelLayout
 
     engine = MegatronTrainEngine(hf_dir, layout=ParallelLayout(), micro_batch_tokens=25, with_reference=True,
-                                 dtype="bfloat16", **OPTIM)
-    return engine.train_step(_batch(), _loss()), dict(engine.named_weights())
+                                 dtype="bfloat16", grad_reduce_in_fp32=grad_reduce_in_fp32, **OPTIM)
+    grad_dtypes = {p.main_grad.dtype for chunk in engine.chunks for p in chunk.parameters()}
+    return engine.train_step(_batch(), _loss()) | {"grad_dtypes": grad_dtypes}, dict(engine.named_weights())
 
 
-def test_a_bf16_step_matches_the_hf_engines_bf16_step(tmp_path):
+@pytest.mark.parametrize("grad_reduce_in_fp32", [False, True], ids=["bf16-grads", "fp32-grads"])
+def test_a_bf16_step_matches_the_hf_engines_bf16_step(tmp_path, grad_reduce_in_fp32):
     """bf16 compute with fp32 master weights (Megatron's Float16Module + distributed optimizer) against the HF
     engine's bf16 autocast over fp32 masters: the same loss, a gradient norm within bf16 noise, and bf16 weights for
-    the rollout pool within a few bf16 steps of each other (lr 1e-2: each weight moves ~0.01)."""
+    the rollout pool within a few bf16 steps of each other (lr 1e-2: each weight moves ~0.01). Gradients accumulate
+    over the three micro-batches and are reduced in bf16 (the default), or in fp32."""
     from r1.engines.hf_train import HFTrainEngine
 
     hf_dir = _save_hf(tmp_path / "hf", "qwen2", tied=False)
     hf = HFTrainEngine(hf_dir, micro_batch_size=8, with_reference=True, dtype="bfloat16", **OPTIM)
     hf_stats, hf_weights = hf.train_step(_batch(), _loss()), dict(hf.named_weights())
-    stats, weights = run_ranks(_megatron_bf16_step, 1, hf_dir, tmp_path=tmp_path)[0]
+    stats, weights = run_ranks(_megatron_bf16_step, 1, hf_dir, grad_reduce_in_fp32, tmp_path=tmp_path)[0]
+    assert stats["grad_dtypes"] == {torch.float32 if grad_reduce_in_fp32 else torch.bfloat16}
     assert stats["loss"] == pytest.approx(hf_stats["loss"], rel=1e-3)
     assert stats["grad_norm"] == pytest.approx(hf_stats["grad_norm"], rel=2e-2)
     for name, tensor in hf_weights.items():
@@ -165,8 +200,9 @@ def _sft_megatron_step(rank: int, world: int, hf_dir: str, tp: int):
 
 
 def test_an_sft_step_on_megatron_equals_the_hf_engine_with_packed_sequences(tmp_path):
-    """The SFT stages run on the same engines: an SFT step on Megatron (TP=2, packed micro-batches) equals the HF
-    engine's with its sequence packing (trainer.micro_batch_tokens): loss, gradient norm, updated weights."""
+    """The SFT stages run on the same engines: an SFT step on Megatron (TP=2 with sequence parallelism, packed
+    micro-batches) equals the HF engine's with its sequence packing (trainer.micro_batch_tokens): loss, gradient
+    norm, updated weights."""
     from r1.algo import SFTLoss
     from r1.engines.hf_train import HFTrainEngine
 

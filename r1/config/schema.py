@@ -308,6 +308,14 @@ class MegatronConfig:
     logprob_chunk_tokens: int = 4096
     # Activation recomputation: none | selective (core attention) | full (every layer, keeps only layer inputs).
     recompute: str = "none"
+    # With tensor_parallel > 1: the TP ranks also split the sequence where they would each hold all of it (norms,
+    # residuals, dropout), so those activations are 1/TP per rank (Megatron's sequence parallelism).
+    sequence_parallel: bool = True
+    # Gradients are reduce-scattered over data parallel bucket by bucket during the backward pass (overlapping it),
+    # in the parameters' dtype (bf16 with model.dtype=bfloat16), which is also the dtype they accumulate in over a
+    # step's micro-batches; grad_reduce_in_fp32 keeps both in fp32 (twice the gradient memory and traffic).
+    overlap_grad_reduce: bool = True
+    grad_reduce_in_fp32: bool = False
 
 
 @dataclass

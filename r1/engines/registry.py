@@ -29,7 +29,8 @@ def build_train_engine(cfg, model_path: str):
         return MegatronTrainEngine(
             model_path, layout=ParallelLayout(tp=m.tensor_parallel, pp=m.pipeline_parallel, cp=m.context_parallel),
             micro_batch_tokens=m.micro_batch_tokens, logprob_chunk_tokens=m.logprob_chunk_tokens,
-            recompute=m.recompute, **common)
+            recompute=m.recompute, sequence_parallel=m.sequence_parallel, overlap_grad_reduce=m.overlap_grad_reduce,
+            grad_reduce_in_fp32=m.grad_reduce_in_fp32, **common)
     raise ValueError(f"trainer.engine={cfg.trainer.engine!r} is not available; choose one of {TRAIN_ENGINES}")
 
 

@@ -9,7 +9,8 @@ mbridge needs four corrections here, applied once per process by ``_patch_mbridg
 - without Transformer Engine (CPU; GPU images without it) the layer spec is Megatron's local one, whose norms are
   separate modules (``input_layernorm``, ``pre_mlp_layernorm``) rather than fused into the linear layers, and whose
   core attention is ``r1.engines.megatron.attention`` (packed sequences and context parallelism, which Megatron's
-  local attention refuses);
+  local attention refuses); its norms are ``r1.engines.megatron.norm``'s (sequence parallelism, which torch's
+  refuses);
 - mbridge mutates the class-level ``_DIRECT_MAPPING`` when it sees tied embeddings, so converting a tied model and
   then an untied one in one process would map ``lm_head`` from ``embed_tokens``: each bridge gets its own copy;
 - transformers 5 keeps ``rope_theta`` inside ``rope_parameters``;
@@ -43,6 +44,7 @@ def _patch_mbridge() -> None:
 
         if not has_transformer_engine():
             from r1.engines.megatron.attention import PackedCoreAttention
+            from r1.engines.megatron.norm import SequenceParallelRMSNorm
 
             def local_spec(self, vp_stage=None):
                 self.has_vp_stage = True
@@ -50,6 +52,9 @@ def _patch_mbridge() -> None:
                                                   normalization="RMSNorm", vp_stage=vp_stage)
                 for layer in spec.layer_specs:  # packed sequences and context parallelism (see attention.py)
                     layer.submodules.self_attention.submodules.core_attention = PackedCoreAttention
+                    layer.submodules.input_layernorm = SequenceParallelRMSNorm
+                    layer.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+                spec.layer_norm = SequenceParallelRMSNorm
                 return spec
 
             to_hf = Bridge._weight_name_mapping_mcore_to_hf
@@ -71,8 +76,10 @@ def _patch_mbridge() -> None:
         _patched = True
 
 
-def make_bridge(hf_dir: str, *, tp_size: int, params_dtype: torch.dtype, extra: dict | None = None):
-    """The mbridge ``Bridge`` of an HF checkpoint, configured for this process's parallel layout."""
+def make_bridge(hf_dir: str, *, tp_size: int, params_dtype: torch.dtype, sequence_parallel: bool = False,
+                extra: dict | None = None):
+    """The mbridge ``Bridge`` of an HF checkpoint, configured for this process's parallel layout
+    (``sequence_parallel`` only with ``tp_size > 1``: Megatron refuses it without tensor parallelism)."""
     _patch_mbridge()
     from mbridge import AutoBridge
 
@@ -80,7 +87,8 @@ def make_bridge(hf_dir: str, *, tp_size: int, params_dtype: torch.dtype, extra: 
     hf = bridge.hf_config
     if getattr(hf, "rope_theta", None) is None:
         hf.rope_theta = (getattr(hf, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    args = {"sequence_parallel": False, "use_cpu_initialization": not torch.cuda.is_available()}
+    args = {"sequence_parallel": sequence_parallel and tp_size > 1,
+            "use_cpu_initialization": not torch.cuda.is_available()}
     bridge.set_extra_args(**args, **(extra or {}))
     return bridge
 

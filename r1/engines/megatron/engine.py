@@ -45,10 +45,21 @@ RECOMPUTE = {
 }
 
 
-def _returns_hidden_states(model) -> None:
+def _returns_hidden_states(model, sequence_parallel: bool) -> None:
     """The GPT model's output layer passes its input through: the log-probs project the hidden states themselves.
-    (Only the last pipeline stage has one.)"""
-    if model.post_process:
+    (Only the last pipeline stage has one.) Under sequence parallelism each TP rank holds a slice of the sequence,
+    gathered here as the output layer would; its backward takes each rank's slice of the gradient, which the
+    log-probs' own TP all-reduce has already made whole (``logprobs._chunk``)."""
+    if not model.post_process:
+        return
+    if sequence_parallel:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        def forward(hidden, weight=None, runtime_gather_output=None):
+            return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False), None
+
+        model.output_layer.forward = forward
+    else:
         model.output_layer.forward = lambda hidden, weight=None, runtime_gather_output=None: (hidden, None)
 
 
@@ -115,6 +126,9 @@ class MegatronTrainEngine:
         seed: int = 0,
         logprob_chunk_tokens: int = 4096,
         recompute: str = "none",
+        sequence_parallel: bool = True,
+        overlap_grad_reduce: bool = True,
+        grad_reduce_in_fp32: bool = False,
     ):
         from megatron.core import parallel_state
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -136,16 +150,21 @@ class MegatronTrainEngine:
         self.collective = True  # the model is sharded over TP x PP x CP: export, save and load involve every rank
         self.bf16 = dtype == "bfloat16"
         self.serving_dtype = getattr(torch, dtype)
+        self.sequence_parallel = sequence_parallel and layout.tp > 1
         self.bridge = mbridge.make_bridge(model_path, tp_size=layout.tp,
                                           params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
-                                          extra=RECOMPUTE[recompute])
+                                          sequence_parallel=self.sequence_parallel, extra=RECOMPUTE[recompute])
         cpu = not torch.cuda.is_available()
         # every tensor of a step is made on the model's device (the host batch is copied once, in ``pack``)
         self.device = torch.device("cpu") if cpu else torch.device("cuda", torch.cuda.current_device())
+        # Gradients are reduce-scattered over DP bucket by bucket as the backward pass produces them (overlapped with
+        # the rest of it), in the parameters' dtype unless grad_reduce_in_fp32 (the buffer they accumulate in over
+        # micro-batches has that dtype too). Parameters are all-gathered after the step, not overlapped with the next
+        # forward: weights are exported right after a step (the push), and must be whole by then.
         self.chunks = self.bridge.get_model(
             weight_path=model_path, bf16=self.bf16, fp16=False, wrap_with_ddp=True, use_cpu_initialization=cpu,
-            ddp_config={"use_distributed_optimizer": True, "grad_reduce_in_fp32": True,
-                        "overlap_grad_reduce": False, "overlap_param_gather": False},
+            ddp_config={"use_distributed_optimizer": True, "grad_reduce_in_fp32": grad_reduce_in_fp32,
+                        "overlap_grad_reduce": overlap_grad_reduce, "overlap_param_gather": False},
         )
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.utils import get_model_config
@@ -157,7 +176,7 @@ class MegatronTrainEngine:
         config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
         self.reference = mbridge.load(self.bridge, model_path, bf16=self.bf16) if with_reference else None
         for chunk in self.chunks + (self.reference or []):
-            _returns_hidden_states(_unwrap(chunk))
+            _returns_hidden_states(_unwrap(chunk), self.sequence_parallel)
         for chunk in self.reference or []:
             chunk.eval().requires_grad_(False)
         self.lr, self.weight_decay, self.warmup_steps, self.steps_done = lr, weight_decay, warmup_steps, 0
@@ -174,9 +193,12 @@ class MegatronTrainEngine:
     # --- forward passes ---------------------------------------------------------------------------------------
     def _micro_batches(self, batch: TrainBatch) -> list[PackedMicroBatch]:
         """Rows packed into micro-batches of at most ``micro_batch_tokens`` tokens (a longer row goes alone), each
-        sequence padded to a multiple of 2 x CP (the context-parallel split)."""
+        sequence padded to a multiple of 2 x CP (the context-parallel split), times TP under sequence parallelism
+        (each TP rank's slice of a CP rank's stream)."""
         lengths = batch.attention_mask.sum(dim=1).tolist()
         multiple = 2 * self.layout.cp if self.layout.cp > 1 else 1
+        if self.sequence_parallel:
+            multiple *= self.layout.tp
         return [pack(batch, rows, multiple=multiple, device=self.device)
                 for rows in plan_micro_batches(lengths, self.micro_batch_tokens)]
 
@@ -231,8 +253,9 @@ class MegatronTrainEngine:
 
             return hidden, loss_func
 
-        # (pipeline stages exchange activations of each micro-batch's own length: mbridge sets variable_seq_lengths)
-        longest = max(int(mb.cu_seqlens[-1]) for mb in micro_batches) // self.layout.cp
+        # (pipeline stages exchange activations of each micro-batch's own length: mbridge sets variable_seq_lengths;
+        # the schedule divides a sequence length by CP, and by TP under sequence parallelism, itself)
+        longest = max(int(mb.cu_seqlens[-1]) for mb in micro_batches)
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=data, model=chunks,
             num_microbatches=len(micro_batches), seq_length=longest, micro_batch_size=1, forward_only=forward_only)
