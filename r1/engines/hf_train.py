@@ -203,7 +203,6 @@ class HFTrainEngine:
         self.data_parallel_rank = dist.get_rank() if self.distributed else 0
         self.data_parallel_size = dist.get_world_size() if self.distributed else 1
         self.collective = False  # every rank holds the whole model: rank 0 saves and sends it alone
-        self.reduce_bucket_bytes = REDUCE_BUCKET_BYTES
 
     def _autocast(self):
         """Forward/backward in the serving dtype (bf16/fp16); a no-op for fp32."""
@@ -275,7 +274,7 @@ class HFTrainEngine:
             for p in self.model.parameters():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            all_reduce_in_buckets([p.grad for p in self.model.parameters()], self.reduce_bucket_bytes)
+            all_reduce_in_buckets([p.grad for p in self.model.parameters()], REDUCE_BUCKET_BYTES)
             per_rank: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
             dist.all_gather_object(per_rank, totals)
             totals = {k: sum(r.get(k, 0.0) for r in per_rank) for k in dict.fromkeys(k for r in per_rank for k in r)}

@@ -192,10 +192,20 @@ def _drain_wakeups():
         pass
 
 
-def main():
+def become_child_subreaper() -> str | None:
+    """``prctl(PR_SET_CHILD_SUBREAPER)`` (Linux): a descendant orphaned by its parent's death is re-parented to this
+    process rather than to PID 1, so this process can still find and kill it. The error, or None.
+    (Also the rollout worker's, for its engine's processes: this file stays standard library only.)"""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        write_message(1, {"fatal": f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}"})
+        return os.strerror(ctypes.get_errno())
+    return None
+
+
+def main():
+    error = become_child_subreaper()
+    if error is not None:
+        write_message(1, {"fatal": f"prctl(PR_SET_CHILD_SUBREAPER): {error}"})
         return
     global _WAKE
     _WAKE = os.pipe()

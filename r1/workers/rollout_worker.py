@@ -41,22 +41,17 @@ from r1.types import Group, Reference, Rollouts, Sample, SamplingParams, WorkerT
 log = logging.getLogger(__name__)
 
 
-PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
-
-
 def _adopt_orphans() -> None:
     """Make this worker the subreaper of every process it starts (Linux). vLLM's engine process starts processes of
     its own (one model runner per TP rank); if the engine process dies (a crash, the OOM killer) they would be
     re-parented to PID 1 and live on, holding their GPU memory, which the replacement worker then lacks. Adopted
     by this worker instead, they are among the children ``_engine_failed`` kills."""
-    import ctypes
     import sys
 
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_CHILD_SUBREAPER): %s; an engine's processes may outlive it",
-                        os.strerror(ctypes.get_errno()))
+    from r1.rewards.sandbox_host import become_child_subreaper
+
+    if sys.platform.startswith("linux") and (error := become_child_subreaper()) is not None:
+        log.warning("prctl(PR_SET_CHILD_SUBREAPER): %s; an engine's processes may outlive it", error)
 
 
 class RolloutWorker:

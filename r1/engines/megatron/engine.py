@@ -50,17 +50,15 @@ def _returns_hidden_states(model, sequence_parallel: bool) -> None:
     (Only the last pipeline stage has one.) Under sequence parallelism each TP rank holds a slice of the sequence,
     gathered here as the output layer would; its backward takes each rank's slice of the gradient, which the
     log-probs' own TP all-reduce has already made whole (``logprobs._chunk``)."""
-    if not model.post_process:
-        return
-    if sequence_parallel:
-        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-        def forward(hidden, weight=None, runtime_gather_output=None):
-            return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False), None
+    def forward(hidden, weight=None, runtime_gather_output=None):
+        if sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        return hidden, None
 
+    if model.post_process:
         model.output_layer.forward = forward
-    else:
-        model.output_layer.forward = lambda hidden, weight=None, runtime_gather_output=None: (hidden, None)
 
 
 def _output_weight(model) -> torch.Tensor:
