@@ -86,7 +86,10 @@ def nccl_options(timeout: timedelta):
 class BroadcastGroup:
     """One member of the sync group. Rank 0 sends; every other rank receives."""
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, *, backend: str, timeout_s: float):
+    def __init__(self, host: str, port: int, rank: int, world_size: int, *, backend: str, timeout_s: float,
+                 device: torch.device | None = None):
+        """``device``: the CUDA device NCCL buffers live on (default: this thread's current one; a thread other
+        than the one that chose the device must pass it, as a new thread starts on device 0)."""
         timeout = timedelta(seconds=timeout_s)
         self.rank, self.world_size, self.backend, self.timeout = rank, world_size, backend, timeout
         self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
@@ -95,7 +98,7 @@ class BroadcastGroup:
             self.device = torch.device("cpu")
         elif backend == "nccl":
             self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size, nccl_options(2 * timeout))
-            self.device = torch.device("cuda", torch.cuda.current_device())
+            self.device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
         else:
             raise ValueError(f"unknown sync backend {backend!r}; choose gloo or nccl")
 
@@ -153,13 +156,23 @@ class BroadcastGroup:
 
     def receive(self, manifest: list[TensorSpec], bucket_bytes: int, version: int) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` as buckets arrive (rank > 0); the caller loads them while the next one flies."""
+        got_version, arriving = self.receive_next(manifest, bucket_bytes)
+        if got_version != version:
+            raise RuntimeError(f"weight sync out of step: expected version {version}, sender announced {got_version}")
+        return arriving
+
+    def receive_next(self, manifest: list[TensorSpec], bucket_bytes: int
+                     ) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
+        """Wait for the next broadcast (rank > 0): the version its header announces, and its ``(name, tensor)``
+        pairs, yielded as buckets arrive. Each bucket is a fresh tensor the caller may keep (the pairs are views)."""
         buckets = plan_buckets(manifest, bucket_bytes)
         got_version, got_buckets = self._header(-1, len(buckets))
-        if (got_version, got_buckets) != (version, len(buckets)):
-            raise RuntimeError(
-                f"weight sync out of step: expected version {version} in {len(buckets)} buckets, "
-                f"sender announced version {got_version} in {got_buckets}"
-            )
+        if got_buckets != len(buckets):
+            raise RuntimeError(f"weight sync out of step: expected {len(buckets)} buckets, sender announced "
+                               f"{got_buckets} (version {got_version})")
+        return got_version, self._buckets(manifest, buckets)
+
+    def _buckets(self, manifest: list[TensorSpec], buckets: list[list[int]]) -> Iterator[tuple[str, torch.Tensor]]:
         for bucket in buckets:
             specs = [manifest[i] for i in bucket]
             flat = torch.empty(sum(s.numel for s in specs), dtype=getattr(torch, specs[0].dtype), device=self.device)
