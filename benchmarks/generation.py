@@ -1,12 +1,11 @@
-"""Benchmark: rollout engines head to head (vLLM vs HF generate, same threads), and vLLM weight-update time vs size.
+"""Benchmark: rollout engines head to head (vLLM vs HF generate, same threads).
 
-    .venv/bin/python benchmarks/generation.py [--threads 2] [--sizes 1,10,100]
+    .venv/bin/python benchmarks/generation.py [--threads 2]
 
 Generation: the default experiment's shapes (16 prompts x 8 samples, up to 64 tokens, the trained-from-scratch tiny
 model) and long responses (up to 512 and 2,048 tokens) from a randomly initialised model of the same shape with a
 4,096-token context; a random model stops at EOS about once in |V| tokens, so the table reports the mean length.
-Weight updates: ``update_weights`` (pause, r1_gloo transfer into vLLM's worker, layerwise reload, prefix-cache reset,
-resume) against a raw gloo broadcast of the same bytes between two processes. Prints tables; not a test.
+(Weight pushes into vLLM: ``benchmarks/weight_push.py``.) Prints a table; not a test.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ def vllm_engine(path: str, threads: int):
     from r1.engines.vllm_rollout import VLLMRolloutEngine
 
     return VLLMRolloutEngine(path, dtype="float32", tensor_parallel_size=1, max_model_len=None, kv_cache_mb=1024,
-                             gpu_memory_utilization=0.85, max_num_seqs=256, bucket_mb=64, seed=0, max_tokens=1,
+                             gpu_memory_utilization=0.85, max_num_seqs=256, seed=0, max_tokens=1,
                              cpu_cores=f"0-{threads - 1}")
 
 
@@ -97,7 +96,6 @@ async def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sizes", default="1,10,100", help="weight-update model sizes, millions of parameters")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = compose(["run_dir=unused", "logger=none"])
@@ -128,35 +126,6 @@ async def main() -> None:
     print(f"\nmachine: {platform.machine()}, {args.threads} threads per engine; date {time.strftime('%Y-%m-%d')}")
     table("Generation (tokens/s, one engine)", ["shape", "mean length hf / vllm", "HF generate", "vLLM",
                                                 "vLLM / HF"], rows)
-
-    rows = []
-    for size in [float(s) for s in args.sizes.split(",")]:
-        hidden = {1: 128, 10: 384, 100: 1024}.get(int(size), 128)
-        layers = max(1, round((size * 1e6 - hidden * len(tokens.tokenizer)) / (12 * hidden * hidden)))
-        path = random_model(tmp / f"m{size}", hidden=hidden, layers=layers, heads=hidden // 64 or 2,
-                            inter=4 * hidden, vocab_from=default_model)
-        engine = vllm_engine(path, args.threads)
-        try:
-            from transformers import AutoModelForCausalLM
-
-            weights = list(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).named_parameters())
-            weights = [(n, p.detach()) for n, p in weights]
-            n_params = sum(p.numel() for _, p in weights)
-            await engine.generate(prompts[:1], SamplingParams(n=1, max_new_tokens=4))
-            await engine.update_weights(weights, 1)  # forms the transfer group
-            times = []
-            for v in range(2, 5):
-                start = time.perf_counter()
-                await engine.update_weights(weights, v)
-                times.append(time.perf_counter() - start)
-        finally:
-            engine.shutdown()
-        upd = sorted(times)[1]
-        raw = raw_broadcast_s(n_params)
-        mib = n_params * 4 / 2**20
-        rows.append((f"{n_params / 1e6:.1f} M", f"{mib:.0f}", f"{upd:.3f}", f"{raw:.3f}", f"{upd / raw:.1f}x"))
-    table("vLLM weight update vs raw gloo broadcast of the same bytes (median of 3)",
-          ["params", "MiB fp32", "update_weights (s)", "raw broadcast (s)", "ratio"], rows)
 
 
 if __name__ == "__main__":

@@ -95,3 +95,18 @@ def test_the_nccl_sync_group_takes_its_timeout_and_broadcasts_device_tensors():
     weights = [("a", torch.arange(6.0, device="cuda").view(2, 3)), ("b", torch.ones(4, device="cuda"))]
     assert group.send(weights, manifest_of(weights), 16, version=1) == 40
     group.abort()
+
+
+def test_a_staged_version_leaves_the_gpu_for_pinned_host_memory():
+    """What a vLLM worker's receiver keeps of a CUDA bucket (NCCL receives into the GPU): an equal copy in pinned
+    host memory, made on the receiver's own stream, so loading it later is one fast host-to-device copy."""
+    from r1.distributed.staged_receiver import _staging_copy
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        bucket = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+        staged = _staging_copy(bucket)
+    assert staged.device.type == "cpu" and staged.is_pinned()
+    assert torch.equal(staged, bucket.cpu())
+    cpu_bucket = torch.randn(8)
+    assert _staging_copy(cpu_bucket) is cpu_bucket  # (gloo: the received bucket itself, no copy)

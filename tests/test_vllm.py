@@ -7,9 +7,11 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
+import ray
 import torch
 from transformers import AutoTokenizer
 
@@ -20,6 +22,7 @@ from r1.engines.hf_train import HFTrainEngine
 from r1.inputs import check_vllm_can_serve
 from r1.types import Group, Reference, Sample, SamplingParams, collate
 from tests.conftest import TINY, compose
+from tests.direct_sync import push, stage
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +51,7 @@ def _engine(run, path: str, *, eager: bool = True):
 
     async def make():
         return VLLMRolloutEngine(path, dtype="float32", tensor_parallel_size=1, max_model_len=None, kv_cache_mb=32,
-                                 gpu_memory_utilization=0.85, max_num_seqs=64, bucket_mb=0.05, seed=0,
+                                 gpu_memory_utilization=0.85, max_num_seqs=64, seed=0,
                                  max_tokens=64, cpu_cores=None, enforce_eager=eager)
 
     return run(make())
@@ -106,7 +109,7 @@ def test_after_a_push_generation_equals_a_fresh_engine_on_the_exported_weights(r
     tokens, prompts = _prompts(path)
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=24)
     before = run(engine.generate(prompts, greedy))  # caches the prompts' KV under the old weights
-    run(engine.update_weights(list(trainer.named_weights()), version=7))
+    run(push(engine, trainer.named_weights(), 7))
     pushed = run(engine.generate(prompts, greedy))
     fresh_engine = _engine(run, str(tmp_path / "policy"))
     try:
@@ -157,7 +160,7 @@ def test_update_mid_generation_keeps_requests_and_labels_tokens(run, vllm_qwen2)
             task = asyncio.ensure_future(engine.generate(prompts, params))
             while engine.last_token_time <= started:  # the first tokens are out
                 await asyncio.sleep(0.005)
-            await engine.update_weights(list(new.named_parameters()), version=1)
+            await push(engine, [(n, p.detach()) for n, p in new.named_parameters()], 1)
             return await task
 
         completions = run(generate_and_update())
@@ -190,34 +193,40 @@ def test_update_mid_generation_keeps_requests_and_labels_tokens(run, vllm_qwen2)
     assert (got - new_lp).abs().mean() < (got - old_lp).abs().mean()
 
 
-def _tp_model(vllm_qwen2, path):
-    """A tiny Qwen2 with 2 heads of 32 dims: divisible by TP=2, servable by CPU attention."""
+def _tp_model(vllm_qwen2, path, head_dim: int = 32, intermediate: int = 128, layers: int = 2):
+    """A tiny Qwen2 with 2 heads: divisible by TP=2, servable by CPU attention (head_dim 32 or 128)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(vllm_qwen2)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True,
+        vocab_size=len(tok), hidden_size=2 * head_dim, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=intermediate, max_position_embeddings=256, tie_word_embeddings=True,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
 
-def test_tensor_parallel_engine_takes_pushed_weights_on_every_rank(run, vllm_qwen2, tmp_path):
-    """TP=2 on CPU (two vLLM worker processes, one core each): both ranks join the r1_gloo group and load the full
-    state dict, sharding it; the served log-probs are then the new weights' (HF teacher forcing)."""
+def _staged_in_workers(worker, version):  # runs in each vLLM worker process (collective_rpc)
+    return {name: t.clone() for name, t in worker.weight_transfer_engine.receiver._staged[version]}
+
+
+def test_tensor_parallel_engine_takes_pushed_weights_on_every_rank(run, vllm_qwen2, tmp_path, monkeypatch):
+    """TP=2 on CPU (two vLLM worker processes, one core each): both ranks are members of the sender's group (one
+    hop); each stages exactly the bytes sent, bit for bit, then loads the full state dict, sharding it; the served
+    log-probs are then the new weights' (HF teacher forcing)."""
     from transformers import AutoModelForCausalLM
 
     from r1.engines.vllm_rollout import VLLMRolloutEngine, cpu_cores_of
 
     _tp_model(vllm_qwen2, tmp_path / "tp")
     assert cpu_cores_of(0, 2, 1) == "0-0|1-1"
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # (the probe below is a function, pickled)
 
     async def make():
         return VLLMRolloutEngine(str(tmp_path / "tp"), dtype="float32", tensor_parallel_size=2, max_model_len=None,
-                                 kv_cache_mb=32, gpu_memory_utilization=0.85, max_num_seqs=16, bucket_mb=0.05,
+                                 kv_cache_mb=32, gpu_memory_utilization=0.85, max_num_seqs=16,
                                  seed=0, max_tokens=16, cpu_cores=cpu_cores_of(0, 2, 1), enforce_eager=True)
 
     engine = run(make())
@@ -226,36 +235,139 @@ def test_tensor_parallel_engine_takes_pushed_weights_on_every_rank(run, vllm_qwe
         with torch.no_grad():
             for p in new.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        run(engine.update_weights([(n, p.detach()) for n, p in new.named_parameters()], version=3))
+        sent = [(n, p.detach().clone()) for n, p in new.named_parameters()]
+        run(stage(engine, sent, 3))
+        staged = run(engine.llm.collective_rpc(_staged_in_workers, args=(3,)))
+        run(engine.load(3))
         prompt = [5, 6, 7, 8]
         a, b = run(engine.generate([prompt], SamplingParams(n=2, temperature=0.0, max_new_tokens=12)))
     finally:
         engine.shutdown()
+    assert len(staged) == 2  # one copy per tensor-parallel rank, each exactly what was sent
+    for per_rank in staged:
+        assert per_rank.keys() == dict(sent).keys()
+        assert all(torch.equal(per_rank[n], t) and per_rank[n].dtype == t.dtype for n, t in sent)
     assert a.token_ids == b.token_ids and a.token_versions == [3] * len(a.token_ids)  # greedy: n equal samples
     assert (torch.tensor(a.rollout_logprobs) - _teacher_forced(new, prompt, a.token_ids)).abs().max() < 1e-4
 
 
-def test_a_tensor_parallel_engine_runs_in_a_rollout_worker_of_a_placement_group(ray_local, vllm_qwen2, cache_dir,
-                                                                                 tmp_path):
-    """The production topology: the rollout worker is a Ray actor in its pool's placement group, and its engine has
-    TP=2. Left to choose, vLLM takes its Ray executor there and asks the placement group for GPUs the rollout workers
-    already hold (on CPU it refuses: "current platform cpu does not support ray"); r1's engines run their ranks as
-    their own processes instead."""
-    from r1.workers.pools import RolloutPool
+def _peak_rss(pid: int) -> int:
+    """VmHWM: the most resident memory the process ever had (bytes)."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    status = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return int(status["VmHWM"].split()[0]) * 1024
+
+
+def _processes_titled(title: str, under: int | None = None):
+    """Processes whose title contains ``title`` below process ``under`` (default: this test process, so a test
+    beside it under pytest-xdist, with a Ray of its own, is never touched)."""
+    found = []
+    for p in psutil.Process(under).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if title in p.name() + " ".join(p.cmdline()):
+                found.append(p)
+    return found
+
+
+def test_pushes_go_into_a_tensor_parallel_engines_workers_in_a_placement_group(ray_local, vllm_qwen2, cache_dir,
+                                                                               tmp_path):
+    """The production topology: the rollout worker is a Ray actor in its pool's placement group, its engine has TP=2,
+    and ``WeightSync`` forms the group trainer rank 0 + both vLLM workers. (Left to choose, vLLM would take its Ray
+    executor there and ask the placement group for GPUs the rollout workers already hold; r1's engines run their
+    ranks as their own processes.) Pushes never pass through the rollout worker: its peak memory does not grow by a
+    copy of the model (the old path staged a full copy per version there). A vLLM worker killed before a push makes
+    that push replace the rollout worker, and the replacement serves the pushed version."""
+    import signal
+
+    from r1.workers.pools import RolloutPool, TrainPool
+    from r1.workers.weight_sync import WeightSync
     from tests.conftest import TINY_VLLM
 
-    path = _tp_model(vllm_qwen2, tmp_path / "tp")
+    path = _tp_model(vllm_qwen2, tmp_path / "tp", head_dim=128, intermediate=2048, layers=4)  # ~35 MB in fp32
+    model_bytes = sum(t.numel() * 4 for t in _trainer(path).model.parameters())
     cfg = compose(TINY_VLLM + VLLM_RUN + [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}",
                                           "model.source=pretrained", f"model.path={path}", "rollout.num_workers=1",
-                                          "rollout.vllm.tensor_parallel_size=2"])
+                                          "rollout.vllm.tensor_parallel_size=2", "sync.bucket_mb=1"])
     validate(cfg)
-    pool = RolloutPool(cfg, path)
+    train, pool = TrainPool(cfg, path), RolloutPool(cfg, path)
     try:
+        sync = WeightSync(train, pool)
+        pid = ray.get(pool.actors[0].pid.remote())
+        before = _peak_rss(pid)
+        for version in (1, 2, 3):
+            assert sync.push(version) >= model_bytes  # every byte of the model, in one broadcast
+        grown = _peak_rss(pid) - before
+        workers = _processes_titled("VLLM::Worker", under=pid)  # (the model runners)
+        assert len(workers) == 2, workers  # one per tensor-parallel rank, both in the group
+        workers[-1].send_signal(signal.SIGKILL)
+        sync.push(4)
+        assert pool.replaced == 1
         results = pool.evaluate([(0, "1 + 2", Reference("3")), (1, "4 + 5", Reference("9"))],
-                                SamplingParams(n=1, temperature=0.0, max_new_tokens=8, seed=0), version=0)
+                                SamplingParams(n=1, temperature=0.0, max_new_tokens=8, seed=0), version=4)
+        served = ray.get(pool.actors[0].__ray_call__.remote(lambda w: w.engine.version))
     finally:
         pool.shutdown()
-    assert len(results) == 2
+        train.shutdown()
+    assert grown < model_bytes / 4, f"rollout worker peak RSS grew by {grown / 2**20:.1f} MiB over 3 pushes"
+    assert len(results) == 2 and served == 4
+
+
+def _perturb_and_export(worker, seed: int):  # runs in the train worker: "a training step", then its export
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in worker.engine.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return [(n, t.clone()) for n, t in worker.engine.named_weights()]
+
+
+def test_requests_in_flight_during_pushes_are_generated_by_the_version_they_were_made_at(ray_local, vllm_qwen2,
+                                                                                       cache_dir, tmp_path):
+    """The version rule under load, on the production path (WeightSync -> the vLLM worker's staging -> load at a
+    request boundary): requests made at version v are still generating when v+1 is pushed, and requests made at v+1
+    wait for them; every token of every sample records v, and its log-prob is the one the trainer's weights of v give
+    (HF teacher forcing on each version's export), not those of the version staged meanwhile."""
+    from transformers import AutoModelForCausalLM
+
+    from r1.workers.pools import RolloutPool, TrainPool
+    from r1.workers.weight_sync import WeightSync
+    from tests.conftest import TINY_VLLM
+
+    path = _tp_model(vllm_qwen2, tmp_path / "random")  # untrained: responses run to max_new_tokens
+    cfg = compose(TINY_VLLM + VLLM_RUN + [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}",
+                                          "model.source=pretrained", f"model.path={path}", "rollout.num_workers=1"])
+    validate(cfg)
+    problems = [(i, f"{i} + {i}", Reference(str(2 * i))) for i in range(6)]
+    params = SamplingParams(n=4, temperature=1.0, top_p=1.0, max_new_tokens=96, seed=3)
+    train, pool = TrainPool(cfg, path), RolloutPool(cfg, path)
+    try:
+        sync = WeightSync(train, pool)
+        exports = {0: ray.get(train.leader.__ray_call__.remote(
+            lambda w: [(n, t.clone()) for n, t in w.engine.named_weights()]))}  # what the engine started from
+        submitted, in_flight_at_push = [], []
+        for version in (0, 1, 2):
+            submitted.append((version, pool.submit(0, problems, params, [10 * version + i for i in range(6)], version)))
+            if version < 2:
+                exports[version + 1] = ray.get(train.leader.__ray_call__.remote(_perturb_and_export, version + 1))
+                in_flight_at_push.append(not ray.wait([submitted[-1][1]], timeout=0)[0])
+                sync.push(version + 1)
+        results = [(version, ray.get(ref)) for version, ref in submitted]
+    finally:
+        pool.shutdown()
+        train.shutdown()
+    assert any(in_flight_at_push), "no push happened while requests were generating"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    checked = 0
+    for version, rollouts in results:
+        with torch.no_grad():
+            for name, t in exports[version]:
+                model.get_parameter(name).copy_(t)
+        for group in rollouts.groups:
+            for sample in group.samples:
+                assert sample.policy_version == version and set(sample.token_versions) == {version}
+                want = _teacher_forced(model, sample.prompt_ids, sample.response_ids)
+                assert (torch.tensor(sample.rollout_logprobs) - want).abs().max() < 1e-4, version
+                checked += len(sample.response_ids)
+    assert checked > 3 * 6 * 4 * 10
 
 
 # --- bad input: clear errors, before any engine starts ------------------------------------------------------
@@ -329,13 +441,8 @@ def test_grpo_on_vllm_end_to_end(ray_local, vllm_qwen2, cache_dir, tmp_path):
 
 
 def _engine_cores():
-    """vLLM engine processes of this test process's own Ray (a test beside it under pytest-xdist has its own)."""
-    cores = []
-    for p in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if "EngineCore" in p.name() + " ".join(p.cmdline()):
-                cores.append(p)
-    return cores
+    """vLLM engine processes of this test process's own Ray."""
+    return _processes_titled("EngineCore")
 
 
 def test_dead_and_stalled_engines_are_replaced_and_their_groups_redone_once(ray_local, vllm_qwen2, cache_dir,

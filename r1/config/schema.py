@@ -551,8 +551,11 @@ class LoggerConfig:
 
 @dataclass
 class SyncConfig:
-    bucket_mb: float = 64.0
-    timeout_s: float = 600.0
+    """Trainer -> rollout weight sync: one broadcast from the trainer's rank 0 into every process that serves the
+    weights (each vLLM worker), which stages it (docs/vllm.md, "How weights flow")."""
+
+    bucket_mb: float = 64.0  # per broadcast; on GPUs also what each vLLM worker needs beyond gpu_memory_utilization
+    timeout_s: float = 600.0  # a collective that waits longer fails (a dead peer); the group is re-formed
 
 
 class HealthAction(str, Enum):

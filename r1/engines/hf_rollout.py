@@ -5,7 +5,9 @@ which tokens can be drawn, not the policy being optimised) so the trainer can co
 
 It implements the same asynchronous, request-level protocol as the vLLM engine, simply: calls run one at a time on a
 thread, and a weight update arriving during one is loaded between two of its decode steps (the KV cache of earlier
-tokens is kept, as vLLM's pause(keep) does), with every token labelled by the version that sampled it.
+tokens is kept, as vLLM's pause(keep) does), with every token labelled by the version that sampled it. As a member
+of the weight-sync group it is one rank: this process, which stages versions on a receiver thread as vLLM's workers
+do (``r1.distributed.staged_receiver``).
 
 Only the sampling parameters r1 passes shape the distribution: a checkpoint's ``generation_config.json`` (Qwen and
 Llama ship ``repetition_penalty``, ``top_k``, ``top_p``, ``temperature``) is replaced by a bare one at load time,
@@ -23,10 +25,12 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from r1.data.tokens import TokenRules
+from r1.distributed.staged_receiver import StagedReceiver, SyncSpec
+from r1.engines.sync_member import SyncMember
 from r1.types import Completion, SamplingParams
 
 
-class HFRolloutEngine:
+class HFRolloutEngine(SyncMember):
     def __init__(self, model_path: str, *, generate_batch_size: int = 64, dtype: str = "float32",
                  decode_step_s: float = 0.0):
         from transformers import AutoModelForCausalLM, GenerationConfig
@@ -47,10 +51,24 @@ class HFRolloutEngine:
         self._weights_lock = threading.Lock()  # guards _pending and _generating
         self._pending: tuple[list, int, threading.Event] | None = None
         self._generating = False
+        self._receiver: StagedReceiver | None = None
+        self._retired: list[StagedReceiver] = []  # (kept until a receive blocked on a dead peer times out)
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """See ``RolloutEngine.generate``: runs on a thread, after the calls already queued."""
         return await asyncio.to_thread(self._generate_queued, prompts, params)
+
+    async def _join(self, spec: SyncSpec) -> None:
+        if self._receiver is not None:
+            self._retired.append(self._receiver)
+        device = torch.device(self.device)
+        self._receiver = StagedReceiver(spec, spec.first_rank, backend="nccl" if device.type == "cuda" else "gloo",
+                                        device=device, previous=self._receiver)
+
+    async def load(self, version: int) -> None:
+        """Load the staged ``version`` (see ``update_weights``)."""
+        weights = await asyncio.to_thread(self._receiver.take, version, self._receiver.spec.timeout_s)
+        await self.update_weights(weights, version)
 
     async def update_weights(self, weights: list[tuple[str, torch.Tensor]], version: int) -> None:
         """Load now if idle, else between two decode steps of the call in flight; returns once loaded."""

@@ -66,18 +66,31 @@ class EngineDead(RuntimeError):
 
 class RolloutEngine(Protocol):
     """Request-level and asynchronous: a rollout worker keeps many ``generate`` calls in flight on one engine (vLLM
-    batches them continuously) and decides *when* a new policy version is loaded (``update_weights``)."""
+    batches them continuously) and decides *when* a new policy version is loaded (``load``).
+
+    Weights come one hop from the trainer: the processes holding the engine's weights are members of the sync group
+    (``sync_members`` ranks) and stage every version as it arrives; the rollout worker only orchestrates
+    (``r1.engines.sync_member``: ``join_sync``, ``wait_staged``, ``load``) and never holds a tensor."""
 
     version: int  # the policy version now in force
     last_token_time: float  # when the engine last produced a token (the rollout worker's stall watchdog reads it)
+    sync_members: int  # ranks this engine contributes to the sync group
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """``params.n`` completions per prompt, in group order (all of prompt 0, then prompt 1, ...). Each completion
         carries its tokens' processed log-probs and, per token, the policy version that sampled it."""
 
-    async def update_weights(self, weights: list[tuple[str, torch.Tensor]], version: int) -> None:
-        """Load ``weights`` (the full HF state dict, as ``TrainEngine.named_weights`` sends it) as ``version``.
-        Requests in flight are not aborted: they continue from their KV cache with the new weights. Returns once
-        the new version is in force."""
+    async def join_sync(self, spec) -> None:
+        """Join a (re-formed) sync group (``r1.distributed.staged_receiver.SyncSpec``) with every member."""
+
+    async def wait_staged(self, version: int) -> None:
+        """Return once ``version`` (the full HF state dict, as ``TrainEngine.named_weights`` sends it) is staged in
+        every member."""
+
+    async def load(self, version: int) -> None:
+        """Make the staged ``version`` the one in force. Requests in flight are not aborted: they continue from their
+        KV cache with the new weights. Returns once the new version is in force."""
+
+    def members_alive(self) -> bool: ...
 
     def shutdown(self) -> None: ...

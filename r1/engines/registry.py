@@ -50,7 +50,7 @@ def build_rollout_engine(cfg, model_path: str, index: int = 0):
             model_path, dtype=cfg.model.dtype, tensor_parallel_size=v.tensor_parallel_size,
             max_model_len=v.max_model_len, kv_cache_mb=v.kv_cache_mb,
             gpu_memory_utilization=v.gpu_memory_utilization, max_num_seqs=v.max_num_seqs,
-            enforce_eager=v.enforce_eager, bucket_mb=cfg.sync.bucket_mb, seed=cfg.seed * 1009 + index,
+            enforce_eager=v.enforce_eager, seed=cfg.seed * 1009 + index,
             max_tokens=max([s.max_tokens for s in r.length_schedule] + [cfg.eval.max_new_tokens]),
             update_timeout_s=r.stall_timeout_s,
             cpu_cores=None if r.gpus_per_worker > 0 else cpu_cores_of(index, v.tensor_parallel_size, max(1, r.torch_threads)),

@@ -9,9 +9,10 @@ plugin (``r1.engines.vllm_sampler``) takes it before the top-k/top-p mask, like 
 quantity the trainer recomputes, over the full vocabulary. ``generation_config="vllm"`` keeps a checkpoint's
 ``generation_config.json`` (repetition penalty, top-k...) from changing what is sampled.
 
-Weights: ``update_weights`` pauses the scheduler with ``mode="keep"`` (requests in flight stay, with their KV cache),
-streams the staged tensors into vLLM's workers over r1's ``r1_gloo`` weight-transfer backend
-(``r1.engines.vllm_transfer``), sets the version label and resumes. vLLM labels every output token with the weight
+Weights: vLLM's workers are members of the trainer's sync group (``r1.engines.vllm_transfer``): versions arrive in
+them directly and are staged there while generation goes on. ``load`` pauses the scheduler with ``mode="keep"``
+(requests in flight stay, with their KV cache), loads a staged version in every worker, sets the version label and
+resumes. vLLM labels every output token with the weight
 version that sampled it (``weight_versions``).
 
 Partial rollouts keep their KV cache across a push (PipelineRL's in-flight update): the tokens a request sampled
@@ -35,9 +36,10 @@ from pathlib import Path
 import torch
 
 from r1.data.tokens import TokenRules
-from r1.distributed.bucketed_broadcast import BroadcastGroup, free_port, manifest_of
+from r1.distributed.staged_receiver import SyncSpec
 from r1.engines import vllm_transfer
 from r1.engines.protocols import EngineDead
+from r1.engines.sync_member import SyncMember
 from r1.types import Completion, SamplingParams
 
 
@@ -89,9 +91,9 @@ def check_servable(model_path: str, *, max_model_len: int | None, max_tokens: in
                 f"rollout.vllm.kv_cache_mb to at least {need}, or lower rollout.vllm.max_model_len")
 
 
-class VLLMRolloutEngine:
+class VLLMRolloutEngine(SyncMember):
     def __init__(self, model_path: str, *, dtype: str, tensor_parallel_size: int, max_model_len: int | None,
-                 kv_cache_mb: int, gpu_memory_utilization: float, max_num_seqs: int, bucket_mb: float, seed: int,
+                 kv_cache_mb: int, gpu_memory_utilization: float, max_num_seqs: int, seed: int,
                  max_tokens: int, cpu_cores: str | None, update_timeout_s: float = 600.0, enforce_eager: bool = False):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -105,9 +107,7 @@ class VLLMRolloutEngine:
                        dtype=dtype)
         tokens = TokenRules.load(model_path)
         self.eos_id = tokens.eos_id
-        self.tied = json.loads((Path(model_path) / "config.json").read_text()).get("tie_word_embeddings", False)
-        self.tp = tensor_parallel_size
-        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.sync_members = tensor_parallel_size  # every tensor-parallel worker receives the weights itself
         args = AsyncEngineArgs(
             model=model_path, tokenizer=model_path, dtype=dtype, seed=seed,
             tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
@@ -130,7 +130,6 @@ class VLLMRolloutEngine:
         self.salt_version = 0  # the weights a request submitted now is prefilled by
         self.update_timeout_s = update_timeout_s
         self.last_token_time = time.time()
-        self._transfer: BroadcastGroup | None = None
         self._labelled: asyncio.Task | None = None  # vLLM labels tokens only once a weight version is set
 
     # --- generation ---------------------------------------------------------------------------------------------
@@ -186,63 +185,53 @@ class VLLMRolloutEngine:
         return completions
 
     # --- weights ------------------------------------------------------------------------------------------------
-    async def update_weights(self, weights: list[tuple[str, torch.Tensor]], version: int) -> None:
-        """Load ``weights`` (the full HF state dict) as ``version``; requests in flight are kept and continue."""
+    async def _join(self, spec: SyncSpec) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        request = WeightTransferInitRequest(init_info={"spec": spec.as_dict()})
+        try:
+            # through the engine core, which answers between two steps; one that is stalled never answers
+            await asyncio.wait_for(self.llm.init_weight_transfer_engine(request), timeout=self.update_timeout_s)
+        except (EngineDeadError, TimeoutError) as err:
+            self._check_alive()
+            raise EngineDead(f"joining the sync group failed: {type(err).__name__} {err} (no answer within "
+                             f"{self.update_timeout_s:.0f} s, rollout.stall_timeout_s)") from err
+
+    async def load(self, version: int) -> None:
+        """Load the staged ``version`` in every worker; requests in flight are kept and continue."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         self._check_alive()
         try:
             # a call into an engine that dies meanwhile may never be answered: bounded, then judged
-            await asyncio.wait_for(self._update(weights, version), timeout=self.update_timeout_s)
+            await asyncio.wait_for(self._update(version), timeout=self.update_timeout_s)
         except (EngineDeadError, TimeoutError) as err:
             self._check_alive()
-            raise EngineDead(f"weight update to version {version} failed: {type(err).__name__} {err}") from err
+            raise EngineDead(f"loading policy version {version} failed: {type(err).__name__} {err}") from err
         self.version = version
 
-    async def _update(self, weights, version: int) -> None:
+    async def _update(self, version: int) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
         # requests in flight stay with their KV cache (clear_cache=False: no preemption, nothing recomputed)
         await self.llm.pause_generation(mode="keep", clear_cache=False)
         try:
             # requests arriving from now on are scheduled after the resume, by the new weights: their prompts must
             # not hit blocks the old weights computed
             self.salt_version = version
-            await self._transfer_weights(weights, version)
+            await self.llm.start_weight_update()
+            await self.llm.update_weights(WeightTransferUpdateRequest(
+                update_info={"version": version, "timeout_s": self.update_timeout_s}))
+            await self.llm.finish_weight_update(weight_version=str(version))
         finally:
             await self.llm.resume_generation()
 
     def _check_alive(self) -> None:
         if self.llm.errored:
             raise EngineDead("the vLLM engine core is dead")
-
-    async def _transfer_weights(self, weights, version: int) -> None:
-        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
-
-        if self._transfer is None:
-            await self._open_transfer()
-        names = {n for n, _ in weights}
-        if self.tied and "lm_head.weight" not in names:
-            # a trainer's named_parameters() lists a tied weight once; vLLM's layerwise reload completes a layer only
-            # when each of its weights has arrived, the tied lm_head included
-            weights = [*weights, ("lm_head.weight", dict(weights)["model.embed_tokens.weight"])]
-        manifest = manifest_of(weights)
-        await self.llm.start_weight_update()
-        receive = asyncio.ensure_future(self.llm.update_weights(WeightTransferUpdateRequest(
-            update_info=vllm_transfer.update_info(manifest, version, self.bucket_bytes))))
-        # the broadcast blocks until vLLM's workers have received every bucket: off the event loop
-        await asyncio.to_thread(self._transfer.send, weights, manifest, self.bucket_bytes, version)
-        await receive
-        await self.llm.finish_weight_update(weight_version=str(version))
-
-    async def _open_transfer(self) -> None:
-        """A gloo group between this process (rank 0) and vLLM's workers (ranks 1..TP), formed once."""
-        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
-
-        host, port = "127.0.0.1", free_port()
-        init = asyncio.ensure_future(self.llm.init_weight_transfer_engine(WeightTransferInitRequest(
-            init_info={"host": host, "port": port, "world_size": 1 + self.tp})))
-        self._transfer = await asyncio.to_thread(
-            BroadcastGroup, host, port, 0, 1 + self.tp, backend="gloo", timeout_s=600.0)
-        await init
+        if self._watch is not None and not self._watch.members_alive():
+            raise EngineDead("a vLLM worker process (a sync-group member) is dead")
 
     def shutdown(self) -> None:
         self.llm.shutdown()

@@ -1,14 +1,18 @@
-"""r1's weight-transfer backend for vLLM: bucketed broadcast over a gloo group, inside vLLM's own worker processes.
+"""r1's weight-transfer backend for vLLM: vLLM's workers are members of the trainer's sync group (one hop).
 
 vLLM 0.32 updates weights in place through its weight-transfer API (``init_weight_transfer_engine`` ->
 ``start_weight_update`` -> ``update_weights`` -> ``finish_weight_update``); the transport is a pluggable
-``WeightTransferEngine``. Its built-in ones are NCCL/CUDA-IPC only, so r1 registers ``r1_gloo``: the same bucketed
-broadcast the trainer uses (``r1.distributed.bucketed_broadcast``), on CPU tensors, which works on every machine.
+``WeightTransferEngine``. r1 registers ``r1_sync``: at init, each of vLLM's workers (one per tensor-parallel rank)
+joins the trainer's sync group as rank ``first_rank + tp_rank`` and starts a ``StagedReceiver``, which receives
+every version the trainer broadcasts - NCCL into the GPU, then pinned host memory; gloo on CPU - on a thread of its
+own while the engine goes on generating. ``update_weights`` then only *loads* a staged version (``{"version": v}``):
+``model.load_weights`` on the staged host tensors, which shards them, inside vLLM's layerwise reload
+(``start``/``finish``), as its NCCL backend does, so fused or processed parameters (qkv, gate_up) are rebuilt exactly
+as at load time.
 
-The sender is the rollout worker that owns the engine (group rank 0, holding the staged weights); vLLM's workers (one
-per tensor-parallel rank) are ranks 1..TP and each loads the full HF state dict through ``model.load_weights``,
-which shards it. ``start``/``finish`` run vLLM's layerwise reload, as its NCCL backend does, so fused or processed
-parameters (qkv, gate_up) are rebuilt exactly as at load time.
+Why not vLLM's built-in NCCL engine: it receives inside ``update_weights``, i.e. while generation is paused, and
+would have to be called when the trainer sends - but a version must wait for its requests (the version rules) and
+the trainer cannot hold it back. Receiving in the background and loading on cue keeps both.
 
 Registration must happen in vLLM's worker processes too, which Python imports know nothing about: ``register`` is a
 ``vllm.general_plugins`` entry point (pyproject), and vLLM calls every general plugin in every process it starts.
@@ -18,32 +22,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-BACKEND = "r1_gloo"
+BACKEND = "r1_sync"
 
 
 def register() -> None:
-    """vLLM general plugin: make ``r1_gloo`` known to ``WeightTransferEngineFactory`` (idempotent)."""
+    """vLLM general plugin: make ``r1_sync`` known to ``WeightTransferEngineFactory`` (idempotent)."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
     if BACKEND not in WeightTransferEngineFactory._registry:
-        WeightTransferEngineFactory.register_engine(BACKEND, "r1.engines.vllm_transfer", "GlooWeightTransferEngine")
+        WeightTransferEngineFactory.register_engine(BACKEND, "r1.engines.vllm_transfer", "StagedWeightTransferEngine")
 
 
 @dataclass
-class GlooInitInfo:
-    host: str
-    port: int
-    world_size: int  # 1 sender + tensor-parallel workers
+class SyncInitInfo:
+    spec: dict  # r1.distributed.staged_receiver.SyncSpec.as_dict()
+
+
+@dataclass
+class LoadInfo:
+    version: int  # load this staged version
     timeout_s: float = 600.0
-
-
-@dataclass
-class GlooUpdateInfo:
-    version: int
-    bucket_bytes: int
-    names: list[str]
-    dtype_names: list[str]
-    shapes: list[list[int]]
 
 
 def _engine_base():
@@ -52,21 +50,30 @@ def _engine_base():
     return WeightTransferEngine
 
 
-class GlooWeightTransferEngine(_engine_base()):
-    init_info_cls = GlooInitInfo
-    update_info_cls = GlooUpdateInfo
+class StagedWeightTransferEngine(_engine_base()):
+    init_info_cls = SyncInitInfo
+    update_info_cls = LoadInfo
     supports_draft_weight_update = False
 
     def __init__(self, config, vllm_config, device, model):
         super().__init__(config, vllm_config, device, model)
-        self.group = None
+        self.receiver = None
+        self.retired: list = []  # receivers of earlier groups, kept until their blocked receive times out
+        self.tied = bool(getattr(vllm_config.model_config.hf_config, "tie_word_embeddings", False))
 
-    def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
-        from r1.distributed.bucketed_broadcast import BroadcastGroup
+    def init_transfer_engine(self, init_info: SyncInitInfo) -> None:
+        """Join (a re-formed) sync group; returns at once, the receiver joins on its own thread."""
+        import torch
 
-        rank = 1 + self.parallel_config.rank  # tensor/pipeline-parallel rank of this worker within its engine
-        self.group = BroadcastGroup(init_info.host, init_info.port, rank, init_info.world_size,
-                                    backend="gloo", timeout_s=init_info.timeout_s)
+        from r1.distributed.staged_receiver import StagedReceiver, SyncSpec
+
+        if self.receiver is not None:
+            self.retired.append(self.receiver)
+        spec = SyncSpec.from_dict(init_info.spec)
+        device = torch.device(self.device)
+        self.receiver = StagedReceiver(spec, spec.first_rank + self.parallel_config.rank,
+                                       backend="nccl" if device.type == "cuda" else "gloo", device=device,
+                                       previous=self.receiver)
 
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
@@ -78,28 +85,21 @@ class GlooWeightTransferEngine(_engine_base()):
 
         finalize_layerwise_reload(self.model, self.model_config)
 
-    def receive_weights(self, update_info: GlooUpdateInfo) -> None:
-        from r1.distributed.bucketed_broadcast import TensorSpec
-
-        if self.group is None:
-            raise RuntimeError("r1_gloo weight transfer used before init_weight_transfer_engine")
-        manifest = [TensorSpec(n, tuple(s), d)
-                    for n, d, s in zip(update_info.names, update_info.dtype_names, update_info.shapes)]
-        arriving = self.group.receive(manifest, update_info.bucket_bytes, update_info.version)
-        self.model.load_weights((name, t.to(self.device)) for name, t in arriving)
+    def receive_weights(self, update_info: LoadInfo) -> None:
+        if self.receiver is None:
+            raise RuntimeError("r1_sync weight update before init_weight_transfer_engine")
+        weights = self.receiver.take(update_info.version, update_info.timeout_s)
+        if self.tied and "lm_head.weight" not in {n for n, _ in weights}:
+            # a trainer's named_parameters() lists a tied weight once; vLLM's layerwise reload completes a layer only
+            # when each of its weights has arrived, the tied lm_head included
+            weights = [*weights, ("lm_head.weight", dict(weights)["model.embed_tokens.weight"])]
+        # host tensors, as vLLM's own loader passes a checkpoint's: each TP rank's loaders narrow them to its shard
+        # before the copy to the GPU, so only the shard crosses PCIe (and the reload buffers nothing on the device)
+        self.model.load_weights(iter(weights))
 
     def update_weights(self, update_info: dict) -> None:
-        # the base class ends with torch.accelerator.synchronize(), which has nothing to do on CPU tensors
         self.receive_weights(self.parse_update_info(update_info))
 
     def shutdown(self) -> None:
-        self.group = None
-
-
-def update_info(manifest, version: int, bucket_bytes: int) -> dict:
-    """What ``update_weights`` gets for a manifest (``r1.distributed.bucketed_broadcast.TensorSpec`` list)."""
-    return {
-        "version": version, "bucket_bytes": bucket_bytes, "names": [s.name for s in manifest],
-        "dtype_names": [s.dtype for s in manifest], "shapes": [list(s.shape) for s in manifest],
-    }
-
+        if self.receiver is not None:
+            self.receiver.retire()

@@ -221,10 +221,9 @@ class RolloutPool:
             r.num_workers, r.cpus_per_worker, r.gpus_per_worker, cfg.cluster.placement_strategy,
             f"r1-rollout-{cfg.name}", tag=pool_tag(cfg, "rollout"),
         )
-        # generation (the default group: many requests at once) and weight reception (group "sync") on separate
-        # threads (see rollout_worker); sync has 2 so that re-forming the group after a member died never queues
-        # behind a receive stuck on the dead member
-        self._remote_cls = ray.remote(concurrency_groups={"sync": 2})(RolloutWorker)
+        # one asyncio event loop serves generation and weight sync (many calls at once: sync calls only wait, on
+        # threads, for what the engine's own processes receive)
+        self._remote_cls = ray.remote(RolloutWorker)
         self.reward_models = None  # the reward_model term's replicas (all-scenario RL), shared by the workers
         if any(t.name == "reward_model" for t in cfg.reward.terms):
             from r1.inputs import prepare_reward_model
@@ -264,16 +263,19 @@ class RolloutPool:
 
     def replace(self, dead: list[int]) -> None:
         """Start fresh workers in the dead ones' bundles; they rejoin the sync group with the current weights."""
-        dead = [i for i in dead if i not in self.drained]  # (a drained worker's failures are expected)
-        if not dead:
-            return
+        if self.respawn(dead) and self.sync is not None:
+            self.sync.rejoin()
+
+    def respawn(self, dead: list[int]) -> list[int]:
+        """Start fresh workers in the dead ones' bundles (not drained ones: their failures are expected); returns
+        the indices respawned. The caller brings them into the sync group."""
+        dead = [i for i in dead if i not in self.drained]
         for i in dead:
             log.warning("rollout worker %d died; replacing it (its in-flight requests will be redone)", i)
             ray.kill(self.actors[i], no_restart=True)
             self.actors[i] = self._spawn(i)
             self.replaced += 1
-        if self.sync is not None:
-            self.sync.rejoin()
+        return dead
 
     def _fan_out(self, method: str, problems: list[tuple[int, str, str]], params: SamplingParams, *args) -> list:
         """One chunk per live worker; a chunk whose worker dies is redone on its replacement."""

@@ -19,16 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
 
-import ray
 import torch
 
 from r1.cluster import placement
 from r1.data.template import apply_template
 from r1.data.tokens import TokenRules
-from r1.distributed.bucketed_broadcast import GroupMembership
+from r1.distributed.staged_receiver import SyncBroken, SyncSpec
 from r1.engines.protocols import EngineDead
 from r1.engines.registry import build_rollout_engine
 from r1.eval.metrics import summarize_problem
@@ -74,9 +72,7 @@ class RolloutWorker:
             reward_model=RewardModelClient(reward_models, index) if reward_models else None,
         )
         self.reward.verifier.warm_up()  # not mid-run, on the first step whose responses contain an answer
-        self.sync = GroupMembership()  # re-formed when a rollout worker is replaced
-        self._staged: dict[int, list[tuple[str, torch.Tensor]]] = {}  # received, not yet loaded, by version
-        self._staged_lock = threading.Lock()  # the sync thread stages, the event loop loads
+        self._staged: set[int] = set()  # versions staged in every member of the engine, not yet loaded
         self._loop: asyncio.AbstractEventLoop | None = None
         self._turn: asyncio.Condition | None = None  # request admission and weight loading, on the event loop
         self._running: int = 0  # requests generating now
@@ -232,46 +228,52 @@ class RolloutWorker:
     def placement(self) -> tuple[str, list[int]]:
         return placement()
 
-    # --- weight sync (thread `sync`, concurrently with generation) ---------------------------------------------
-    @ray.method(concurrency_group="sync")
-    async def init_sync(self, host: str, port: int, rank: int, world_size: int) -> None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        await asyncio.to_thread(self.sync.join, host, port, rank, world_size, backend=backend,
-                                timeout_s=self.cfg.sync.timeout_s)
+    # --- weight sync (on the event loop; the waiting happens on threads) -----------------------------------------
+    def sync_members(self) -> int:
+        return self.engine.sync_members
 
-    @ray.method(concurrency_group="sync")
-    async def receive_weights(self, manifest, version: int) -> None:
-        """Receive ``version`` into a staging copy (host memory); loaded per the rules in the module docstring."""
-        await asyncio.to_thread(self._receive, manifest, version)
-        if self.cfg.rollout.partial_rollouts and self._loop is not None:
-            asyncio.run_coroutine_threadsafe(self._load_newest(), self._loop)
+    def members_alive(self) -> bool:
+        """Whether the engine and each of its sync-group members is alive (asked after a failed broadcast)."""
+        return self.engine.members_alive()
 
-    def _receive(self, manifest, version: int) -> None:
-        arriving = self.sync.group.receive(manifest, int(self.cfg.sync.bucket_mb * 2**20), version)
-        staged = [(n, t.to("cpu", copy=True)) for n, t in arriving]
-        with self._staged_lock:
-            self._staged[version] = staged
+    async def init_sync(self, spec: SyncSpec) -> None:
+        """Join a (re-formed) sync group: the engine's members are ranks ``spec.first_rank ..``."""
+        await self._setup()
+        try:
+            await self.engine.join_sync(spec)
+        except EngineDead as err:
+            self._engine_failed(err)
+
+    async def receive_weights(self, version: int) -> None:
+        """Return once ``version`` is staged in every member of the engine; it is loaded per the rules in the module
+        docstring. ``SyncBroken``: the broadcast failed (a peer vanished), the group must be re-formed."""
+        await self._setup()
+        try:
+            await self.engine.wait_staged(version)
+        except EngineDead as err:
+            self._engine_failed(err)
+        except SyncBroken:
+            raise
+        self._staged.add(version)
+        if self.cfg.rollout.partial_rollouts:
+            await self._load_newest()
 
     async def _load_newest(self) -> None:
         async with self._turn:
             await self._load_staged()
 
     def _staged_up_to(self, version: int) -> bool:
-        with self._staged_lock:
-            return any(v <= version for v in self._staged)
+        return any(v <= version for v in self._staged)
 
     async def _load_staged(self, up_to: int | None = None) -> int:
-        """Load the newest staged version that is at most ``up_to`` (None: the newest), forget older staged ones;
-        returns the policy version now in force. Called with ``_turn`` held."""
-        with self._staged_lock:
-            usable = [v for v in self._staged if up_to is None or v <= up_to]
-            newest = max(usable, default=None)
-            weights = self._staged[newest] if newest is not None else None
-            for v in usable:
-                self._staged.pop(v, None)
-        if weights is not None and newest > self.engine.version:
+        """Load the newest staged version that is at most ``up_to`` (None: the newest); the members free it and
+        every older one. Returns the policy version now in force. Called with ``_turn`` held."""
+        usable = [v for v in self._staged if up_to is None or v <= up_to]
+        newest = max(usable, default=None)
+        self._staged.difference_update(usable)
+        if newest is not None and newest > self.engine.version:
             try:
-                await self.engine.update_weights(weights, newest)
+                await self.engine.load(newest)
             except EngineDead as err:
                 self._engine_failed(err)
         return self.engine.version

@@ -1,8 +1,11 @@
-"""Trainer -> rollout weight sync: which actors take part, when the group is re-formed, what a failure means.
+"""Trainer -> rollout weight sync: which processes take part, when the group is re-formed, what a failure means.
 
-The collective itself (buckets, header, gloo/NCCL group) is ``r1.distributed.bucketed_broadcast``; this module is the
-orchestration around it: training rank 0 sends, every rollout worker receives, and a worker that dies mid-broadcast
-is replaced and brought up to date.
+One hop: training rank 0 sends, and every process that holds a rollout engine's weights receives - each of vLLM's
+tensor-parallel workers of every engine (the HF engine: its rollout worker's own process). Ranks: the trainer 0,
+then each live engine's members in turn. The collective itself (buckets, header, gloo/NCCL group) is
+``r1.distributed.bucketed_broadcast``; members stage what arrives (``r1.distributed.staged_receiver``) and the
+rollout workers load it when their requests allow. A member that dies mid-broadcast takes its engine and rollout
+worker down; the worker is replaced, the group re-formed and the version sent again.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from r1.distributed.staged_receiver import SyncSpec
 from r1.workers.pools import RolloutPool, TrainPool
 
+FORM_ATTEMPTS = 3
 LIVENESS_TIMEOUT_S = 60.0  # a rollout worker that answers nothing for this long after a failed send counts as alive
 
 
@@ -25,17 +30,37 @@ class WeightSync:
     def __init__(self, train: TrainPool, rollout: RolloutPool):
         self.train, self.rollout = train, rollout
         self.version = 0
+        self.bucket_bytes = int(rollout.cfg.sync.bucket_mb * 2**20)
+        self.manifest = train.manifest()  # (the members need it to join: they receive against it)
         rollout.sync = self
         self._form()
-        self.manifest = train.manifest()
 
     def _form(self) -> None:
+        """A new group: the trainer's rank 0 and every member of every live rollout worker's engine. A rollout
+        worker that dies while joining (its engine stalled or died) is replaced and the group formed again."""
+        for _ in range(FORM_ATTEMPTS):
+            try:
+                return self._form_once()
+            except RayActorError:
+                dead = self._dead_members()
+                if not dead:
+                    raise
+                self.rollout.respawn(dead)
+        raise WeightSyncError(f"the sync group could not be formed in {FORM_ATTEMPTS} attempts: rollout workers "
+                              "kept dying while joining it")
+
+    def _form_once(self) -> None:
         host, port = ray.get(self.train.leader.address.remote())
         live = self.rollout.live
-        world = 1 + len(live)
+        widths = ray.get([self.rollout.actors[i].sync_members.remote() for i in live])
+        world = 1 + sum(widths)
+        firsts = [1 + sum(widths[:k]) for k in range(len(live))]
+        timeout_s = self.rollout.cfg.sync.timeout_s
         ray.get(
             [self.train.leader.init_sync.remote(host, port, world)]
-            + [self.rollout.actors[i].init_sync.remote(host, port, rank + 1, world) for rank, i in enumerate(live)]
+            + [self.rollout.actors[i].init_sync.remote(
+                SyncSpec(host, port, world, first, self.manifest, self.bucket_bytes, timeout_s))
+               for i, first in zip(live, firsts)]
         )
 
     def rejoin(self) -> None:
@@ -44,39 +69,39 @@ class WeightSync:
         self.push(self.version)
 
     def push(self, version: int) -> int:
-        """Broadcast the trainer's weights as ``version``; returns bytes sent. Every worker has them staged on
-        return (loaded when a request made at that version starts). No liveness ping first: a worker that died
-        since the last push fails its receive at once, and ``broadcast`` replaces it and sends again."""
+        """Broadcast the trainer's weights as ``version``; returns bytes sent. Every engine has them staged on
+        return (loaded when a request made at that version starts). No liveness ping first: a member that died
+        since the last push fails the broadcast at once, and ``broadcast`` replaces its worker and sends again."""
         return self.broadcast(version)
 
     def broadcast(self, version: int) -> int:
-        """One bucketed broadcast. If a receiver dies during it, the group is re-formed at once (the dead one
-        replaced) and the version sent again; receives stuck on the old group time out on their own thread. If the
-        sender fails, the receivers would wait for buckets that never come: the group is re-formed for them and
-        the failure raised at once as ``WeightSyncError``."""
+        """One bucketed broadcast. If a member dies during it, its rollout worker is replaced (the group re-formed)
+        and the version sent again; receives stuck on the old group time out on their own thread. If the sender
+        fails, the members would wait for buckets that never come: the group is re-formed for them and the failure
+        raised at once as ``WeightSyncError``."""
         senders = self.train.broadcast_weights(version)  # rank 0 sends; with a sharded model all ranks gather
-        recvs = {self.rollout.actors[i].receive_weights.remote(self.manifest, version): i for i in self.rollout.live}
-        pending, dead, broken, sent = [*senders, *recvs], [], False, 0
-        while pending and not (dead or broken):
+        recvs = {self.rollout.actors[i].receive_weights.remote(version): i for i in self.rollout.live}
+        pending, dead, broken, send_error, sent = [*senders, *recvs], [], False, None, 0
+        while pending and not (dead or broken or send_error):
             done, pending = ray.wait(pending, num_returns=1)
             try:
                 result = ray.get(done[0])
             except (RayActorError, RayTaskError) as err:
                 if done[0] in senders:
-                    # A receiver dying mid-broadcast also fails the sender's collective (connection reset), and that
-                    # error can arrive before Ray reports the death: a failed send is the sender's fault only if
-                    # every receiver is still alive.
-                    dead = self._dead_receivers() if isinstance(err, RayTaskError) else []
-                    if not dead:
-                        self._sender_failed(version, err)
-                    continue
-                if isinstance(err, RayActorError):
-                    dead.append(recvs[done[0]])
+                    send_error = err
+                elif isinstance(err, RayActorError):
+                    dead.append(recvs[done[0]])  # its engine (a member) died: the worker exited
                 else:
-                    broken = True  # a survivor's receive failed because a peer vanished mid-broadcast
+                    broken = True  # a member's receive failed because a peer vanished mid-broadcast
                 continue
             if done[0] == senders[0]:
                 sent = result
+        if send_error is not None or broken:
+            # a member dying also fails the sender's collective (connection reset) and other members' receives,
+            # and that can arrive before its own worker has noticed: whose fault it is, the members' processes say
+            dead = sorted(set(dead) | set(self._dead_members()))
+        if send_error is not None and not dead:
+            self._sender_failed(version, send_error)
         self.version = version
         if dead:
             self.rollout.replace(dead)  # re-forms the group and pushes `version` to everyone
@@ -86,13 +111,14 @@ class WeightSync:
             return 0
         return sent
 
-    def _dead_receivers(self) -> list[int]:
-        """Indices of the rollout workers whose process is gone (asked only after a failed send)."""
-        refs = {i: self.rollout.actors[i].pid.remote() for i in self.rollout.live}
+    def _dead_members(self) -> list[int]:
+        """Indices of the rollout workers whose process or whose engine's member process is gone."""
+        refs = {i: self.rollout.actors[i].members_alive.remote() for i in self.rollout.live}
         dead = []
         for i, ref in refs.items():
             try:
-                ray.get(ref, timeout=LIVENESS_TIMEOUT_S)
+                if not ray.get(ref, timeout=LIVENESS_TIMEOUT_S):
+                    dead.append(i)
             except RayActorError:
                 dead.append(i)
             except GetTimeoutError:

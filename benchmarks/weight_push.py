@@ -1,0 +1,110 @@
+"""Benchmark: a policy push into a vLLM engine (one hop) vs a raw gloo broadcast of the same bytes, by model size.
+
+    .venv/bin/python benchmarks/weight_push.py [--threads 2] [--sizes 14,135,500]
+
+The push is what ``WeightSync`` does per engine: the sender (the trainer's rank 0; here this process) broadcasts the
+bucketed state dict into vLLM's worker process, which stages it while the engine could go on generating ("stage"),
+then the rollout worker makes it the version in force ("load": pause(keep), layerwise reload from the staged copy,
+resume). The raw broadcast moves the same bytes between two bare processes, one flat tensor. Also reported: the vLLM
+worker's resident memory before and after staging (the staged copy lives there, not in the rollout worker).
+Median of 3 pushes after one warm-up. Prints a table; not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.generation import random_model, raw_broadcast_s, table
+
+BUCKET_MB = 64.0  # sync.bucket_mb's default
+
+
+def vllm_worker_rss(own_pid: int) -> int:
+    for p in psutil.Process(own_pid).children(recursive=True):
+        if "VLLM::Worker" in p.name() + " ".join(p.cmdline()):
+            return p.memory_info().rss
+    raise RuntimeError("no VLLM::Worker process found")
+
+
+async def push_times(path: str, threads: int) -> tuple[int, list[float], list[float], int, int]:
+    from transformers import AutoModelForCausalLM
+
+    from r1.distributed.bucketed_broadcast import BroadcastGroup, free_port, manifest_of
+    from r1.distributed.staged_receiver import SyncSpec
+    from r1.engines.vllm_rollout import VLLMRolloutEngine
+    from r1.types import SamplingParams
+
+    engine = VLLMRolloutEngine(path, dtype="float32", tensor_parallel_size=1, max_model_len=None, kv_cache_mb=256,
+                               gpu_memory_utilization=0.85, max_num_seqs=16, seed=0, max_tokens=1,
+                               cpu_cores=f"0-{threads - 1}", enforce_eager=True)
+    try:
+        weights = [(n, p.detach()) for n, p in
+                   AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).named_parameters()]
+        manifest, bucket = manifest_of(weights), int(BUCKET_MB * 2**20)
+        await engine.generate([[1, 2, 3]], SamplingParams(n=1, max_new_tokens=2))
+        host, port = "127.0.0.1", free_port()
+        joining = asyncio.ensure_future(engine.join_sync(SyncSpec(host, port, 2, 1, manifest, bucket, 600.0)))
+        sender = await asyncio.to_thread(BroadcastGroup, host, port, 0, 2, backend="gloo", timeout_s=600.0)
+        await joining
+        stage_s, load_s, rss = [], [], []
+        for version in range(1, 5):
+            rss.append(vllm_worker_rss(psutil.Process().pid))
+            start = time.perf_counter()
+            await asyncio.gather(asyncio.to_thread(sender.send, weights, manifest, bucket, version),
+                                 engine.wait_staged(version))
+            staged = time.perf_counter()
+            rss.append(vllm_worker_rss(psutil.Process().pid))
+            await engine.load(version)
+            stage_s.append(staged - start)
+            load_s.append(time.perf_counter() - staged)
+        n_params = sum(t.numel() for _, t in weights)
+        return n_params, stage_s[1:], load_s[1:], rss[0], rss[1]
+    finally:
+        engine.shutdown()
+
+
+async def main() -> None:
+    from launcher.main import compose
+    from r1.inputs import prepare_model
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sizes", default="14,135,500", help="model sizes, millions of parameters")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    vocab_from = prepare_model(compose(["run_dir=unused", "logger=none"]))
+    tmp = Path(tempfile.mkdtemp(prefix="r1-pushbench-"))
+    rows = []
+    for size in [float(s) for s in args.sizes.split(",")]:
+        hidden = 384 if size < 50 else 1024 if size < 300 else 1536
+        layers = max(1, round(size * 1e6 / (12 * hidden * hidden)))
+        path = random_model(tmp / f"m{size:g}", hidden=hidden, layers=layers, heads=hidden // 64, inter=4 * hidden,
+                            vocab_from=vocab_from)
+        n_params, stage_s, load_s, rss_before, rss_staged = await push_times(path, args.threads)
+        stage, load = sorted(stage_s)[1], sorted(load_s)[1]
+        raw = raw_broadcast_s(n_params)
+        mib = n_params * 4 / 2**20
+        rows.append((f"{n_params / 1e6:.1f} M", f"{mib:.0f}", f"{stage:.3f}", f"{load:.3f}", f"{raw:.3f}",
+                     f"{stage / raw:.2f}x", f"{(stage + load) / raw:.2f}x",
+                     f"{rss_before / 2**20:.0f} -> {rss_staged / 2**20:.0f}"))
+    print(f"\nmachine: {platform.machine()}, {psutil.cpu_count()} cores, {args.threads} threads for the engine; "
+          f"date {time.strftime('%Y-%m-%d')}")
+    table(f"Push into a vLLM engine (one hop, gloo, {BUCKET_MB:.0f} MiB buckets) vs raw broadcast (median of 3)",
+          ["params", "MiB fp32", "stage (s)", "load (s)", "raw broadcast (s)", "stage / raw", "push / raw",
+           "vLLM worker RSS MiB (staged)"], rows)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
