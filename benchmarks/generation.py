@@ -66,18 +66,24 @@ def _raw_peer(rank, port, numel, reps, q):
     q.put((time.perf_counter() - start) / reps)
 
 
-def raw_broadcast_s(numel: int, reps: int = 3) -> float:
+def two_peers(target, *args) -> float:
+    """Run ``target(rank, port, *args, queue)`` as ranks 0 and 1 of a fresh group, in two spawned processes; the
+    slower rank's seconds."""
     from r1.distributed.bucketed_broadcast import free_port
 
     ctx = mp.get_context("spawn")
     q, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_raw_peer, args=(r, port, numel, reps, q)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, port, *args, q)) for r in range(2)]
     for p in procs:
         p.start()
     out = max(q.get() for _ in procs)
     for p in procs:
         p.join()
     return out
+
+
+def raw_broadcast_s(numel: int, reps: int = 3) -> float:
+    return two_peers(_raw_peer, numel, reps)
 
 
 def table(title, header, rows):

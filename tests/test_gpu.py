@@ -97,16 +97,19 @@ def test_the_nccl_sync_group_takes_its_timeout_and_broadcasts_device_tensors():
     group.abort()
 
 
-def test_a_staged_version_leaves_the_gpu_for_pinned_host_memory():
-    """What a vLLM worker's receiver keeps of a CUDA bucket (NCCL receives into the GPU): an equal copy in pinned
-    host memory, made on the receiver's own stream, so loading it later is one fast host-to-device copy."""
-    from r1.distributed.staged_receiver import _staging_copy
+def test_a_staged_version_leaves_the_gpu_for_pinned_host_memory_that_is_reused():
+    """What a vLLM worker's receiver does with a bucket NCCL received into the GPU: an equal copy in pinned host
+    memory (made on the receiver's own stream), which the next version reuses once the last one is loaded."""
+    from r1.distributed.staged_receiver import BucketPool
 
+    pool = BucketPool(torch.device("cuda"))
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        bucket = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
-        staged = _staging_copy(bucket)
+        bucket = pool.device_bucket(1024, torch.bfloat16)
+        assert bucket.device.type == "cuda" and bucket.dtype == torch.bfloat16
+        bucket.copy_(torch.randn(1024, device="cuda"))
+        staged = pool.to_host(bucket)
     assert staged.device.type == "cpu" and staged.is_pinned()
     assert torch.equal(staged, bucket.cpu())
-    cpu_bucket = torch.randn(8)
-    assert _staging_copy(cpu_bucket) is cpu_bucket  # (gloo: the received bucket itself, no copy)
+    pool.recycle([staged])
+    assert pool.host(1024, torch.bfloat16).data_ptr() == staged.data_ptr()

@@ -62,7 +62,7 @@ def test_weight_sync_from_a_tensor_parallel_pool_is_bit_exact(ray_local, tiny_tp
         train.save(str(tmp_path / "ckpt"), with_optimizer=False)
         logprobs = train.compute_logprobs(_batch(), temperature=1.0, reference=False)
         # what each rollout worker received for version 1 (staged until a request made at version 1 starts)
-        received = [ray.get(a.__ray_call__.remote(lambda w: dict(w.engine._receiver._staged[1]))) for a in rollout.actors]
+        received = [ray.get(a.__ray_call__.remote(lambda w: dict(w.engine._receiver._staged[1][0]))) for a in rollout.actors]
     exported = load_file(str(tmp_path / "ckpt" / "policy" / "model.safetensors"))
     initial = load_file(f"{tiny_tp2}/model.safetensors")
     for weights in received:

@@ -44,15 +44,21 @@ def test_each_version_is_staged_bit_for_bit_and_a_load_frees_it_and_every_older_
     _send(sender, v2, 2)
     watch.wait_staged(2, lambda: None)
     watch.wait_staged(1, lambda: None)
-    assert _equal(receiver.take(1, timeout_s=5), v1)  # a request made at version 1 runs on version 1
+    weights, release = receiver.take(1, timeout_s=5)
+    assert _equal(weights, v1)  # a request made at version 1 runs on version 1
+    memory = {t.data_ptr() for _, t in weights}
+    release()  # loaded: its memory takes the next version
     assert sorted(receiver._staged) == [2]
-    assert _equal(receiver.take(2, timeout_s=5), v2)
+    assert _equal(receiver.take(2, timeout_s=5)[0], v2)
     assert receiver._staged == {}
     _send(sender, v2, 2)  # what a re-formed group re-sends to a member that has it already
     watch.wait_staged(2, lambda: None)  # acknowledged...
     assert receiver._staged == {}  # ...but not staged again: no copy that nobody will load
     with pytest.raises(TimeoutError):
         receiver.take(3, timeout_s=0.2)
+    _send(sender, v1, 3)
+    watch.wait_staged(3, lambda: None)
+    assert {t.data_ptr() for _, t in receiver._staged[3][0]} == memory  # received into version 1's buckets
 
 
 def test_a_re_formed_group_keeps_what_the_old_one_staged():
@@ -66,8 +72,8 @@ def test_a_re_formed_group_keeps_what_the_old_one_staged():
     assert receiver_a.retired
     _send(sender_b, v2, 2)
     watch_b.wait_staged(2, lambda: None)
-    assert _equal(receiver_b.take(1, timeout_s=5), v1)
-    assert _equal(receiver_b.take(2, timeout_s=5), v2)
+    assert _equal(receiver_b.take(1, timeout_s=5)[0], v1)
+    assert _equal(receiver_b.take(2, timeout_s=5)[0], v2)
 
 
 def test_a_failed_receive_is_reported_to_the_watch_not_waited_out():
@@ -81,6 +87,6 @@ def test_a_failed_receive_is_reported_to_the_watch_not_waited_out():
     with pytest.raises(SyncBroken, match="rank 1: RuntimeError: weight sync out of step"):
         watch.wait_staged(1, lambda: None)
     with pytest.raises(SyncBroken):
-        receiver.take(1, timeout_s=5)
+        receiver.take(1, timeout_s=5)[0]
     sending.join()
     assert failed_send

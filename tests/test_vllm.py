@@ -209,7 +209,7 @@ def _tp_model(vllm_qwen2, path, head_dim: int = 32, intermediate: int = 128, lay
 
 
 def _staged_in_workers(worker, version):  # runs in each vLLM worker process (collective_rpc)
-    return {name: t.clone() for name, t in worker.weight_transfer_engine.receiver._staged[version]}
+    return {name: t.clone() for name, t in worker.weight_transfer_engine.receiver._staged[version][0]}
 
 
 def test_tensor_parallel_engine_takes_pushed_weights_on_every_rank(run, vllm_qwen2, tmp_path, monkeypatch):

@@ -12,7 +12,8 @@ requests of an older version cannot load v yet, and the trainer, already computi
 Staging holds one copy of the full (HF) state dict per member per version that arrived and is not yet loaded:
 one in steady state (a version is loaded when the next one's requests start), two while an engine finishes
 requests of the previous version, more only while one engine lags several pushes behind (``max_staleness``
-bounds how far). Loading a version frees it and every older one.
+bounds how far). Loading a version frees it and every older one; freed memory receives later versions
+(``BucketPool``).
 
 The orchestrating rollout worker never touches a tensor: it learns what is staged through the group's own TCP
 store (``staged/<rank>/<version>``, ``failed/<rank>``, ``pid/<rank>``), which members write and ``SyncWatch``
@@ -66,14 +67,40 @@ class SyncBroken(RuntimeError):
     """A member's receive failed because a peer (the trainer, or another member) vanished: re-form the group."""
 
 
-def _staging_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A host copy to keep: a CPU bucket is already a fresh tensor of our own (kept as is, no copy); a GPU bucket
-    (NCCL) goes to pinned host memory, so that loading it later is a fast, asynchronous host-to-device copy."""
-    if tensor.device.type == "cpu":
-        return tensor
-    out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-    out.copy_(tensor)
-    return out
+class BucketPool:
+    """The memory staged versions live in, reused from version to version: host buckets by (numel, dtype), pinned
+    where the device is a GPU, and the one GPU bucket NCCL receives into. Fresh memory per bucket would cost a page
+    fault per 4 KiB on CPU (a bucketed broadcast into fresh buckets took 6x a raw one, measured) and a slow
+    pinned allocation on GPUs. Memory of loaded versions is kept for later ones, not returned to the system."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self._device_bucket: torch.Tensor | None = None
+
+    def host(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get((numel, dtype))
+            if free:
+                return free.pop()
+        return torch.empty(numel, dtype=dtype, device="cpu", pin_memory=self.device.type == "cuda")
+
+    def device_bucket(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Where NCCL receives a bucket (one buffer: each bucket is copied to the host before the next arrives)."""
+        nbytes = numel * torch.empty((), dtype=dtype, device="cpu").element_size()
+        if self._device_bucket is None or self._device_bucket.numel() < nbytes:
+            self._device_bucket = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._device_bucket[:nbytes].view(dtype)
+
+    def to_host(self, device_bucket: torch.Tensor) -> torch.Tensor:
+        """A host copy of a GPU bucket, made on the current stream; returns when it is done (pinned destination)."""
+        return self.host(device_bucket.numel(), device_bucket.dtype).copy_(device_bucket)
+
+    def recycle(self, buckets: list[torch.Tensor]) -> None:
+        with self._lock:
+            for b in buckets:
+                self._free.setdefault((b.numel(), b.dtype), []).append(b)
 
 
 class StagedReceiver:
@@ -84,13 +111,14 @@ class StagedReceiver:
         """``previous``: this process's receiver in the group being replaced; it is retired, and what it staged
         (versions still waiting for their requests) is kept - a re-formed group re-sends only the newest."""
         self.spec, self.rank, self.backend, self.device = spec, rank, backend, device
-        self._staged: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._staged: dict[int, tuple[list[tuple[str, torch.Tensor]], list[torch.Tensor]]] = {}  # pairs, buckets
         self._floor = -1  # versions at or below it were loaded (or superseded by a load): never staged again
         self._cond = threading.Condition()
+        self.pool = BucketPool(device)
         if previous is not None:
             previous.retire()
             with previous._cond:
-                self._staged, self._floor = dict(previous._staged), previous._floor
+                self._staged, self._floor, self.pool = dict(previous._staged), previous._floor, previous.pool
                 previous._staged = {}
         self.error: BaseException | None = None
         self.retired = False
@@ -108,14 +136,29 @@ class StagedReceiver:
             self.group = BroadcastGroup(self.spec.host, self.spec.port, self.rank, self.spec.world_size,
                                         backend=self.backend, timeout_s=self.spec.timeout_s, device=self.device)
             self.group.store.set(f"pid/{self.rank}", str(os.getpid()))
+            on_gpu = self.device.type == "cuda"
             while not self.retired:
-                version, arriving = self.group.receive_next(self.spec.manifest, self.spec.bucket_bytes)
-                staged = [(name, _staging_copy(t)) for name, t in arriving]
+                buckets: list[torch.Tensor] = []  # this version's host memory (the staged pairs are views of it)
+
+                def host_bucket(numel: int, dtype: torch.dtype, buckets=buckets) -> torch.Tensor:
+                    buckets.append(self.pool.host(numel, dtype))
+                    return buckets[-1]
+
+                def to_host(device_bucket: torch.Tensor, buckets=buckets) -> torch.Tensor:
+                    buckets.append(self.pool.to_host(device_bucket))
+                    return buckets[-1]
+
+                version, arriving = self.group.receive_next(
+                    self.spec.manifest, self.spec.bucket_bytes,
+                    empty=self.pool.device_bucket if on_gpu else host_bucket, keep=to_host if on_gpu else None)
+                staged = list(arriving)
                 with self._cond:
                     if self.retired:
                         return
                     if version > self._floor:  # (a re-formed group re-sends the current version to everyone)
-                        self._staged[version] = staged
+                        self._staged[version] = (staged, buckets)
+                    else:
+                        self.pool.recycle(buckets)
                     self._cond.notify_all()
                 self.group.store.set(f"staged/{self.rank}/{version}", "1")
         except Exception as err:  # noqa: BLE001 - reported through the store and to whoever waits in take()
@@ -131,8 +174,10 @@ class StagedReceiver:
                 except Exception as store_err:  # noqa: BLE001 - the store's owner (the trainer) is gone
                     log.warning("weight sync rank %d: cannot report the failure: %s", self.rank, store_err)
 
-    def take(self, version: int, timeout_s: float) -> list[tuple[str, torch.Tensor]]:
-        """The staged copy of ``version``, which the caller loads; it and every older staged version are freed."""
+    def take(self, version: int, timeout_s: float):
+        """The staged copy of ``version`` (``(name, tensor)`` pairs) for the caller to load, and a function to call
+        once nothing reads them any more (their memory then receives later versions). Older staged versions are
+        dropped."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while version not in self._staged:
@@ -140,11 +185,11 @@ class StagedReceiver:
                     raise SyncBroken(f"version {version} was never staged: {self.error}")
                 if not self._cond.wait(timeout=max(0.0, deadline - time.monotonic())):
                     raise TimeoutError(f"version {version} not staged after {timeout_s:.0f} s")
-            weights = self._staged[version]
-            for v in [v for v in self._staged if v <= version]:
-                del self._staged[v]
+            weights, buckets = self._staged.pop(version)
+            for v in [v for v in self._staged if v < version]:
+                self.pool.recycle(self._staged.pop(v)[1])
             self._floor = max(self._floor, version)
-            return weights
+        return weights, lambda: self.pool.recycle(buckets)
 
     def retire(self) -> None:
         """Stop (the group is being re-formed). A receive blocked on a dead peer ends at the group's timeout; the
@@ -157,7 +202,7 @@ class StagedReceiver:
 class SyncWatch:
     """The orchestrator's view of one engine's members (ranks ``first_rank ..``), read from the group's store."""
 
-    POLL_S = 0.02
+    POLL_S = 0.005  # (TCPStore.wait with a short timeout would wake at once, but logs a C++ warning per timeout)
 
     def __init__(self, spec: SyncSpec, members: int):
         self.spec = spec

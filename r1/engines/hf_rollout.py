@@ -67,8 +67,11 @@ class HFRolloutEngine(SyncMember):
 
     async def load(self, version: int) -> None:
         """Load the staged ``version`` (see ``update_weights``)."""
-        weights = await asyncio.to_thread(self._receiver.take, version, self._receiver.spec.timeout_s)
-        await self.update_weights(weights, version)
+        weights, release = self._receiver.take(version, self._receiver.spec.timeout_s)  # (staged: no wait)
+        try:
+            await self.update_weights(weights, version)  # (copies them into the model)
+        finally:
+            release()
 
     async def update_weights(self, weights: list[tuple[str, torch.Tensor]], version: int) -> None:
         """Load now if idle, else between two decode steps of the call in flight; returns once loaded."""

@@ -58,6 +58,7 @@ class StagedWeightTransferEngine(_engine_base()):
     def __init__(self, config, vllm_config, device, model):
         super().__init__(config, vllm_config, device, model)
         self.receiver = None
+        self._release = None  # gives the loaded version's staging memory back, once the reload is finished
         self.retired: list = []  # receivers of earlier groups, kept until their blocked receive times out
         self.tied = bool(getattr(vllm_config.model_config.hf_config, "tie_word_embeddings", False))
 
@@ -84,11 +85,15 @@ class StagedWeightTransferEngine(_engine_base()):
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)
+        if self._release is not None:
+            # only now: the reload processes some layers (a padded vocabulary's) from the staged tensors here
+            self._release()
+            self._release = None
 
     def receive_weights(self, update_info: LoadInfo) -> None:
         if self.receiver is None:
             raise RuntimeError("r1_sync weight update before init_weight_transfer_engine")
-        weights = self.receiver.take(update_info.version, update_info.timeout_s)
+        weights, self._release = self.receiver.take(update_info.version, update_info.timeout_s)
         if self.tied and "lm_head.weight" not in {n for n, _ in weights}:
             # a trainer's named_parameters() lists a tied weight once; vLLM's layerwise reload completes a layer only
             # when each of its weights has arrived, the tied lm_head included
