@@ -80,7 +80,7 @@ class HFRolloutEngine(SyncMember):
             self._pending = (weights, version, done)
             if not self._generating:
                 self._load_pending()
-        await asyncio.to_thread(done.wait)
+        await self._off_loop(done.wait)  # (not the default executor: queued generate calls hold its threads)
 
     def _load_pending(self) -> None:  # with _weights_lock held
         if self._pending is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 
 from r1.distributed.staged_receiver import SyncBroken, SyncSpec, SyncWatch
 from r1.engines.protocols import EngineDead
@@ -18,6 +19,15 @@ class SyncMember(ABC):
     sync_members: int = 1
     _watch: SyncWatch | None = None
     _joins: int = 0  # join_sync calls so far: a wait for an older group's members gives up when a newer one starts
+    _waits: ThreadPoolExecutor | None = None
+
+    async def _off_loop(self, fn, *args):
+        """Run a blocking wait on this engine's own sync threads. Not ``asyncio.to_thread``: the loop's default
+        executor also runs generation calls queued behind each other (the HF engine), and a push must not wait for
+        them to finish before it is even noticed (found by the partial-rollouts test)."""
+        if self._waits is None:
+            self._waits = ThreadPoolExecutor(max_workers=4, thread_name_prefix="r1-sync-wait")
+        return await asyncio.get_running_loop().run_in_executor(self._waits, fn, *args)
 
     @abstractmethod
     async def _join(self, spec: SyncSpec) -> None:
@@ -43,8 +53,8 @@ class SyncMember(ABC):
             self._check_alive()
 
         await self._join(spec)
-        watch = await asyncio.to_thread(SyncWatch, spec, self.sync_members)  # (connecting to the store blocks)
-        await asyncio.to_thread(watch.wait_joined, alive)
+        watch = await self._off_loop(SyncWatch, spec, self.sync_members)  # (connecting to the store blocks)
+        await self._off_loop(watch.wait_joined, alive)
         if self._joins == this_join:
             self._watch = watch
 
@@ -60,7 +70,7 @@ class SyncMember(ABC):
                 raise SyncBroken("the sync group was re-formed during the broadcast")
             self._check_alive()
 
-        await asyncio.to_thread(watch.wait_staged, version, alive)
+        await self._off_loop(watch.wait_staged, version, alive)
 
     def members_alive(self) -> bool:
         try:
