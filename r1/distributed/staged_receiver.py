@@ -193,7 +193,8 @@ class StagedReceiver:
 
     def retire(self) -> None:
         """Stop (the group is being re-formed). A receive blocked on a dead peer ends at the group's timeout; the
-        group object is kept until then (a gloo/NCCL group's destructor would wait for it), and NCCL is aborted."""
+        group lives until then (the receiver's own thread holds it: a gloo/NCCL group's destructor would wait for the
+        receive), and NCCL is aborted."""
         self.retired = True
         if self.group is not None:
             self.group.abort()

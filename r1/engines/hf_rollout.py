@@ -52,15 +52,12 @@ class HFRolloutEngine(SyncMember):
         self._pending: tuple[list, int, threading.Event] | None = None
         self._generating = False
         self._receiver: StagedReceiver | None = None
-        self._retired: list[StagedReceiver] = []  # (kept until a receive blocked on a dead peer times out)
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """See ``RolloutEngine.generate``: runs on a thread, after the calls already queued."""
         return await asyncio.to_thread(self._generate_queued, prompts, params)
 
     async def _join(self, spec: SyncSpec) -> None:
-        if self._receiver is not None:
-            self._retired.append(self._receiver)
         device = torch.device(self.device)
         self._receiver = StagedReceiver(spec, spec.first_rank, backend="nccl" if device.type == "cuda" else "gloo",
                                         device=device, previous=self._receiver)

@@ -59,7 +59,6 @@ class StagedWeightTransferEngine(_engine_base()):
         super().__init__(config, vllm_config, device, model)
         self.receiver = None
         self._release = None  # gives the loaded version's staging memory back, once the reload is finished
-        self.retired: list = []  # receivers of earlier groups, kept until their blocked receive times out
         self.tied = bool(getattr(vllm_config.model_config.hf_config, "tie_word_embeddings", False))
 
     def init_transfer_engine(self, init_info: SyncInitInfo) -> None:
@@ -68,8 +67,6 @@ class StagedWeightTransferEngine(_engine_base()):
 
         from r1.distributed.staged_receiver import StagedReceiver, SyncSpec
 
-        if self.receiver is not None:
-            self.retired.append(self.receiver)
         spec = SyncSpec.from_dict(init_info.spec)
         device = torch.device(self.device)
         self.receiver = StagedReceiver(spec, spec.first_rank + self.parallel_config.rank,

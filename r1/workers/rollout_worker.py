@@ -26,7 +26,7 @@ import torch
 from r1.cluster import placement
 from r1.data.template import apply_template
 from r1.data.tokens import TokenRules
-from r1.distributed.staged_receiver import SyncBroken, SyncSpec
+from r1.distributed.staged_receiver import SyncSpec
 from r1.engines.protocols import EngineDead
 from r1.engines.registry import build_rollout_engine
 from r1.eval.metrics import summarize_problem
@@ -252,8 +252,6 @@ class RolloutWorker:
             await self.engine.wait_staged(version)
         except EngineDead as err:
             self._engine_failed(err)
-        except SyncBroken:
-            raise
         self._staged.add(version)
         if self.cfg.rollout.partial_rollouts:
             await self._load_newest()
