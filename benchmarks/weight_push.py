@@ -7,8 +7,10 @@ bucketed state dict into vLLM's worker process, which stages it while the engine
 then the rollout worker makes it the version in force ("load": pause(keep), layerwise reload from the staged copy,
 resume). The raw broadcast moves the same bytes between two bare processes, one flat tensor; "bucketed, bare" is
 the same bucketed broadcast and staging between two bare processes (what the transport costs without vLLM's
-processes on the same cores). Also reported: the vLLM
-worker's resident memory before and after staging (the staged copy lives there, not in the rollout worker).
+processes on the same cores). "stage, colocated" is the same push through shared memory instead of a collective
+(``rollout.placement=colocated``: the sender hands each bucket's handle, the vLLM worker copies it into its staging;
+CUDA IPC on GPUs). Also reported: the vLLM worker's resident memory before and after staging (the staged copy lives
+there, not in the rollout worker).
 Median of 3 pushes after one warm-up. Prints a table; not a test.
 """
 
@@ -68,10 +70,15 @@ def vllm_worker_rss(own_pid: int) -> int:
     raise RuntimeError("no VLLM::Worker process found")
 
 
-async def push_times(path: str, threads: int) -> tuple[int, list[float], list[float], int, int]:
+async def push_times(path: str, threads: int, transport: str = "broadcast"
+                     ) -> tuple[int, list[float], list[float], int, int]:
+    from datetime import timedelta
+
+    import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
     from r1.distributed.bucketed_broadcast import BroadcastGroup, free_port, manifest_of
+    from r1.distributed.ipc_channel import IpcSender
     from r1.distributed.staged_receiver import SyncSpec
     from r1.engines.vllm_rollout import VLLMRolloutEngine
     from r1.types import SamplingParams
@@ -85,8 +92,13 @@ async def push_times(path: str, threads: int) -> tuple[int, list[float], list[fl
         manifest, bucket = manifest_of(weights), int(BUCKET_MB * 2**20)
         await engine.generate([[1, 2, 3]], SamplingParams(n=1, max_new_tokens=2))
         host, port = "127.0.0.1", free_port()
-        joining = asyncio.ensure_future(engine.join_sync(SyncSpec(host, port, 2, 1, manifest, bucket, 600.0)))
-        sender = await asyncio.to_thread(BroadcastGroup, host, port, 0, 2, backend="gloo", timeout_s=600.0)
+        joining = asyncio.ensure_future(
+            engine.join_sync(SyncSpec(host, port, 2, 1, manifest, bucket, 600.0, transport, source=0)))
+        if transport == "ipc":
+            store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=600))
+            sender = IpcSender(store, 0, [1], torch.device("cpu"), 600.0)
+        else:
+            sender = await asyncio.to_thread(BroadcastGroup, host, port, 0, 2, backend="gloo", timeout_s=600.0)
         await joining
         stage_s, load_s, rss = [], [], []
         for version in range(1, 5):
@@ -122,18 +134,20 @@ async def main() -> None:
         path = random_model(tmp / f"m{size:g}", hidden=hidden, layers=layers, heads=hidden // 64, inter=4 * hidden,
                             vocab_from=vocab_from)
         shapes, stage_s, load_s, rss_before, rss_staged = await push_times(path, args.threads)
+        ipc = sorted((await push_times(path, args.threads, "ipc"))[1])[1]
         n_params = sum(math.prod(s) for s in shapes)
         stage, load = sorted(stage_s)[1], sorted(load_s)[1]
         raw, bare = raw_broadcast_s(n_params), bare_bucketed_s(shapes)
         mib = n_params * 4 / 2**20
         rows.append((f"{n_params / 1e6:.1f} M", f"{mib:.0f}", f"{raw:.3f}", f"{bare:.3f} ({bare / raw:.2f}x)",
-                     f"{stage:.3f} ({stage / raw:.2f}x)", f"{load:.3f}", f"{(stage + load) / raw:.2f}x",
+                     f"{stage:.3f} ({stage / raw:.2f}x)", f"{ipc:.3f} ({ipc / raw:.2f}x)", f"{load:.3f}",
+                     f"{(stage + load) / raw:.2f}x",
                      f"{rss_before / 2**20:.0f} -> {rss_staged / 2**20:.0f}"))
     print(f"\nmachine: {platform.machine()}, {psutil.cpu_count()} cores, {args.threads} threads for the engine; "
           f"date {time.strftime('%Y-%m-%d')}")
     table(f"Push into a vLLM engine (one hop, gloo, {BUCKET_MB:.0f} MiB buckets) vs raw broadcast (median of 3)",
           ["params", "MiB fp32", "raw broadcast (s)", "bucketed, bare processes (s)", "stage into vLLM (s)",
-           "load (s)", "push / raw", "vLLM worker RSS MiB (staged)"], rows)
+           "stage, colocated (shared memory) (s)", "load (s)", "push / raw", "vLLM worker RSS MiB (staged)"], rows)
 
 
 if __name__ == "__main__":

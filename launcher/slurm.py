@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from omegaconf import OmegaConf
 
@@ -70,9 +71,17 @@ def problems(cfg) -> list[str]:
     for job in s.after:
         if not re.fullmatch(r"\d+(_\d+)?", str(job)):
             out.append(f"cluster.slurm.after: {job!r} is not a Slurm job id (sbatch --parsable prints them)")
-    if s.train_nodes < 1 or s.rollout_nodes < 1:
+    colocated = r.placement == "colocated"  # the rollout workers share the training ranks' nodes and GPUs
+    if colocated and s.rollout_nodes != 0:
+        out.append(f"rollout.placement=colocated runs the engines on the training pool's nodes: set "
+                   f"cluster.slurm.rollout_nodes=0 (got {s.rollout_nodes}: those nodes would sit idle)")
+    elif s.train_nodes < 1 or (s.rollout_nodes < 1 and not colocated):
         out.append("cluster.slurm.train_nodes and rollout_nodes must be >= 1 (each pool has nodes of its own)")
-    for pool, workers, nodes in (("trainer", t, s.train_nodes), ("rollout", r, s.rollout_nodes)):
+    if colocated:  # a training rank's bundle holds its engine's CPUs too (and shares its GPU)
+        t = SimpleNamespace(num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker + r.cpus_per_worker,
+                            gpus_per_worker=t.gpus_per_worker)
+    pools = [("trainer", t, s.train_nodes)] + ([] if colocated else [("rollout", r, s.rollout_nodes)])
+    for pool, workers, nodes in pools:
         if workers.gpus_per_worker > s.gpus_per_node:
             out.append(f"{pool}.gpus_per_worker={workers.gpus_per_worker} is more than a node has "
                        f"(cluster.slurm.gpus_per_node={s.gpus_per_node})")

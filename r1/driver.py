@@ -39,7 +39,7 @@ from r1.monitoring.progress import Progress
 from r1.monitoring.stop import GracefulStop
 from r1.rewards.sandbox import SandboxUnavailable
 from r1.types import SamplingParams, TrainBatch, WorkerTotals, collate
-from r1.workers.pools import RolloutPool, TrainPool, nodes_of
+from r1.workers.pools import RolloutPool, TrainPool, colocated, nodes_of
 from r1.workers.rollout_buffer import RolloutBuffer
 from r1.workers.weight_sync import WeightSync
 
@@ -143,8 +143,8 @@ def run(cfg) -> dict:
     train = rollout = logger = ledger = None
     try:
         train = TrainPool(cfg, model_path)
-        rollout = RolloutPool(cfg, model_path)
-        layout = {"train": nodes_of(train.pg), "rollout": nodes_of(rollout.pg)}
+        rollout = RolloutPool(cfg, model_path, colocate_with=train if colocated(cfg) else None)
+        layout = {"train": nodes_of(train.pg), "rollout": [nodes_of(rollout.pg)[b] for b in rollout.bundles]}
         (run_dir / "nodes.json").write_text(json.dumps(layout))  # which node each worker of each pool runs on
         log.info("training pool on %s, rollout pool on %s", layout["train"], layout["rollout"])
         sync = WeightSync(train, rollout)

@@ -96,13 +96,27 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def ray_with_gpus(ray_local):
+    """Ray with 2 declared GPUs (Ray only counts them here: each worker that asks gets an id in
+    CUDA_VISIBLE_DEVICES, which shows where Ray placed it). Restarts the session's Ray; later tests get the same
+    Ray with GPUs to spare."""
+    ray = ray_local
+    if ray.cluster_resources().get("GPU", 0) < 2:
+        ray.shutdown()
+        ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    return ray
+
+
 @contextmanager
 def pools(cfg, model_path):
     """A training pool, a rollout pool and their sync group, as the driver builds them; shut down afterwards."""
-    from r1.workers.pools import RolloutPool, TrainPool
+    from r1.workers.pools import RolloutPool, TrainPool, colocated
     from r1.workers.weight_sync import WeightSync
 
-    train, rollout = TrainPool(cfg, model_path), RolloutPool(cfg, model_path)
+    train = TrainPool(cfg, model_path)
+    rollout = RolloutPool(cfg, model_path, colocate_with=train if colocated(cfg) else None)
     try:
         yield train, rollout, WeightSync(train, rollout)
     finally:

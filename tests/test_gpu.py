@@ -113,3 +113,67 @@ def test_a_staged_version_leaves_the_gpu_for_pinned_host_memory_that_is_reused()
     assert torch.equal(staged, bucket.cpu())
     pool.recycle([staged])
     assert pool.host(1024, torch.bfloat16).data_ptr() == staged.data_ptr()
+
+
+def _colocated_member(spec: dict, out) -> None:  # a second process on the same GPU (what a colocated vLLM worker is)
+    from r1.distributed.staged_receiver import StagedReceiver, SyncSpec
+
+    receiver = StagedReceiver(SyncSpec.from_dict(spec), 1, backend="nccl", device=torch.device("cuda", 0))
+    weights, release = receiver.take(1, timeout_s=120)
+    out.put([(n, t.clone(), t.is_pinned()) for n, t in weights])
+    release()
+
+
+def test_a_colocated_push_hands_cuda_ipc_buffers_to_another_process_on_the_gpu():
+    """The colocated transport on a GPU: the sender's bucket buffer is CUDA memory whose IPC handle a second process
+    on the same GPU opens (no copy on the way), copying each bucket into its pinned host staging. Bit for bit, bf16,
+    a tensor bigger than a bucket (the buffer grows and is shared anew mid-push)."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from r1.distributed.bucketed_broadcast import free_port, manifest_of
+    from r1.distributed.ipc_channel import IpcSender, share, shared_buffer
+    from r1.distributed.staged_receiver import SyncSpec, SyncWatch
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weights = [("embed", torch.randn(64, 32, device="cuda", generator=gen).to(torch.bfloat16)),
+               ("head", torch.randn(512, 32, device="cuda", generator=gen).to(torch.bfloat16)),
+               ("norm", torch.randn(32, device="cuda", generator=gen).to(torch.bfloat16))]
+    assert share(shared_buffer(16, torch.device("cuda")))["kind"] == "cuda"
+    host, port = "127.0.0.1", free_port()
+    store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=120))
+    spec = SyncSpec(host, port, 2, 1, manifest_of(weights), 8192, 120.0, "ipc", source=0)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    member = ctx.Process(target=_colocated_member, args=(spec.as_dict(), out))
+    member.start()
+    try:
+        SyncWatch(spec, 1).wait_joined(lambda: None)
+        sent = IpcSender(store, 0, [1], torch.device("cuda", 0), 120.0).send(iter(weights), spec.manifest, 8192, 1)
+        staged = out.get(timeout=120)
+    finally:
+        member.join(timeout=60)
+    assert sent == sum(t.numel() * 2 for _, t in weights)
+    assert [n for n, _, _ in staged] == [n for n, _ in weights]
+    for (_, got, pinned), (_, want) in zip(staged, weights):
+        assert pinned and got.dtype == torch.bfloat16 and torch.equal(got, want.cpu())
+
+
+def test_the_nvml_monitor_reads_the_real_driver():
+    """NVML through nvidia-ml-py, as the node monitor opens it: every GPU of the machine readable, with the readings
+    any data-centre GPU supports, in the units r1 reports (GB, W, C), and the Xid event set drains without blocking."""
+    from r1.health.nvml import NodeGpus, open_nvml
+
+    nvml, why = open_nvml()
+    assert nvml is not None, why
+    gpus = NodeGpus(nvml)
+    try:
+        assert gpus.handles and not gpus.unreadable
+        sample = gpus.read(min(gpus.handles))
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        assert abs(sample["mem_total_gb"] - total) < 0.05 * total  # NVML and CUDA agree on the memory
+        assert 0 < sample["temperature_c"] < 110 and 0 < sample["power_w"] <= sample["power_limit_w"] * 1.2
+        assert sample["sm_clock_mhz"] > 0 and "ecc_volatile_uncorrected" in sample
+        assert gpus.wait_xids(0) == []
+    finally:
+        gpus.close()

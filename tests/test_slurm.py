@@ -386,3 +386,19 @@ def test_a_pipeline_is_a_chain_of_dependent_jobs_that_a_failed_stage_cancels(slu
     assert _wait_for(jobs[1]) == "FAILED", _log(shared / "pipe" / "sft", jobs[1])  # (its model is not there)
     for job in jobs[2:]:
         assert _wait_for(job, timeout_s=120) == "CANCELLED"
+
+
+def test_colocated_engines_take_one_8_gpu_node_and_no_rollout_nodes(tmp_path):
+    """rollout.placement=colocated on Slurm: one node, its 8 GPUs each shared by a training rank and an engine; the
+    job asks for no rollout nodes (any would sit idle, so asking for one is refused)."""
+    colocated = ["rollout.placement=colocated", "cluster.slurm.gpus_per_node=8", "cluster.slurm.cpus_per_node=32",
+                 "trainer.num_workers=8", "rollout.num_workers=8", "trainer.gpus_per_worker=1",
+                 "rollout.gpus_per_worker=1", "trainer.cpus_per_worker=2", "rollout.cpus_per_worker=2"]
+    script, _ = submit(_slurm_cfg(tmp_path, *colocated, "cluster.slurm.rollout_nodes=0", "cluster.dry_run=true"))
+    text = script.read_text()
+    assert "#SBATCH --nodes=1" in text and "#SBATCH --gpus-per-node=8" in text
+    with pytest.raises(ConfigError, match="set cluster.slurm.rollout_nodes=0"):
+        submit(_slurm_cfg(tmp_path, *colocated, "cluster.dry_run=true"))
+    with pytest.raises(ConfigError, match="trainer.num_workers=8 do not fit on 1 node"):  # 8 x (2 + 3) CPUs > 32
+        submit(_slurm_cfg(tmp_path, *colocated, "cluster.slurm.rollout_nodes=0", "rollout.cpus_per_worker=3",
+                          "cluster.dry_run=true"))

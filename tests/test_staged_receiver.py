@@ -90,3 +90,18 @@ def test_a_failed_receive_is_reported_to_the_watch_not_waited_out():
         receiver.take(1, timeout_s=5)[0]
     sending.join()
     assert failed_send
+
+
+def test_a_member_waits_for_a_push_as_long_as_it_takes():
+    """Between two pushes lies a training step, minutes at long context: more than ``sync.timeout_s``, which bounds
+    a collective. Members wait for the trainer's announcement of a push, not inside the collective, so a push that
+    comes later than the timeout still arrives (the receive does not fail and force a re-formed group)."""
+    import time
+
+    sender, receiver, watch = _group(timeout_s=1.0)
+    time.sleep(2.5)
+    v1 = _weights(1)
+    _send(sender, v1, 1)
+    watch.wait_staged(1, lambda: None)
+    assert receiver.error is None
+    assert _equal(receiver.take(1, timeout_s=5)[0], v1)

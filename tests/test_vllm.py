@@ -275,9 +275,13 @@ def test_pushes_go_into_a_tensor_parallel_engines_workers_in_a_placement_group(r
     and ``WeightSync`` forms the group trainer rank 0 + both vLLM workers. (Left to choose, vLLM would take its Ray
     executor there and ask the placement group for GPUs the rollout workers already hold; r1's engines run their
     ranks as their own processes.) Pushes never pass through the rollout worker: its peak memory does not grow by a
-    copy of the model (the old path staged a full copy per version there). A vLLM worker killed before a push makes
-    that push replace the rollout worker, and the replacement serves the pushed version."""
+    copy of the model (the old path staged a full copy per version there). A vLLM worker killed while a push is in
+    flight (once the trainer has announced it; 10 KB buckets keep it in flight) fails that push; the rollout worker
+    is replaced, the group re-formed and the version sent again: the replacement serves it."""
     import signal
+    from datetime import timedelta
+
+    import torch.distributed as dist
 
     from r1.workers.pools import RolloutPool, TrainPool
     from r1.workers.weight_sync import WeightSync
@@ -287,7 +291,7 @@ def test_pushes_go_into_a_tensor_parallel_engines_workers_in_a_placement_group(r
     model_bytes = sum(t.numel() * 4 for t in _trainer(path).model.parameters())
     cfg = compose(TINY_VLLM + VLLM_RUN + [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}",
                                           "model.source=pretrained", f"model.path={path}", "rollout.num_workers=1",
-                                          "rollout.vllm.tensor_parallel_size=2", "sync.bucket_mb=1"])
+                                          "rollout.vllm.tensor_parallel_size=2", "sync.bucket_mb=0.01"])
     validate(cfg)
     train, pool = TrainPool(cfg, path), RolloutPool(cfg, path)
     try:
@@ -299,8 +303,11 @@ def test_pushes_go_into_a_tensor_parallel_engines_workers_in_a_placement_group(r
         grown = _peak_rss(pid) - before
         workers = _processes_titled("VLLM::Worker", under=pid)  # (the model runners)
         assert len(workers) == 2, workers  # one per tensor-parallel rank, both in the group
-        workers[-1].send_signal(signal.SIGKILL)
-        sync.push(4)
+        store = dist.TCPStore(*sync.address, is_master=False, timeout=timedelta(seconds=300))
+        killer = threading.Thread(target=lambda: (store.wait(["push/3"]), workers[-1].send_signal(signal.SIGKILL)))
+        killer.start()  # (push/3: the 4th push on this group)
+        assert sync.push(4) == 0  # 0: it failed and was sent again to a re-formed group
+        killer.join()
         assert pool.replaced == 1
         results = pool.evaluate([(0, "1 + 2", Reference("3")), (1, "4 + 5", Reference("9"))],
                                 SamplingParams(n=1, temperature=0.0, max_new_tokens=8, seed=0), version=4)
@@ -320,12 +327,14 @@ def _perturb_and_export(worker, seed: int):  # runs in the train worker: "a trai
     return [(n, t.clone()) for n, t in worker.engine.named_weights()]
 
 
+@pytest.mark.parametrize("placement", ["separate", "colocated"])
 def test_requests_in_flight_during_pushes_are_generated_by_the_version_they_were_made_at(ray_local, vllm_qwen2,
-                                                                                       cache_dir, tmp_path):
+                                                                                       cache_dir, tmp_path, placement):
     """The version rule under load, on the production path (WeightSync -> the vLLM worker's staging -> load at a
     request boundary): requests made at version v are still generating when v+1 is pushed, and requests made at v+1
     wait for them; every token of every sample records v, and its log-prob is the one the trainer's weights of v give
-    (HF teacher forcing on each version's export), not those of the version staged meanwhile."""
+    (HF teacher forcing on each version's export), not those of the version staged meanwhile. Both placements: the
+    engine on GPUs of its own (broadcast), and on the training rank's (shared memory: the one-GPU topology)."""
     from transformers import AutoModelForCausalLM
 
     from r1.workers.pools import RolloutPool, TrainPool
@@ -334,13 +343,17 @@ def test_requests_in_flight_during_pushes_are_generated_by_the_version_they_were
 
     path = _tp_model(vllm_qwen2, tmp_path / "random")  # untrained: responses run to max_new_tokens
     cfg = compose(TINY_VLLM + VLLM_RUN + [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}",
-                                          "model.source=pretrained", f"model.path={path}", "rollout.num_workers=1"])
+                                          "model.source=pretrained", f"model.path={path}", "rollout.num_workers=1",
+                                          f"rollout.placement={placement}"])
     validate(cfg)
     problems = [(i, f"{i} + {i}", Reference(str(2 * i))) for i in range(6)]
     params = SamplingParams(n=4, temperature=1.0, top_p=1.0, max_new_tokens=96, seed=3)
-    train, pool = TrainPool(cfg, path), RolloutPool(cfg, path)
+    train = TrainPool(cfg, path)
+    pool = RolloutPool(cfg, path, colocate_with=train if placement == "colocated" else None)
     try:
         sync = WeightSync(train, pool)
+        transport = ray.get(train.leader.__ray_call__.remote(lambda w: (w.sync.group is not None, w.ipc is not None)))
+        assert transport == ((False, True) if placement == "colocated" else (True, False))
         exports = {0: ray.get(train.leader.__ray_call__.remote(
             lambda w: [(n, t.clone()) for n, t in w.engine.named_weights()]))}  # what the engine started from
         submitted, in_flight_at_push = [], []
@@ -421,9 +434,9 @@ def _run_overrides(cache_dir, run_dir, steps, *extra):
 
 def test_grpo_on_vllm_end_to_end(ray_local, vllm_qwen2, cache_dir, tmp_path):
     """Async with partial rollouts, the most demanding path: the staleness bound holds for every token, every group
-    is trained exactly once, and on-policy steps' log-probs are the trainer's. (The synchronous loop and async
-    without partial rollouts are the same driver and buffer on another engine: tests/test_async.py runs them on HF
-    engines; vLLM's log-probs against the trainer's are checked above, before and after a push.)"""
+    is trained exactly once, and on-policy steps' log-probs are the trainer's. (The synchronous loop and async without partial rollouts are the same driver and buffer on
+    another engine: tests/test_async.py runs them on HF engines; vLLM's log-probs against the trainer's are checked
+    above, before and after a push.)"""
     from r1.driver import run as run_driver
     from r1.monitoring.ledger import read_ledger
     from tests.test_async import _step_metrics, assert_every_group_trained_once

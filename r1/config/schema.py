@@ -52,6 +52,13 @@ class KLPlacement(str, Enum):
     none = "none"  # no reference model at all (saves its memory and forward pass)
 
 
+class RolloutPlacement(str, Enum):
+    """Where the rollout engines run; the weight transport follows from it (docs/vllm.md, "How weights flow")."""
+
+    separate = "separate"  # GPUs of their own: the pools overlap (asynchronous GRPO); weights by broadcast
+    colocated = "colocated"  # engine i on training rank i's GPU, sharing its memory; weights by CUDA IPC / shm
+
+
 class ClusterKind(str, Enum):
     local = "local"
     slurm = "slurm"
@@ -291,6 +298,11 @@ class RolloutConfig:
     # An engine with requests in flight that produces no token for this long is declared dead: its worker is
     # replaced and its requests redone once.
     stall_timeout_s: float = 300.0
+    # separate | colocated: engine i runs on training rank i's GPU (one node, or one GPU: rollout.num_workers <=
+    # trainer.num_workers, one GPU per engine, vLLM's gpu_memory_utilization leaving the trainer its share) and
+    # gets each version through that GPU's memory (CUDA IPC; shared memory on CPU), not a collective. Stages
+    # without a training pool (rejection sampling, evaluation) place engines on their own either way.
+    placement: RolloutPlacement = RolloutPlacement.separate
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 

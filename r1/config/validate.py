@@ -85,6 +85,28 @@ def _vllm_problems(cfg) -> list[str]:
     return problems
 
 
+def _colocated_problems(cfg) -> list[str]:
+    """``rollout.placement=colocated``: engine i shares training rank i's bundle (its GPU)."""
+    r, t = cfg.rollout, cfg.trainer
+    problems = []
+    if r.num_workers > t.num_workers:
+        problems.append(f"rollout.placement=colocated puts engine i on training rank i's GPU: rollout.num_workers="
+                        f"{r.num_workers} > trainer.num_workers={t.num_workers}; lower it, or use "
+                        "rollout.placement=separate")
+    if cfg.cluster.kind == "k8s":
+        problems.append("rollout.placement=colocated is not supported on Kubernetes (each pool is a worker group of "
+                        "its own pods there): use rollout.placement=separate, or cluster=slurm / local")
+    if r.engine == "vllm" and r.vllm.tensor_parallel_size != 1:
+        problems.append(f"rollout.placement=colocated runs each engine on one training rank's GPU: "
+                        f"rollout.vllm.tensor_parallel_size={r.vllm.tensor_parallel_size} must be 1 (or use "
+                        "rollout.placement=separate)")
+    if (r.gpus_per_worker > 0 or t.gpus_per_worker > 0) and not (r.gpus_per_worker == t.gpus_per_worker == 1):
+        problems.append(f"rollout.placement=colocated shares one GPU between a training rank and an engine: set "
+                        f"trainer.gpus_per_worker=1 and rollout.gpus_per_worker=1 (got {t.gpus_per_worker:g} and "
+                        f"{r.gpus_per_worker:g}), and rollout.vllm.gpu_memory_utilization to the engine's share")
+    return problems
+
+
 def _answer_problems(cfg) -> list[str]:
     """The prompt template and the answer extractor exist (a wrong one would score every response 0)."""
     import re
@@ -206,6 +228,8 @@ def validate(cfg) -> list[str]:
         problems.append(f"trainer.engine={t.engine!r}: choose one of {list(TRAIN_ENGINES)}")
     if r.stall_timeout_s <= 0:
         problems.append("rollout.stall_timeout_s must be > 0")
+    if r.placement == "colocated":
+        problems += _colocated_problems(cfg)
     problems += _answer_problems(cfg)
     if cfg.health.interval_s <= 0 or cfg.health.stall_minutes < 0:
         problems.append("health.interval_s must be > 0 and health.stall_minutes >= 0 (0 = no watchdog)")

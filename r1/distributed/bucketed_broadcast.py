@@ -7,7 +7,10 @@ when the tensors live on GPUs.
 
 Parameters are packed into flat buckets of at most ``bucket_bytes`` (one dtype per bucket; a tensor larger than a
 bucket gets a bucket of its own), one broadcast per bucket. A header broadcast first carries the version and the
-bucket count, so a receiver that is out of step fails loudly instead of loading garbage.
+bucket count, so a receiver that is out of step fails loudly instead of loading garbage. Before the header, the
+sender announces the push in the group's store (``push/<n>``): receivers wait there, as long as it takes, and enter
+the collective only for a push that is coming - a collective waited in would fail at ``sync.timeout_s``, and a
+training step at long context can take longer than that between two pushes.
 """
 
 from __future__ import annotations
@@ -75,6 +78,20 @@ def node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
+def wait_key(store, key: str, retired=lambda: False) -> bytes:
+    """``key``'s value in ``store`` once someone sets it, however long that takes (past the store's own timeout),
+    unless ``retired()`` says the waiter is no longer wanted. A store whose owner died raises."""
+    while True:
+        try:
+            store.wait([key])
+            return store.get(key)
+        except Exception:  # DistStoreError at the store's timeout; a dead store raises again below
+            if retired():
+                raise
+            if store.check([key]):
+                return store.get(key)
+
+
 def nccl_options(timeout: timedelta):
     """``ProcessGroupNCCL`` options with ``timeout`` (its constructor takes no timeout of its own: without options
     the group gets NCCL's default of 10 minutes whatever ``sync.timeout_s`` says)."""
@@ -93,6 +110,7 @@ class BroadcastGroup:
         timeout = timedelta(seconds=timeout_s)
         self.rank, self.world_size, self.backend, self.timeout = rank, world_size, backend, timeout
         self._send_buffers: dict[torch.dtype, torch.Tensor] = {}
+        self._pushes = 0  # pushes sent / waited for on this group (the announcement key's number)
         self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
         if backend == "gloo":
             self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
@@ -135,6 +153,8 @@ class BroadcastGroup:
         Streamed: a bucket is sent as soon as its tensors have arrived, and ``named`` is read no further ahead
         than one bucket, so a sharded model gathered tensor by tensor (the Megatron engine) never exists whole."""
         buckets = plan_buckets(manifest, bucket_bytes)
+        self.store.set(f"push/{self._pushes}", str(version))
+        self._pushes += 1
         self._header(version, len(buckets))
         arriving = iter(named)
         sent = 0
@@ -174,13 +194,16 @@ class BroadcastGroup:
             raise RuntimeError(f"weight sync out of step: expected version {version}, sender announced {got_version}")
         return arriving
 
-    def receive_next(self, manifest: list[TensorSpec], bucket_bytes: int, empty=None, keep=None
-                     ) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
-        """Wait for the next broadcast (rank > 0): the version its header announces, and its ``(name, tensor)``
-        pairs, yielded as buckets arrive (views of the bucket). ``empty(numel, dtype)`` gives the memory a bucket
-        is received into (default: a fresh tensor on this group's device); ``keep(flat)`` what the pairs are views
-        of (default: that same tensor; e.g. a host copy of a GPU bucket)."""
+    def receive_next(self, manifest: list[TensorSpec], bucket_bytes: int, empty=None, keep=None,
+                     retired=lambda: False) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
+        """Wait for the next broadcast (rank > 0), as long as it takes (``wait_key``): the version its header
+        announces, and its ``(name, tensor)`` pairs, yielded as buckets arrive (views of the bucket).
+        ``empty(numel, dtype)`` gives the memory a bucket is received into (default: a fresh tensor on this group's
+        device); ``keep(flat)`` what the pairs are views of (default: that same tensor; e.g. a host copy of a GPU
+        bucket)."""
         buckets = plan_buckets(manifest, bucket_bytes)
+        wait_key(self.store, f"push/{self._pushes}", retired)
+        self._pushes += 1
         got_version, got_buckets = self._header(-1, len(buckets))
         if got_buckets != len(buckets):
             raise RuntimeError(f"weight sync out of step: expected {len(buckets)} buckets, sender announced "

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from r1.distributed.bucketed_broadcast import BroadcastGroup, TensorSpec
+from r1.distributed.ipc_channel import IpcReceiver
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,22 @@ class SyncSpec:
     manifest: list[TensorSpec] = field(hash=False)
     bucket_bytes: int = 64 * 2**20
     timeout_s: float = 600.0
+    # broadcast: trainer rank 0 broadcasts to the group | ipc: trainer rank ``source`` (on this engine's GPU) hands
+    # each bucket through shared memory (r1.distributed.ipc_channel; rollout.placement=colocated)
+    transport: str = "broadcast"
+    source: int = 0
 
     def as_dict(self) -> dict:
         return {"host": self.host, "port": self.port, "world_size": self.world_size, "first_rank": self.first_rank,
                 "names": [s.name for s in self.manifest], "dtype_names": [s.dtype for s in self.manifest],
                 "shapes": [list(s.shape) for s in self.manifest], "bucket_bytes": self.bucket_bytes,
-                "timeout_s": self.timeout_s}
+                "timeout_s": self.timeout_s, "transport": self.transport, "source": self.source}
 
     @classmethod
     def from_dict(cls, d: dict) -> SyncSpec:
         manifest = [TensorSpec(n, tuple(s), t) for n, t, s in zip(d["names"], d["dtype_names"], d["shapes"])]
         return cls(d["host"], d["port"], d["world_size"], d["first_rank"], manifest, d["bucket_bytes"],
-                   d["timeout_s"])
+                   d["timeout_s"], d["transport"], d["source"])
 
 
 class SyncBroken(RuntimeError):
@@ -133,10 +138,9 @@ class StagedReceiver:
                 # a stream of its own: NCCL's receive and the copy to host wait for nothing the model is computing
                 # (on the default stream they would queue behind every forward pass in flight)
                 torch.cuda.set_stream(torch.cuda.Stream(self.device))
-            self.group = BroadcastGroup(self.spec.host, self.spec.port, self.rank, self.spec.world_size,
-                                        backend=self.backend, timeout_s=self.spec.timeout_s, device=self.device)
+            self.group = self._join()
             self.group.store.set(f"pid/{self.rank}", str(os.getpid()))
-            on_gpu = self.device.type == "cuda"
+            on_gpu = self.device.type == "cuda" and self.spec.transport == "broadcast"
             while not self.retired:
                 buckets: list[torch.Tensor] = []  # this version's host memory (the staged pairs are views of it)
 
@@ -150,7 +154,8 @@ class StagedReceiver:
 
                 version, arriving = self.group.receive_next(
                     self.spec.manifest, self.spec.bucket_bytes,
-                    empty=self.pool.device_bucket if on_gpu else host_bucket, keep=to_host if on_gpu else None)
+                    empty=self.pool.device_bucket if on_gpu else host_bucket, keep=to_host if on_gpu else None,
+                    retired=lambda: self.retired)
                 staged = list(arriving)
                 with self._cond:
                     if self.retired:
@@ -173,6 +178,15 @@ class StagedReceiver:
                     self.group.store.set(f"failed/{self.rank}", f"{type(err).__name__}: {err}")
                 except Exception as store_err:  # noqa: BLE001 - the store's owner (the trainer) is gone
                     log.warning("weight sync rank %d: cannot report the failure: %s", self.rank, store_err)
+
+    def _join(self):
+        """This member's end of the group's transport (``SyncSpec.transport``)."""
+        if self.spec.transport == "ipc":
+            store = dist.TCPStore(self.spec.host, self.spec.port, is_master=False,
+                                  timeout=timedelta(seconds=self.spec.timeout_s))
+            return IpcReceiver(store, self.rank, self.spec.source, self.device)
+        return BroadcastGroup(self.spec.host, self.spec.port, self.rank, self.spec.world_size,
+                              backend=self.backend, timeout_s=self.spec.timeout_s, device=self.device)
 
     def take(self, version: int, timeout_s: float):
         """The staged copy of ``version`` (``(name, tensor)`` pairs) for the caller to load, and a function to call

@@ -1,7 +1,9 @@
 """The training pool and the rollout pool: Ray actors in two separate placement groups, plus the sync group.
 
-Keeping the pools apart (not colocated) is what lets them run different engines, scale independently and overlap
-(asynchronous GRPO). Each pool fans a call out to its actors and gathers the results in order. A rollout worker
+Keeping the pools apart is what lets them run different engines, scale independently and overlap (asynchronous
+GRPO). ``rollout.placement=colocated`` instead puts rollout worker i in training rank i's bundle, on its GPU (Ray
+gives each half of it: both see the same device), for one node or one GPU; the weight sync then hands each engine
+its rank's memory rather than broadcasting (``r1.workers.weight_sync``). Each pool fans a call out to its actors and gathers the results in order. A rollout worker
 that dies is replaced in its placement-group bundle and rejoins a re-formed weight-sync group with the current
 weights; callers re-submit its lost work. A *drained* worker (its GPU is sick: ``r1.health``) is stopped and not
 replaced; the pool goes on with the others.
@@ -101,9 +103,12 @@ def check_groups_within_nodes(bundle_nodes: dict[int, str], group: int) -> None:
 
 
 def _make_actors(cls, num_workers: int, cpus: float, gpus: float, strategy: str, name: str, make_args,
-                 env: dict[str, str] | None = None, tag: str | None = None, group: int = 1):
-    """The pool's placement group and one actor per rank, ranks ordered by node (``ranks_by_node``)."""
-    pg = _make_placement_group(num_workers, cpus, gpus, strategy, name, tag)
+                 env: dict[str, str] | None = None, tag: str | None = None, group: int = 1,
+                 bundle: tuple[float, float] | None = None):
+    """The pool's placement group, one actor per rank, ranks ordered by node (``ranks_by_node``), and each rank's
+    bundle. ``bundle``: (CPUs, GPUs) of each bundle when it holds more than the rank (a colocated engine)."""
+    bundle_cpus, bundle_gpus = bundle or (cpus, gpus)
+    pg = _make_placement_group(num_workers, bundle_cpus, bundle_gpus, strategy, name, tag)
     bundle_nodes = ray.util.placement_group_table(pg)["bundles_to_node_id"]
     if gpus > 0:
         try:
@@ -112,8 +117,19 @@ def _make_actors(cls, num_workers: int, cpus: float, gpus: float, strategy: str,
             remove_placement_group(pg)
             raise
     remote_cls = ray.remote(cls)
-    return pg, [_spawn(remote_cls, pg, bundle, cpus, gpus, make_args(rank), env=env)
-                for rank, bundle in enumerate(ranks_by_node(bundle_nodes))]
+    bundles = ranks_by_node(bundle_nodes)
+    return pg, [_spawn(remote_cls, pg, b, cpus, gpus, make_args(rank), env=env) for rank, b in enumerate(bundles)], bundles
+
+
+def colocated(cfg) -> bool:
+    """Whether the rollout engines share the training ranks' bundles (a stage with a training pool only)."""
+    return cfg.rollout.placement == "colocated"
+
+
+def _colocated_share(gpus: float) -> float:
+    """What each of the two actors sharing a colocated bundle asks Ray for: half its GPU (Ray then gives both
+    the same device; the memory split is vLLM's gpu_memory_utilization), or nothing on CPU."""
+    return gpus / 2
 
 
 def split_evenly(items: list, parts: int) -> list[list]:
@@ -129,12 +145,15 @@ def split_evenly(items: list, parts: int) -> list[list]:
 
 class TrainPool:
     def __init__(self, cfg, model_path: str):
-        t = cfg.trainer
+        t, r = cfg.trainer, cfg.rollout
         self.world_size = t.num_workers
-        self.pg, self.actors = _make_actors(
-            TrainWorker, t.num_workers, t.cpus_per_worker, t.gpus_per_worker, cfg.cluster.placement_strategy,
+        self.colocated = shared = colocated(cfg)  # each bundle also holds a rollout worker (RolloutPool(colocate_with=..))
+        self.pg, self.actors, self.bundles = _make_actors(
+            TrainWorker, t.num_workers, t.cpus_per_worker,
+            _colocated_share(t.gpus_per_worker) if shared else t.gpus_per_worker, cfg.cluster.placement_strategy,
             f"r1-train-{cfg.name}", lambda i: (cfg, model_path, i, t.num_workers), env=TRAIN_WORKER_ENV,
             tag=pool_tag(cfg, "train"), group=t.megatron.tensor_parallel if t.engine == "megatron" else 1,
+            bundle=(t.cpus_per_worker + r.cpus_per_worker, t.gpus_per_worker) if shared else None,
         )
         addr, port = ray.get(self.actors[0].address.remote())
         ray.get([a.setup.remote(addr, port) for a in self.actors])
@@ -189,15 +208,16 @@ class TrainPool:
         ray.get([a.update_reference.remote() for a in self.actors])
 
     def manifest(self):
-        """Names, shapes and dtypes of what ``broadcast_weights`` sends."""
-        actors = self.actors if self.collective else [self.leader]
+        """Names, shapes and dtypes of what ``broadcast_weights`` sends (each rank that may send keeps it)."""
+        actors = self.actors if self.collective or self.colocated else [self.leader]
         return ray.get([a.manifest.remote() for a in actors])[0]
 
-    def broadcast_weights(self, version: int) -> list:
-        """Start sending ``version`` to the sync group; the ObjectRefs of the ranks taking part, the sender first
-        (its result: bytes sent)."""
-        actors = self.actors if self.collective else [self.leader]
-        return [a.broadcast_weights.remote(version) for a in actors]
+    def broadcast_weights(self, version: int, senders: list[int] | None = None) -> list:
+        """Start sending ``version`` to the sync group from rank 0, or from each rank in ``senders`` (colocated
+        engines: each gets its own rank's copy); the ObjectRefs of the ranks taking part (their results: bytes
+        sent). With a sharded model every rank takes part (it gathers)."""
+        ranks = range(self.world_size) if self.collective else (senders or [0])
+        return [self.actors[r].broadcast_weights.remote(version) for r in ranks]
 
     def save(self, path: str, with_optimizer: bool) -> None:
         ray.get([a.save.remote(path, with_optimizer) for a in self.actors])
@@ -214,13 +234,20 @@ class TrainPool:
 class RolloutPool:
     """Rollout workers; each keeps many generation requests in flight (asyncio actors) plus weight sync."""
 
-    def __init__(self, cfg, model_path: str):
+    def __init__(self, cfg, model_path: str, colocate_with: TrainPool | None = None):
+        """``colocate_with``: the training pool whose bundles the workers share (worker i: rank i's), else a
+        placement group of the pool's own."""
         r = cfg.rollout
         self.cfg, self.model_path = cfg, model_path
-        self.pg = _make_placement_group(
-            r.num_workers, r.cpus_per_worker, r.gpus_per_worker, cfg.cluster.placement_strategy,
-            f"r1-rollout-{cfg.name}", tag=pool_tag(cfg, "rollout"),
-        )
+        self.colocated = colocate_with is not None
+        if self.colocated:
+            self.pg, self.bundles = colocate_with.pg, colocate_with.bundles[: r.num_workers]
+        else:
+            self.pg = _make_placement_group(
+                r.num_workers, r.cpus_per_worker, r.gpus_per_worker, cfg.cluster.placement_strategy,
+                f"r1-rollout-{cfg.name}", tag=pool_tag(cfg, "rollout"),
+            )
+            self.bundles = list(range(r.num_workers))
         # one asyncio event loop serves generation and weight sync (many calls at once: sync calls only wait, on
         # threads, for what the engine's own processes receive)
         self._remote_cls = ray.remote(RolloutWorker)
@@ -242,7 +269,8 @@ class RolloutPool:
 
     def _spawn(self, index: int):
         r = self.cfg.rollout
-        return _spawn(self._remote_cls, self.pg, index, r.cpus_per_worker, r.gpus_per_worker,
+        gpus = _colocated_share(r.gpus_per_worker) if self.colocated else r.gpus_per_worker
+        return _spawn(self._remote_cls, self.pg, self.bundles[index], r.cpus_per_worker, gpus,
                       (self.cfg, self.model_path, index, self.reward_models and self.reward_models.actors),
                       max_concurrency=REQUESTS_IN_FLIGHT)
 
@@ -312,4 +340,5 @@ class RolloutPool:
             ray.kill(a)
         if self.reward_models is not None:
             self.reward_models.shutdown()
-        remove_placement_group(self.pg)
+        if not self.colocated:  # (a colocated pool's bundles are the training pool's)
+            remove_placement_group(self.pg)

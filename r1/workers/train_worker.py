@@ -1,4 +1,5 @@
-"""One rank of the training pool: a train engine, the pool's process group, and (rank 0) the sync source."""
+"""One rank of the training pool: a train engine, the pool's process group, and a weight-sync source (rank 0; with
+colocated engines, each rank that shares its GPU with one)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from r1.cluster import placement
 from r1.data.tokens import load_tokenizer
 from r1.distributed.bucketed_broadcast import GroupMembership, free_port, manifest_of, node_ip
+from r1.distributed.ipc_channel import IpcSender
 from r1.engines.registry import build_train_engine
 
 
@@ -46,6 +48,7 @@ class TrainWorker:
         self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
         self.engine = None
         self.sync = GroupMembership()  # re-formed when a rollout worker is replaced
+        self.ipc: IpcSender | None = None  # colocated engines: this rank hands them its weights (no collective)
         self._manifest = None  # what broadcast_weights sends, in order (set by manifest(), before any send)
 
     def address(self) -> tuple[str, int]:
@@ -97,15 +100,27 @@ class TrainWorker:
         self._manifest = manifest_of(self.engine.named_weights())
         return self._manifest
 
-    def init_sync(self, host: str, port: int, world_size: int) -> None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        self.sync.join(host, port, 0, world_size, backend=backend, timeout_s=self.cfg.sync.timeout_s)
+    def init_sync(self, host: str, port: int, world_size: int, members: list[int] | None = None) -> None:
+        """Join a (re-formed) sync group: rank 0 broadcasts to every member. ``members`` (colocated engines): the
+        group's ranks on this rank's GPU, which this rank hands every version through that GPU's memory
+        (``r1.distributed.ipc_channel``); rank 0 also hosts the group's store."""
+        if members is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            self.sync.join(host, port, 0, world_size, backend=backend, timeout_s=self.cfg.sync.timeout_s)
+            return
+        timeout = timedelta(seconds=self.cfg.sync.timeout_s)
+        store = dist.TCPStore(host, port, is_master=self.rank == 0, wait_for_workers=False, timeout=timeout)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.ipc = IpcSender(store, self.rank, members, device, self.cfg.sync.timeout_s)
 
     @on_compute_thread
     def broadcast_weights(self, version: int) -> int:
-        """Rank 0 sends ``version`` to the rollout pool; the other ranks (sharded model) gather with it."""
+        """Send ``version`` to the rollout pool: rank 0 to all, or (colocated) each rank to the engines on its GPU;
+        the other ranks of a sharded model gather with them."""
         named = self.engine.named_weights()
-        if self.rank != 0:
+        if self.ipc is not None and self.ipc.members:
+            return self.ipc.send(named, self._manifest, int(self.cfg.sync.bucket_mb * 2**20), version)
+        if self.rank != 0 or self.ipc is not None:
             for _ in named:  # the export is collective: each full tensor is gathered from every shard
                 pass
             return 0

@@ -6,6 +6,11 @@ then each live engine's members in turn. The collective itself (buckets, header,
 ``r1.distributed.bucketed_broadcast``; members stage what arrives (``r1.distributed.staged_receiver``) and the
 rollout workers load it when their requests allow. A member that dies mid-broadcast takes its engine and rollout
 worker down; the worker is replaced, the group re-formed and the version sent again.
+
+Colocated engines (``rollout.placement=colocated``: engine i on training rank i's GPU) are the same group without
+the collective: rank i hands its engine's members each bucket through the GPU's memory (CUDA IPC; shared memory on
+CPU: ``r1.distributed.ipc_channel``), and the group's store carries the handles. Which transport is the placement's
+consequence, not a choice of its own.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class WeightSync:
         self.version = 0
         self.bucket_bytes = int(rollout.cfg.sync.bucket_mb * 2**20)
         self.manifest = train.manifest()  # (the members need it to join: they receive against it)
+        self.address: tuple[str, int] | None = None  # the current group's store (what its members connect to)
+        self.senders: list[int] = [0]  # the training ranks that send (colocated: each rank to its own engine)
         rollout.sync = self
         self._form()
 
@@ -50,18 +57,24 @@ class WeightSync:
                               "kept dying while joining it")
 
     def _form_once(self) -> None:
-        host, port = ray.get(self.train.leader.address.remote())
+        host, port = self.address = ray.get(self.train.leader.address.remote())
         live = self.rollout.live
         widths = ray.get([self.rollout.actors[i].sync_members.remote() for i in live])
         world = 1 + sum(widths)
         firsts = [1 + sum(widths[:k]) for k in range(len(live))]
         timeout_s = self.rollout.cfg.sync.timeout_s
-        ray.get(
-            [self.train.leader.init_sync.remote(host, port, world)]
-            + [self.rollout.actors[i].init_sync.remote(
-                SyncSpec(host, port, world, first, self.manifest, self.bucket_bytes, timeout_s))
-               for i, first in zip(live, firsts)]
-        )
+        if self.rollout.colocated:  # rollout worker i shares training rank i's GPU: rank i is its source
+            members = {r: [] for r in range(self.train.world_size)}
+            for i, first, width in zip(live, firsts, widths):
+                members[i] = list(range(first, first + width))
+            trainers = [a.init_sync.remote(host, port, world, members[r]) for r, a in enumerate(self.train.actors)]
+            self.senders = [r for r in members if members[r]]
+        else:
+            trainers, self.senders = [self.train.leader.init_sync.remote(host, port, world)], [0]
+        transport = "ipc" if self.rollout.colocated else "broadcast"
+        ray.get(trainers + [self.rollout.actors[i].init_sync.remote(
+            SyncSpec(host, port, world, first, self.manifest, self.bucket_bytes, timeout_s, transport, source=i))
+            for i, first in zip(live, firsts)])
 
     def rejoin(self) -> None:
         """Re-form the group (a member was replaced) and bring every worker to the current version."""
@@ -79,7 +92,7 @@ class WeightSync:
         and the version sent again; receives stuck on the old group time out on their own thread. If the sender
         fails, the members would wait for buckets that never come: the group is re-formed for them and the failure
         raised at once as ``WeightSyncError``."""
-        senders = self.train.broadcast_weights(version)  # rank 0 sends; with a sharded model all ranks gather
+        senders = self.train.broadcast_weights(version, self.senders)  # with a sharded model all ranks gather
         recvs = {self.rollout.actors[i].receive_weights.remote(version): i for i in self.rollout.live}
         pending, dead, broken, send_error, sent = [*senders, *recvs], [], False, None, 0
         while pending and not (dead or broken or send_error):
@@ -94,8 +107,8 @@ class WeightSync:
                 else:
                     broken = True  # a member's receive failed because a peer vanished mid-broadcast
                 continue
-            if done[0] == senders[0]:
-                sent = result
+            if done[0] in senders:
+                sent += result
         if send_error is not None or broken:
             # a member dying also fails the sender's collective (connection reset) and other members' receives,
             # and that can arrive before its own worker has noticed: whose fault it is, the members' processes say
