@@ -65,8 +65,11 @@ def bare_bucketed_s(shapes, reps: int = 3) -> float:
 
 def vllm_worker_rss(own_pid: int) -> int:
     for p in psutil.Process(own_pid).children(recursive=True):
-        if "VLLM::Worker" in p.name() + " ".join(p.cmdline()):
-            return p.memory_info().rss
+        try:  # (an earlier engine's processes may linger as zombies)
+            if "VLLM::Worker" in p.name() + " ".join(p.cmdline()):
+                return p.memory_info().rss
+        except psutil.Error:
+            continue
     raise RuntimeError("no VLLM::Worker process found")
 
 

@@ -276,7 +276,7 @@ def test_pushes_go_into_a_tensor_parallel_engines_workers_in_a_placement_group(r
     executor there and ask the placement group for GPUs the rollout workers already hold; r1's engines run their
     ranks as their own processes.) Pushes never pass through the rollout worker: its peak memory does not grow by a
     copy of the model (the old path staged a full copy per version there). A vLLM worker killed while a push is in
-    flight (once the trainer has announced it; 10 KB buckets keep it in flight) fails that push; the rollout worker
+    flight (once the trainer has announced it; 50 KB buckets keep it in flight) fails that push; the rollout worker
     is replaced, the group re-formed and the version sent again: the replacement serves it."""
     import signal
     from datetime import timedelta
@@ -291,7 +291,7 @@ def test_pushes_go_into_a_tensor_parallel_engines_workers_in_a_placement_group(r
     model_bytes = sum(t.numel() * 4 for t in _trainer(path).model.parameters())
     cfg = compose(TINY_VLLM + VLLM_RUN + [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}",
                                           "model.source=pretrained", f"model.path={path}", "rollout.num_workers=1",
-                                          "rollout.vllm.tensor_parallel_size=2", "sync.bucket_mb=0.01"])
+                                          "rollout.vllm.tensor_parallel_size=2", "sync.bucket_mb=0.05"])
     validate(cfg)
     train, pool = TrainPool(cfg, path), RolloutPool(cfg, path)
     try:

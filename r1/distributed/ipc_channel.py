@@ -66,7 +66,7 @@ def shared_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
     storage = torch.UntypedStorage(nbytes)
     storage._share_filename_cpu_()
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
+    return torch.empty(0, dtype=torch.uint8, device="cpu").set_(storage, 0, (nbytes,), (1,))
 
 
 def open_shared(handle: dict, device: torch.device) -> torch.Tensor:
@@ -75,7 +75,7 @@ def open_shared(handle: dict, device: torch.device) -> torch.Tensor:
     if handle["kind"] == "cpu":
         storage = torch.UntypedStorage._new_shared_filename_cpu(
             _unb64(handle["manager"]), _unb64(handle["name"]), handle["size"])
-        return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (handle["numel"],), (1,))
+        return torch.empty(0, dtype=torch.uint8, device="cpu").set_(storage, 0, (handle["numel"],), (1,))
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
     index = device.index if device.index is not None else torch.cuda.current_device()
