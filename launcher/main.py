@@ -90,12 +90,9 @@ def hydra_main(cfg: DictConfig) -> None:
     except ConfigError as err:  # found once the model is known (e.g. an architecture vLLM cannot serve)
         print(f"r1-launch: {err}", file=sys.stderr)
         sys.exit(2)
-    if result.get("stopped_by"):  # stopped by SIGINT/SIGTERM after a checkpoint: the conventional 128 + signal
-        sys.exit(128 + int(result["stopped_by"]))
-    if result.get("aborted"):  # a sick GPU or a stalled run (r1.health), after a checkpoint: try again elsewhere
-        from r1.monitoring.stop import REQUEUE_EXIT
+    from r1.monitoring.stop import exit_code
 
-        sys.exit(REQUEUE_EXIT)
+    sys.exit(exit_code(result))  # 0; 75 when it aborted itself (r1.health) after a checkpoint; 128 + signal
 
 
 def submit_to_slurm(cfg) -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from r1.monitoring.stop import REQUEUE_EXIT  # the job script runs `scontrol requeue` on it
+from r1.monitoring.stop import REQUEUE_EXIT, exit_code
 
 ATTEMPTS_FILE = "slurm_attempts.jsonl"
 EXCLUDE_FILE = "slurm-{job}.exclude"  # the nodes a health abort found sick, comma-separated (the job script reads it)
@@ -105,21 +105,19 @@ def main(config_path: str) -> int:
                   f"{allowed} failed attempts allowed)", file=sys.stderr)
             return REQUEUE_EXIT
         return 1
+    stopped_by = result.get("stopped_by")
     if aborted := result.get("aborted"):
         if aborted.get("gpu") is not None:  # a node's GPU: never again on that node, for this job
             exclude_node(Path(cfg.run_dir) / EXCLUDE_FILE.format(job=job), aborted["node"])
         attempts.write("end", attempt, outcome="aborted", step=result.get("step"), signal=aborted["signal"],
                        node=aborted["node"], gpu=aborted.get("gpu"))
-        return REQUEUE_EXIT
-    stopped_by = result.get("stopped_by")
-    if stopped_by == signal.SIGUSR1:  # time limit or preemption ahead: checkpointed, come back
+    elif stopped_by == signal.SIGUSR1:  # time limit or preemption ahead: checkpointed, come back
         attempts.write("end", attempt, outcome="preempted", step=result.get("step"))
-        return REQUEUE_EXIT
-    if stopped_by:
+    elif stopped_by:
         attempts.write("end", attempt, outcome=f"stopped by {signal.Signals(stopped_by).name}", step=result.get("step"))
-        return 128 + int(stopped_by)
-    attempts.write("end", attempt, outcome="completed", step=result.get("step"))
-    return 0
+    else:
+        attempts.write("end", attempt, outcome="completed", step=result.get("step"))
+    return exit_code(result)  # REQUEUE_EXIT makes the job script requeue the job
 
 
 if __name__ == "__main__":

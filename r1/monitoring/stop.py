@@ -20,6 +20,20 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 REQUEUE_EXIT = 75  # "try again later" (sysexits' EX_TEMPFAIL): a Slurm job requeues itself on it
 
 
+def exit_code(result: dict) -> int:
+    """The exit code of a finished run (what ``r1.stages.run`` returned), the same under every launcher (local,
+    Slurm, Kubernetes): 0 when it completed; ``REQUEUE_EXIT`` when it checkpointed and must run again - it aborted
+    itself (a sick GPU, a stall: ``result["aborted"]``) or was warned of its end (SIGUSR1: a time limit or a
+    preemption ahead); 128 + the signal that stopped it otherwise. A run that aborted must never look finished: a
+    Kubernetes RayJob that exits 0 is SUCCEEDED and never retried, and training would have stopped in silence."""
+    if result.get("aborted"):
+        return REQUEUE_EXIT
+    stopped_by = result.get("stopped_by")
+    if stopped_by == signal.SIGUSR1:
+        return REQUEUE_EXIT
+    return 128 + int(stopped_by) if stopped_by else 0
+
+
 class GracefulStop:
     def __init__(self):
         self.signum: int | None = None
