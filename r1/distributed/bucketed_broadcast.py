@@ -78,6 +78,29 @@ def node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` (on this node) is still running: not exited, not a zombie."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def check_arrival(name: str, tensor: torch.Tensor, spec: TensorSpec, position: int) -> None:
+    """A sender's tensor at ``position`` is the manifest's (the receivers plan their buckets from the manifest)."""
+    if (name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")) != (spec.name, spec.shape, spec.dtype):
+        raise RuntimeError(f"weight sync: expected {spec} at position {position}, the trainer gave {name} "
+                           f"{tuple(tensor.shape)} {tensor.dtype}")
+
+
+def check_exhausted(arriving: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Nothing beyond the manifest (and a generator whose last step is collective, e.g. a sharded export, ends)."""
+    for name, _ in arriving:
+        raise RuntimeError(f"weight sync: the trainer gave {name}, which is not in the manifest")
+
+
 def wait_key(store, key: str, retired=lambda: False) -> bytes:
     """``key``'s value in ``store`` once someone sets it, however long that takes (past the store's own timeout),
     unless ``retired()`` says the waiter is no longer wanted. A store whose owner died raises."""
@@ -162,11 +185,7 @@ class BroadcastGroup:
             parts = []
             for i in bucket:
                 name, tensor = next(arriving)
-                spec = manifest[i]
-                if (name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")) != (
-                        spec.name, spec.shape, spec.dtype):
-                    raise RuntimeError(f"weight sync: expected {spec} at position {i}, the trainer gave {name} "
-                                       f"{tuple(tensor.shape)} {tensor.dtype}")
+                check_arrival(name, tensor, manifest[i], i)
                 parts.append(tensor.reshape(-1).to(self.device))
             if len(parts) == 1 and parts[0].is_contiguous():
                 flat = parts[0]  # a bucket of one tensor goes as it is (a view: no copy)
@@ -175,8 +194,7 @@ class BroadcastGroup:
                 torch.cat(parts, out=flat)
             self._broadcast(flat)
             sent += flat.numel() * flat.element_size()
-        for name, _ in arriving:  # (ends a generator whose last step is collective, e.g. a sharded export)
-            raise RuntimeError(f"weight sync: the trainer gave {name}, which is not in the manifest")
+        check_exhausted(arriving)
         return sent
 
     def _send_buffer(self, dtype: torch.dtype, numel: int) -> torch.Tensor:

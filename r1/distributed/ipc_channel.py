@@ -24,7 +24,14 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from r1.distributed.bucketed_broadcast import TensorSpec, plan_buckets, wait_key
+from r1.distributed.bucketed_broadcast import (
+    TensorSpec,
+    check_arrival,
+    check_exhausted,
+    plan_buckets,
+    process_alive,
+    wait_key,
+)
 
 POLL_S = 0.0005  # the sender's wait for its members' copies (a store check is ~25 us; a bucket copy is ms)
 
@@ -100,6 +107,7 @@ class IpcSender:
     def __init__(self, store, source: int, members: list[int], device: torch.device, timeout_s: float):
         self.store, self.source, self.members, self.device, self.timeout_s = store, source, members, device, timeout_s
         self._pushes = 0
+        self._pids: dict[int, int] = {}  # of the members, by rank
         self._buffer: torch.Tensor | None = None
         self._handle: dict | None = None
 
@@ -127,12 +135,9 @@ class IpcSender:
             buffer, handle = self._buffer_for(nbytes)
             flat = buffer[:nbytes].view(dtype)
             offset = 0
-            for spec in specs:
+            for i, spec in zip(bucket, specs):
                 name, tensor = next(arriving)
-                if (name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")) != (
-                        spec.name, spec.shape, spec.dtype):
-                    raise RuntimeError(f"weight sync: expected {spec} , the trainer gave {name} "
-                                       f"{tuple(tensor.shape)} {tensor.dtype}")
+                check_arrival(name, tensor, spec, i)
                 flat[offset:offset + spec.numel].copy_(tensor.reshape(-1))
                 offset += spec.numel
             if self.device.type == "cuda":
@@ -140,8 +145,7 @@ class IpcSender:
             self.store.set(f"{prefix}/{b}", json.dumps({"buffer": handle, "numel": offset, "dtype": specs[0].dtype}))
             self._wait_copied([f"{prefix}/{b}/done/{r}" for r in self.members], version)
             sent += nbytes
-        for name, _ in arriving:  # (ends a generator whose last step is collective, e.g. a sharded export)
-            raise RuntimeError(f"weight sync: the trainer gave {name}, which is not in the manifest")
+        check_exhausted(arriving)
         return sent
 
     def _wait_copied(self, keys: list[str], version: int) -> None:
@@ -158,15 +162,11 @@ class IpcSender:
             time.sleep(POLL_S)
 
     def _check_members(self, version: int) -> None:
-        import psutil
-
         for rank in self.members:
-            pid = int(self.store.get(f"pid/{rank}"))
-            try:
-                gone = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                gone = True
-            if gone:
+            if rank not in self._pids:  # (written once, when the member joined)
+                self._pids[rank] = int(self.store.get(f"pid/{rank}"))
+            pid = self._pids[rank]
+            if not process_alive(pid):
                 raise MemberDied(f"weight sync (colocated): member rank {rank} (pid {pid}) died during version "
                                  f"{version}")
 

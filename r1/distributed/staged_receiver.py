@@ -32,7 +32,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from r1.distributed.bucketed_broadcast import BroadcastGroup, TensorSpec
+from r1.distributed.bucketed_broadcast import BroadcastGroup, TensorSpec, process_alive
 from r1.distributed.ipc_channel import IpcReceiver
 
 log = logging.getLogger(__name__)
@@ -255,12 +255,4 @@ class SyncWatch:
 
     def members_alive(self) -> bool:
         """Whether every member process that joined is still running (not exited, not a zombie)."""
-        import psutil
-
-        for pid in self.pids.values():
-            try:
-                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                    return False
-            except psutil.NoSuchProcess:
-                return False
-        return True
+        return all(process_alive(pid) for pid in self.pids.values())
