@@ -32,13 +32,14 @@ from r1.data.prompts import PromptSampler
 from r1.data.tokens import TokenRules
 from r1.eval.held_out import evaluate, print_comparison, provenance
 from r1.health.supervisor import HealthSupervisor
-from r1.inputs import check_inputs, prepare_data, prepare_model
+from r1.inputs import check_inputs, prepare_model, prepare_prompts
 from r1.monitoring.ledger import GroupLedger
 from r1.monitoring.loggers import MetricsLogger
 from r1.monitoring.progress import Progress
 from r1.monitoring.stop import GracefulStop
 from r1.rewards.sandbox import SandboxUnavailable
 from r1.types import SamplingParams, TrainBatch, WorkerTotals, collate
+from r1.workers.lifecycle import WorkerLifecycle
 from r1.workers.pools import RolloutPool, TrainPool, colocated, nodes_of
 from r1.workers.rollout_buffer import RolloutBuffer
 from r1.workers.weight_sync import WeightSync
@@ -138,7 +139,7 @@ def run(cfg) -> dict:
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     model_path = prepare_model(cfg)
-    train_set, eval_set = prepare_data(cfg)
+    train_set, eval_set = prepare_prompts(cfg, model_path)  # (prompts beyond the engine's context dropped, counted)
     owns_ray = connect(cfg.cluster)
     train = rollout = logger = ledger = None
     try:
@@ -148,8 +149,9 @@ def run(cfg) -> dict:
         (run_dir / "nodes.json").write_text(json.dumps(layout))  # which node each worker of each pool runs on
         log.info("training pool on %s, rollout pool on %s", layout["train"], layout["rollout"])
         sync = WeightSync(train, rollout)
+        workers = WorkerLifecycle(rollout, sync)  # replaces and drains rollout workers; the sync group follows
         pad_id = TokenRules.load(model_path).pad_id
-        buffer = RolloutBuffer(cfg, rollout, train_set.problems, PromptSampler(len(train_set.problems), cfg.seed),
+        buffer = RolloutBuffer(cfg, workers, train_set.problems, PromptSampler(len(train_set.problems), cfg.seed),
                                lambda version, seed: sampling_params(cfg, version, seed),
                                keep=has_signal if cfg.algo.filter_uniform_groups else None)
         checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
@@ -179,12 +181,13 @@ def run(cfg) -> dict:
             saved_step = step
 
         def run_eval(tag: str) -> None:
-            evals[tag] = evaluate(cfg, rollout, eval_set, step, version)
+            evals[tag] = evaluate(cfg, workers, eval_set, step, version)
             logger.log({f"eval/{k}": v for k, v in evals[tag].items()}, step=step)
             progress.note(f"[cyan]eval @ step {step}[/]: " + ", ".join(f"{k} {v:.3f}" for k, v in evals[tag].items()))
 
-        with GracefulStop() as stop, HealthSupervisor(cfg, run_dir, logger, train, rollout, stop) as health:
-            health.watch(lambda: (step, buffer.collected))  # no step and no rollout for stall_minutes: stacks, act
+        with GracefulStop() as stop, HealthSupervisor(cfg, run_dir, logger, train, workers, stop) as health:
+            # no step, no rollout and no worker's heartbeat for stall_minutes: stacks, then the stall's action
+            health.watch(lambda: (step, buffer.collected))
             if cfg.eval.at_start and "base" not in evals:
                 run_eval("base")
 
@@ -244,6 +247,7 @@ def run(cfg) -> dict:
                     "perf/gen_tokens": gen_tokens, "perf/train_tokens": train_tokens,
                     "perf/sync_MB": sent / 2**20, "perf/sync_MB_per_s": sent / 2**20 / max(t_sync, 1e-9),
                     "policy/version": version, "data/epoch": buffer.sampler.epoch,
+                    "data/prompts_too_long": train_set.too_long,
                 })
                 metrics.update({f"time/trainer_{k}": v for k, v in train.pop_seconds().items()})
                 for k in ("checked", "timeouts", "errors"):

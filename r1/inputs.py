@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 from r1.config.validate import ConfigError
@@ -163,6 +166,39 @@ def check_vllm_can_serve(cfg, model_path: str) -> None:
                        max_tokens=max([s.max_tokens for s in r.length_schedule] + [cfg.eval.max_new_tokens]))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def context_length(cfg, model_path: str) -> int:
+    """Tokens per sequence (prompt + response) the rollout engine allows: ``rollout.vllm.max_model_len`` when set
+    for vLLM, else the model's ``max_position_embeddings`` (what vLLM and the HF engine default to)."""
+    if cfg.rollout.engine == "vllm" and cfg.rollout.vllm.max_model_len:
+        return int(cfg.rollout.vllm.max_model_len)
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or sys.maxsize)
+
+
+def drop_prompts_beyond_context(cfg, model_path: str, loaded: LoadedPrompts) -> LoadedPrompts:
+    """``loaded`` without the prompts that leave the engine no room to answer (templated prompt of the context's
+    length or more: vLLM refuses them), counted in ``too_long``. Kept out at load, they never reach a request."""
+    from r1.data.template import apply_template
+    from r1.data.tokens import TokenRules
+
+    tokens, context = TokenRules.load(model_path), context_length(cfg, model_path)
+    keep = [p for p in loaded.problems
+            if len(tokens.encode(apply_template(p.prompt, cfg.data.template, tokens.tokenizer))) < context]
+    too_long = len(loaded.problems) - len(keep)
+    if too_long:
+        log.warning("%s: %d of %d prompts are %d tokens or longer (templated), the rollout engine's context: "
+                    "dropped (raise rollout.vllm.max_model_len or shorten them)", loaded.path, too_long,
+                    len(loaded.problems), context)
+    if not keep:
+        raise ValueError(f"{loaded.path}: no prompt fits the rollout engine's context of {context} tokens")
+    return replace(loaded, problems=keep, too_long=too_long)
+
+
+def prepare_prompts(cfg, model_path: str) -> tuple[LoadedPrompts, LoadedPrompts]:
+    """The training and evaluation prompts (``prepare_data``), without those beyond the engine's context."""
+    return tuple(drop_prompts_beyond_context(cfg, model_path, s) for s in prepare_data(cfg))
 
 
 def prepare_data(cfg) -> tuple[LoadedPrompts, LoadedPrompts]:

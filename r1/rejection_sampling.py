@@ -8,7 +8,10 @@
 Every row carries its provenance: the model, its training step, the sampling parameters and seed, its shard and
 sample. A shard is sampled with its own seed, and a written shard is never sampled again: a run killed at any point
 and started again with the same ``run_dir`` samples only the shards it had not written, and writes no sample twice.
-A rollout worker that dies is replaced and its shard redone once.
+A rollout worker that dies is replaced and its shard redone once (``r1.workers.lifecycle``: with two shards in
+flight on it, both are redone, and it is replaced once); a shard lost twice is left unwritten and counted - the
+same command samples it again. A problem its worker could not make (a reward raised, a prompt beyond the context)
+is counted under ``skipped/<reason>``.
 """
 
 from __future__ import annotations
@@ -22,14 +25,16 @@ from pathlib import Path
 
 import ray
 from omegaconf import OmegaConf
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from r1.cluster import connect
 from r1.data.filters import dedup_key, rejection_reason
-from r1.inputs import check_inputs, prepare_data, prepare_model
+from r1.inputs import check_inputs, prepare_model, prepare_prompts
 from r1.monitoring.loggers import MetricsLogger
 from r1.monitoring.progress import Progress
+from r1.rewards.sandbox import SandboxUnavailable
 from r1.types import SamplingParams
+from r1.workers.lifecycle import WorkerLifecycle, failure_reason, redo_once
 from r1.workers.pools import RolloutPool
 
 log = logging.getLogger(__name__)
@@ -80,6 +85,8 @@ class ShardStore:
         duplicates)."""
         seen, rows, duplicates = set(), [], 0
         for shard in range(shards):
+            if not self.done(shard):  # (lost twice: not written by this run)
+                continue
             for line in self.path(shard).read_text().splitlines():
                 row = json.loads(line)
                 key = dedup_key(row["prompt"], row["response"])
@@ -105,6 +112,9 @@ def select(groups, problems, rules, language: str, provenance: dict, shard: int)
     """The kept samples of one shard's groups as SFT rows, and the count of every outcome."""
     rows, counts = [], Counter()
     for group in groups:
+        if group.skipped:  # its worker could not make it
+            counts[f"skipped/{group.skipped}"] += 1
+            continue
         prompt = problems[group.prompt_index].prompt
         seen, kept = set(), 0
         for j, sample in enumerate(group.samples):
@@ -134,7 +144,8 @@ def run(cfg) -> dict:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     rules = cfg.rejection
     model_path = prepare_model(cfg)
-    problems = prepare_data(cfg)[0].problems[: rules.num_prompts or None]
+    loaded = prepare_prompts(cfg, model_path)[0]  # (prompts beyond the engine's context dropped, counted)
+    problems = loaded.problems[: rules.num_prompts or None]
     size = rules.prompts_per_shard
     shards = [list(range(start, min(start + size, len(problems)))) for start in range(0, len(problems), size)]
     sampling = {"temperature": rules.temperature, "top_p": rules.top_p, "max_new_tokens": rules.max_new_tokens,
@@ -154,28 +165,39 @@ def run(cfg) -> dict:
         logger = MetricsLogger(cfg, run_dir, OmegaConf.to_container(cfg, resolve=True), finished)
         progress = Progress(len(shards), start_step=finished)
         totals = sum((store.counts(s) for s in range(len(shards)) if store.done(s)), Counter())
-        inflight: dict = {}  # ref -> (shard, worker, redone)
-        queue = [(s, False) for s in todo]
+        workers = WorkerLifecycle(rollout)  # replaces a dead worker once; its shards are redone once
+        inflight: dict = {}  # ref -> (shard, ticket)
+        queue, losses, unwritten = list(todo), Counter(), []
         while queue or inflight:
-            while queue and len(inflight) < IN_FLIGHT_PER_WORKER * len(rollout.live):
-                shard, redone = queue.pop(0)
-                busy = Counter(w for _, w, _ in inflight.values())
-                worker = min(rollout.live, key=lambda w: busy[w])
+            while queue and len(inflight) < IN_FLIGHT_PER_WORKER * len(workers.live):
+                shard = queue.pop(0)
+                busy = Counter(ticket.worker for _, ticket in inflight.values())
+                worker = min(workers.live, key=lambda w: busy[w])
                 params = SamplingParams(n=rules.samples_per_prompt, temperature=rules.temperature, top_p=rules.top_p,
                                         max_new_tokens=rules.max_new_tokens, seed=cfg.seed * 1_009 + shard)
                 batch = [(i, problems[i].prompt, problems[i].reference) for i in shards[shard]]
-                inflight[rollout.submit(worker, batch, params, shards[shard], 0)] = (shard, worker, redone)
+                ref, ticket = workers.submit(worker, batch, params, shards[shard], 0)
+                inflight[ref] = (shard, ticket)
             (ref,), _ = ray.wait(list(inflight), num_returns=1)
-            shard, worker, redone = inflight.pop(ref)
+            shard, ticket = inflight.pop(ref)
             t0 = time.time()
             try:
                 result = ray.get(ref)
-            except RayActorError:
-                if redone:
-                    raise
-                log.warning("rollout worker %d died with shard %d: replaced, the shard is redone", worker, shard)
-                rollout.replace([worker])
-                queue.insert(0, (shard, True))
+            except SandboxUnavailable:
+                raise
+            except (RayActorError, RayTaskError) as err:
+                reason = failure_reason(err)
+                if isinstance(err, RayActorError):
+                    workers.lost(ticket)
+                if redo_once(losses, [shard])[0]:
+                    log.warning("shard %d lost (%s, worker %d): redone", shard, reason, ticket.worker)
+                    totals["shards_redone"] += 1
+                    queue.insert(0, shard)
+                else:
+                    log.error("shard %d lost twice (%s): not written; run the same command again to sample it",
+                              shard, reason)
+                    totals[f"shards_lost_twice/{reason}"] += 1
+                    unwritten.append(shard)
                 continue
             rows, counts = select(result.groups, problems, rules, cfg.reward.language, provenance, shard)
             store.write(shard, rows, counts)
@@ -187,6 +209,7 @@ def run(cfg) -> dict:
             progress.note(f"[bold]shard {finished}/{len(shards)}[/] kept {totals['kept']} of {totals['samples']} "
                           f"samples ({_reasons(totals)}) ETA {progress.eta_text(finished)}")
         rows, duplicates = store.merge(len(shards), run_dir / rules.output)
+        replaced = rollout.replaced
     finally:
         if logger is not None:
             logger.close()
@@ -194,9 +217,14 @@ def run(cfg) -> dict:
             rollout.shutdown()
         if owns_ray:
             ray.shutdown()
-    summary = dict(totals) | {"rows": rows, "duplicates_across_shards": duplicates, "prompts": len(problems)}
+    summary = dict(totals) | {"rows": rows, "duplicates_across_shards": duplicates, "prompts": len(problems),
+                              "workers_replaced": replaced, "unwritten_shards": unwritten,
+                              "prompts_too_long": loaded.too_long}
     write_atomic(run_dir / "rejection" / "summary.json", json.dumps(summary, indent=1))
     progress.note(f"wrote {rows} rows to {run_dir / rules.output} ({_reasons(totals)})")
+    if unwritten:
+        progress.note(f"[red]{len(unwritten)} shard(s) lost twice and not written ({unwritten}): run the same "
+                      f"command again to sample them[/]")
     return {"run_dir": str(run_dir), "output": str(run_dir / rules.output), "summary": summary,
             "stopped_by": None, "aborted": None}
 

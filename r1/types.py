@@ -88,6 +88,7 @@ class Group:
     reference: Reference
     samples: list[Sample]
     uid: int = -1
+    skipped: str | None = None  # why its worker could not make it (no samples then): counted, never trained on
 
     @property
     def policy_version(self) -> int:

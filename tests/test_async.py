@@ -26,6 +26,8 @@ from r1.data.tokens import TokenRules
 from r1.driver import build_batch, make_loss, max_tokens_at, run, sampling_params, train_on
 from r1.inputs import prepare_data
 from r1.monitoring.ledger import read_ledger
+from r1.types import Reference
+from r1.workers.lifecycle import WorkerLifecycle
 from r1.workers.rollout_buffer import outstanding_uids, request_seed
 from tests.conftest import REPO, TINY, compose, pools
 
@@ -209,8 +211,10 @@ def test_evaluation_redoes_the_chunk_of_a_dead_worker(ray_local, tiny_model, cac
     with pools(cfg, tiny_model) as (_, rollout, sync):
         os.kill(ray.get(rollout.actors[0].pid.remote()), signal.SIGKILL)
         problems = [(i, p.prompt, p.reference) for i, p in enumerate(prepare_data(cfg)[1].problems[:4])]
-        rows = rollout.evaluate(problems, sampling_params(cfg, 0, seed=5), 0)
-        assert len(rows) == 4 and rollout.replaced == 1
+        too_long = (4, "Compute " + " + ".join(["1"] * 300), Reference("300"))  # beyond the model's 256 positions
+        rows = WorkerLifecycle(rollout, sync).evaluate([*problems, too_long], sampling_params(cfg, 0, seed=5), 0)
+        assert len(rows) == 5 and rollout.replaced == 1
+        assert all("pass1" in r for r in rows[:4]) and rows[4] == {"skipped": "prompt_too_long"}
         # the replacement joined the re-formed sync group: a push reaches it (it now generates as version 1) and
         # leaves it bit-identical to the surviving worker
         sync.push(1)
@@ -227,7 +231,7 @@ def test_groups_older_than_the_bound_are_discarded_and_regenerated_first(ray_loc
     cfg = compose(_overrides(cache_dir, tmp_path / "stale", 1, "algo.max_staleness=1"))
     with pools(cfg, tiny_model) as (_, rollout, sync):
         problems = prepare_data(cfg)[0].problems
-        buffer = RolloutBuffer(cfg, rollout, problems, PromptSampler(len(problems), cfg.seed),
+        buffer = RolloutBuffer(cfg, WorkerLifecycle(rollout, sync), problems, PromptSampler(len(problems), cfg.seed),
                                lambda version, seed: sampling_params(cfg, version, seed))
         buffer.fill(0)  # two batches' worth, requested at (and generated with) version 0
         for version in (1, 2, 3):  # the trainer moves on before they are taken
@@ -252,7 +256,7 @@ def test_groups_older_than_the_bound_are_discarded_and_regenerated_first(ray_loc
         assert outstanding_uids(state) == list(range(2 * P, 4 * P)) and state["requests"] == [[[2 * P, ANY]]]
         assert state["attempts"] == [[2 * P, 1]] and state["discarded_stale"] == 2 * P + 1
         buffer.save_groups(tmp_path)
-        restored = RolloutBuffer(cfg, rollout, problems, PromptSampler(len(problems), cfg.seed),
+        restored = RolloutBuffer(cfg, WorkerLifecycle(rollout, sync), problems, PromptSampler(len(problems), cfg.seed),
                                  lambda version, seed: sampling_params(cfg, version, seed))
         restored.load_state_dict(state, tmp_path)
         assert restored.state_dict() == state
@@ -283,6 +287,44 @@ def zero_reward(response: str, reference: str) -> float:
 def length_reward(response: str, reference: str) -> float:
     """Differs between samples from the start (an untrained tiny model never earns accuracy or format)."""
     return len(response) / 64
+
+
+RAISING_ANSWER = "777"
+
+
+def raising_reward(response: str, reference: str) -> float:
+    """A user's reward code with a bug that one problem (answer 777) triggers."""
+    if reference == RAISING_ANSWER:
+        raise ValueError("a bug in the reward code")
+    return len(response) / 64
+
+
+def test_a_problem_whose_reward_raises_is_skipped_and_one_beyond_the_context_dropped(ray_local, tiny_model,
+                                                                                       cache_dir, tmp_path):
+    """A reward term that raises on one problem's responses: that problem is skipped and counted with its reason
+    each time it is drawn (its request's other problems are trained on), never retried forever; a prompt longer
+    than the engine's context is dropped at load and counted. The run completes."""
+    rows = [{"prompt": f"Compute {a} + {b} + {c} + {d}", "answer": str(a + b + c + d)}
+            for a, b, c, d in [(1, 2, 3, 4), (2, 2, 2, 2), (5, 1, 0, 3), (4, 4, 1, 0), (3, 3, 3, 1)]]
+    rows.insert(2, {"prompt": "Compute 700 + 77", "answer": RAISING_ANSWER})
+    rows.append({"prompt": "Compute " + " + ".join(["1"] * 300), "answer": "300"})  # beyond 256 positions
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "skip"
+    out = run(compose(_overrides(
+        cache_dir, run_dir, 3, f"data.train_path={data}", f"data.eval_path={data}", "data.generator=null",
+        "reward.terms=[{name: 'tests.test_async:raising_reward', weight: 1.0}]")))
+    assert out["step"] == 3
+    metrics = _step_metrics(run_dir)
+    assert {m["data/prompts_too_long"] for m in metrics} == {1}
+    # which uid drew which problem: the sampler over the 6 problems that fit, in uid order
+    drawn = PromptSampler(6, 0).next_indices(out["buffer"]["next_uid"])
+    trained = {r["uid"] for r in read_ledger(run_dir)}
+    skipped = set(range(len(drawn))) - trained - set(outstanding_uids(out["buffer"]))
+    assert skipped and skipped == {u for u in range(len(drawn)) if drawn[u] == 2} - set(outstanding_uids(out["buffer"]))
+    assert metrics[-1]["buffer/skipped/reward_error:ValueError"] == metrics[-1]["buffer/skipped_total"] == len(skipped)
+    assert out["buffer"]["skipped"] == {"reward_error:ValueError": len(skipped)}
+    assert all(r["prompt_index"] != 2 for r in read_ledger(run_dir))
 
 
 def test_dynamic_sampling_refills_the_batch_with_groups_that_carry_signal(ray_local, tiny_model, cache_dir,

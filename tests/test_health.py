@@ -203,7 +203,8 @@ def test_health_disabled_starts_no_monitor_and_no_watchdog(tmp_path):
 
     cfg = SimpleNamespace(health=_health_cfg(enabled=False, stall_minutes=0))
     pool = SimpleNamespace(actors=[], drained=set())
-    with HealthSupervisor(cfg, tmp_path, logger=None, train=pool, rollout=pool, stop=GracefulStop()) as health:
+    with HealthSupervisor(cfg, tmp_path, logger=None, train=pool, workers=SimpleNamespace(pool=pool),
+                          stop=GracefulStop()) as health:
         health.watch(lambda: 0)
         assert health.monitors == {} and not any(t.name == "r1-watchdog" for t in threading.enumerate())
         assert health.check() == {"health/incidents_total": 0, "health/drained_workers": 0}

@@ -103,6 +103,48 @@ def test_a_killed_run_resumes_and_writes_every_sample_once(tiny_model, cache_dir
     assert summary["kept"] + sum(v for k, v in summary.items() if k.startswith("rejected/")) == 48
 
 
+def test_two_shards_in_flight_on_a_worker_that_dies_are_both_redone_and_it_is_replaced_once(
+        ray_local, tiny_model, cache_dir, tmp_path, monkeypatch):
+    """One worker, two shards in flight on it (rejection sampling keeps two per worker), SIGKILLed once both are
+    sent: both requests fail; the first failure replaces the worker, the second finds the replacement already there
+    (replacing again would kill it with the redone shard on it). Every shard is written, each equal to the same
+    shard of a run without the fault."""
+    import signal
+
+    import ray
+
+    from r1 import rejection_sampling
+    from r1.workers.pools import RolloutPool
+
+    real_submit, sent = RolloutPool.submit, []
+
+    def submit_then_kill(pool, worker, *args):
+        ref = real_submit(pool, worker, *args)
+        sent.append(worker)
+        if len(sent) == 2:  # both first shards are queued on worker 0
+            os.kill(ray.get(pool.actors[worker].pid.remote()), signal.SIGKILL)
+        return ref
+
+    def args(run_dir):
+        return [*TINY, "+experiment=r1_rejection_sampling", f"cache_dir={cache_dir}", f"run_dir={run_dir}",
+                "rejection.num_prompts=8", "rejection.prompts_per_shard=2", "rejection.samples_per_prompt=2",
+                "rejection.max_new_tokens=16", "rollout.num_workers=1",
+                "reward.terms=[{name: 'tests.test_rejection_sampling:always', weight: 1.0}]",
+                "rejection.correct_term='tests.test_rejection_sampling:always'", "rejection.require_format=false",
+                "rejection.min_language_consistency=0", "rejection.max_repetition=1"]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RolloutPool, "submit", submit_then_kill)
+        faulty = rejection_sampling.run(compose(args(tmp_path / "faulty")))["summary"]
+    clean = rejection_sampling.run(compose(args(tmp_path / "clean")))["summary"]
+    assert sent[:2] == [0, 0] and len(sent) == 4 + 2  # 4 shards, the 2 lost ones sent again
+    assert faulty["workers_replaced"] == 1 and faulty["shards_redone"] == 2 and faulty["unwritten_shards"] == []
+    for shard in range(4):
+        name = f"rejection/shard_{shard:06d}.jsonl"
+        assert (tmp_path / "faulty" / name).read_text() == (tmp_path / "clean" / name).read_text()
+    assert faulty["rows"] == clean["rows"] > 0 and "shards_redone" not in clean
+
+
 def always(response: str, reference: str) -> float:
     return 1.0
 

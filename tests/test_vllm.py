@@ -283,6 +283,7 @@ def test_pushes_go_into_a_tensor_parallel_engines_workers_in_a_placement_group(r
 
     import torch.distributed as dist
 
+    from r1.workers.lifecycle import WorkerLifecycle
     from r1.workers.pools import RolloutPool, TrainPool
     from r1.workers.weight_sync import WeightSync
     from tests.conftest import TINY_VLLM
@@ -309,7 +310,7 @@ def test_pushes_go_into_a_tensor_parallel_engines_workers_in_a_placement_group(r
         assert sync.push(4) == 0  # 0: it failed and was sent again to a re-formed group
         killer.join()
         assert pool.replaced == 1
-        results = pool.evaluate([(0, "1 + 2", Reference("3")), (1, "4 + 5", Reference("9"))],
+        results = WorkerLifecycle(pool, sync).evaluate([(0, "1 + 2", Reference("3")), (1, "4 + 5", Reference("9"))],
                                 SamplingParams(n=1, temperature=0.0, max_new_tokens=8, seed=0), version=4)
         served = ray.get(pool.actors[0].__ray_call__.remote(lambda w: w.engine.version))
     finally:

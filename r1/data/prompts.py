@@ -35,6 +35,7 @@ class LoadedPrompts:
     problems: list[Problem]
     skipped: int
     path: str
+    too_long: int = 0  # prompts dropped at load: they do not fit the rollout engine's context
 
 
 def parse_tests(value: object) -> tuple[CodeTest, ...]:

@@ -25,6 +25,7 @@ from r1.cluster import connect
 from r1.data.prompts import load_prompts
 from r1.eval.held_out import evaluate_problems, summarize
 from r1.inputs import check_inputs, check_sandbox, check_vllm_can_serve, prepare_data, prepare_model
+from r1.workers.lifecycle import WorkerLifecycle
 from r1.workers.pools import RolloutPool
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,9 @@ def run(cfg) -> dict:
             rollout = RolloutPool(with_template(cfg, template), model)
             try:
                 for name, problems in sets:
-                    rows = evaluate_problems(cfg, rollout, problems, step=0, version=0)
+                    rows = evaluate_problems(cfg, WorkerLifecycle(rollout), problems, step=0, version=0)
                     write_rows(out_dir / label / f"{name}.jsonl", problems, rows)
-                    summary.setdefault(label, {})[name] = summarize(rows, cfg.eval.k) | {
-                        "language": sum(r["language"] for r in rows) / len(rows), "model": model}
+                    summary.setdefault(label, {})[name] = summarize(rows, cfg.eval.k) | {"model": model}
             finally:
                 rollout.shutdown()
     finally:

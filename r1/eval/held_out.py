@@ -7,31 +7,34 @@ from rich.table import Table
 from r1.types import SamplingParams
 
 
-def evaluate(cfg, rollout, eval_set, step: int, version: int) -> dict[str, float]:
+def evaluate(cfg, workers, eval_set, step: int, version: int) -> dict[str, float]:
     """The held-out metrics of policy ``version`` (at driver step ``step``, which seeds the sampling)."""
-    return summarize(evaluate_problems(cfg, rollout, eval_set.problems, step, version), cfg.eval.k)
+    return summarize(evaluate_problems(cfg, workers, eval_set.problems, step, version), cfg.eval.k)
 
 
-def evaluate_problems(cfg, rollout, problems, step: int, version: int) -> list[dict]:
-    """Per problem (the first ``eval.max_problems``): pass@1 over ``eval.k`` samples, cons@k, format, language
+def evaluate_problems(cfg, workers, problems, step: int, version: int) -> list[dict]:
+    """Through ``workers`` (``r1.workers.lifecycle.WorkerLifecycle``), per problem (the first ``eval.max_problems``): pass@1 over ``eval.k`` samples, cons@k, format, language
     consistency, length, and each sample's answer and correctness."""
     problems = problems[: cfg.eval.max_problems] if cfg.eval.max_problems else problems
     params = SamplingParams(
         n=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
         max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed * 7919 + step,
     )
-    return rollout.evaluate([(i, p.prompt, p.reference) for i, p in enumerate(problems)], params, version)
+    return workers.evaluate([(i, p.prompt, p.reference) for i, p in enumerate(problems)], params, version)
 
 
 def summarize(rows: list[dict], k: int) -> dict[str, float]:
-    n = len(rows)
-    return {
-        "pass@1": sum(r["pass1"] for r in rows) / n,
-        f"cons@{k}": sum(r["cons"] for r in rows) / n,
-        "format_rate": sum(r["format"] for r in rows) / n,
-        "response_length": sum(r["length"] for r in rows) / n,
-        "problems": float(n),
-    }
+    """Means over the problems that were evaluated; ``skipped``: those that could not be (a prompt beyond the
+    engine's context, a reward that raised, work lost twice), left out of every mean."""
+    done = [r for r in rows if "skipped" not in r]
+    n = len(done)
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in done) / n if n else float("nan")
+
+    return {"pass@1": mean("pass1"), f"cons@{k}": mean("cons"), "format_rate": mean("format"),
+            "language": mean("language"), "response_length": mean("length"), "problems": float(n),
+            "skipped": float(len(rows) - n)}
 
 
 def provenance(cfg, model_path: str) -> str:

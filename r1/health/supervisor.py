@@ -28,6 +28,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from r1.health.heartbeat import Heartbeats
 from r1.health.monitor import NodeMonitor
 from r1.health.nvml import nvml_index
 from r1.health.policy import ACTIONS, Incident, action_of, escalate
@@ -42,8 +43,10 @@ INCIDENT_COLUMNS = ["time", "signal", "action", "node", "gpu", "uuid", "xid", "d
 
 
 class HealthSupervisor:
-    def __init__(self, cfg, run_dir: Path, logger, train, rollout, stop):
-        self.cfg, self.logger, self.train, self.rollout, self.stop = cfg.health, logger, train, rollout, stop
+    def __init__(self, cfg, run_dir: Path, logger, train, workers, stop):
+        """``workers``: the rollout pool's ``WorkerLifecycle`` (None: a stage without one), which drains."""
+        self.cfg, self.logger, self.train, self.workers, self.stop = cfg.health, logger, train, workers, stop
+        self.rollout = rollout = workers.pool if workers is not None else None
         self.dir = Path(run_dir) / "health"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.incidents: list[Incident] = []
@@ -126,7 +129,7 @@ class HealthSupervisor:
             return escalate(incident, "abort", "a training worker runs on it and the training pool cannot shrink")
         for _, index in owners:
             if index not in self.rollout.drained:
-                self.rollout.drain(index)
+                self.workers.drain(index)
         if not self.rollout.live:
             return escalate(incident, "abort", "no rollout worker left")
         workers = ", ".join(f"rollout worker {i}" for _, i in owners) or "no r1 worker runs on it"
@@ -148,14 +151,17 @@ class HealthSupervisor:
 
     # --- the watchdog -------------------------------------------------------------------------------------------
     def watch(self, signs) -> None:
-        """Start the progress watchdog on ``signs()`` (health.stall_minutes; 0: none)."""
+        """Start the progress watchdog (health.stall_minutes; 0: none) on ``signs()`` and every worker's heartbeat
+        (``r1.health.heartbeat``): progress is a change in either."""
         if self.cfg.stall_minutes > 0:
-            self._watchdog = ProgressWatchdog(self.cfg.stall_minutes * 60, signs, self._on_stall)
+            stall_s = self.cfg.stall_minutes * 60
+            beats = Heartbeats([self.train, self.rollout], timeout_s=min(5.0, stall_s / 8))
+            self._watchdog = ProgressWatchdog(stall_s, lambda: (signs(), beats.read()), self._on_stall)
 
     def _on_stall(self, idle_s: float) -> None:
         stacks = self.dump_stacks()
         incident = Incident("stall", action_of("stall", self.cfg), "driver", detail=(
-            f"no finished step and no generated group for {idle_s / 60:.1f} min (health.stall_minutes="
+            f"no finished step, no generated group and no worker heartbeat for {idle_s / 60:.1f} min (health.stall_minutes="
             f"{self.cfg.stall_minutes:g}); stacks in {stacks}"), time=time.time())
         self._record(incident)
         if incident.action == "abort":

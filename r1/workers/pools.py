@@ -3,10 +3,9 @@
 Keeping the pools apart is what lets them run different engines, scale independently and overlap (asynchronous
 GRPO). ``rollout.placement=colocated`` instead puts rollout worker i in training rank i's bundle, on its GPU (Ray
 gives each half of it: both see the same device), for one node or one GPU; the weight sync then hands each engine
-its rank's memory rather than broadcasting (``r1.workers.weight_sync``). Each pool fans a call out to its actors and gathers the results in order. A rollout worker
-that dies is replaced in its placement-group bundle and rejoins a re-formed weight-sync group with the current
-weights; callers re-submit its lost work. A *drained* worker (its GPU is sick: ``r1.health``) is stopped and not
-replaced; the pool goes on with the others.
+its rank's memory rather than broadcasting (``r1.workers.weight_sync``). Each pool fans a call out to its actors
+and gathers the results in order. The pools hold their actors; when a rollout worker is replaced or drained, and
+what becomes of its work and of the sync group, is decided in one place: ``r1.workers.lifecycle``.
 """
 
 from __future__ import annotations
@@ -118,7 +117,9 @@ def _make_actors(cls, num_workers: int, cpus: float, gpus: float, strategy: str,
             raise
     remote_cls = ray.remote(cls)
     bundles = ranks_by_node(bundle_nodes)
-    return pg, [_spawn(remote_cls, pg, b, cpus, gpus, make_args(rank), env=env) for rank, b in enumerate(bundles)], bundles
+    # three calls at once: the compute, a sync-group change while a broadcast is stuck, the watchdog's heartbeat
+    return pg, [_spawn(remote_cls, pg, b, cpus, gpus, make_args(rank), max_concurrency=3, env=env)
+                for rank, b in enumerate(bundles)], bundles
 
 
 def colocated(cfg) -> bool:
@@ -258,7 +259,6 @@ class RolloutPool:
 
             self.reward_models = RewardModelPool(cfg, prepare_reward_model(cfg))
         self.actors = [self._spawn(i) for i in range(r.num_workers)]
-        self.sync = None  # the WeightSync that feeds this pool (r1.workers.weight_sync); replacements rejoin it
         self.replaced = 0
         self.drained: set[int] = set()
 
@@ -279,24 +279,14 @@ class RolloutPool:
         ObjectRef (``Rollouts``: the groups, and the worker's totals)."""
         return self.actors[worker].generate_groups.remote(problems, params, uids, version)
 
-    def drain(self, index: int) -> None:
-        """No more work for worker ``index``: stopped, not replaced. Its requests in flight fail, and whoever sent
-        them redoes them on the others; the sync group is re-formed without it."""
-        log.warning("rollout worker %d drained (health); the pool goes on with workers %s", index,
-                    [i for i in self.live if i != index])
+    def retire(self, index: int) -> None:
+        """Stop worker ``index`` for good (drained: ``WorkerLifecycle.drain``); its requests in flight fail."""
         self.drained.add(index)
         ray.kill(self.actors[index], no_restart=True)
-        if self.sync is not None and self.live:
-            self.sync.rejoin()
-
-    def replace(self, dead: list[int]) -> None:
-        """Start fresh workers in the dead ones' bundles; they rejoin the sync group with the current weights."""
-        if self.respawn(dead) and self.sync is not None:
-            self.sync.rejoin()
 
     def respawn(self, dead: list[int]) -> list[int]:
         """Start fresh workers in the dead ones' bundles (not drained ones: their failures are expected); returns
-        the indices respawned. The caller brings them into the sync group."""
+        the indices respawned. Who decides, and re-forms the sync group after: ``r1.workers.lifecycle``."""
         dead = [i for i in dead if i not in self.drained]
         for i in dead:
             log.warning("rollout worker %d died; replacing it (its in-flight requests will be redone)", i)
@@ -304,32 +294,6 @@ class RolloutPool:
             self.actors[i] = self._spawn(i)
             self.replaced += 1
         return dead
-
-    def _fan_out(self, method: str, problems: list[tuple[int, str, str]], params: SamplingParams, *args) -> list:
-        """One chunk per live worker; a chunk whose worker dies is redone on its replacement."""
-        workers = self.live
-        chunks = split_evenly(problems, len(workers))
-        results: dict[int, list] = {}
-        while len(results) < sum(1 for c in chunks if c):
-            todo = [i for i, c in enumerate(chunks) if c and i not in results]
-            futures = {
-                i: getattr(self.actors[workers[i]], method).remote(
-                    chunks[i], SamplingParams(**{**params.__dict__, "seed": params.seed * 1009 + i}), *args)
-                for i in todo
-            }
-            dead = []
-            for i, ref in futures.items():
-                try:
-                    results[i] = ray.get(ref)
-                except RayActorError:
-                    dead.append(workers[i])
-            if dead:
-                self.replace(dead)
-        return [item for i in sorted(results) for item in results[i]]
-
-    def evaluate(self, problems: list[tuple[int, str, str]], params: SamplingParams, version: int) -> list[dict]:
-        """Evaluation requests queue behind the generation requests already sent, and use policy ``version``."""
-        return self._fan_out("evaluate", problems, params, version)
 
     def shutdown(self) -> None:
         try:

@@ -22,8 +22,11 @@ Dynamic sampling (DAPO): with a ``keep`` predicate, groups it rejects (all rewar
 the batch is assembled and replaced by new draws, until the batch holds ``prompts_per_step`` kept groups or
 ``max_rounds`` batches' worth of groups have been examined for this step.
 
-Every prompt draw gets a ``uid``. A uid stays with its prompt until a group for it is trained on or dropped:
-requests of a worker that died go back to the front of the queue and are generated once more on the replacement.
+Every prompt draw gets a ``uid``. A uid stays with its prompt until a group for it is trained on, dropped or
+skipped: requests of a worker that died, or whose request raised, go back to the front of the queue and are
+generated once more (on the replacement: ``r1.workers.lifecycle``); lost a second time, or failed inside its worker
+(its reward raised, its prompt does not fit the context), a problem is *skipped* and counted with its reason - never
+retried forever.
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from r1.data.prompts import PromptSampler
 from r1.rewards.sandbox import SandboxUnavailable
 from r1.types import Group, Rollouts, SamplingParams, WorkerTotals
+from r1.workers.lifecycle import Ticket, WorkerLifecycle, failure_reason, redo_once
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,7 @@ def outstanding_uids(state: dict) -> list[int]:
 class _Request:
     entries: list[tuple[int, int]]  # (uid, prompt index)
     version: int  # the policy version it is generated with
-    worker: int
-    actor: object  # the actor handle it was sent to (to tell a dead worker from its replacement)
+    ticket: Ticket  # the worker it was sent to
 
 
 @dataclass
@@ -80,16 +83,17 @@ class Taken:
 
 
 class RolloutBuffer:
-    def __init__(self, cfg, pool, problems, sampler: PromptSampler, params_at: Callable[[int, int], SamplingParams],
-                 keep: Callable[[Group], bool] | None = None):
+    def __init__(self, cfg, workers: WorkerLifecycle, problems, sampler: PromptSampler,
+                 params_at: Callable[[int, int], SamplingParams], keep: Callable[[Group], bool] | None = None):
         """``params_at(version, seed)`` gives the sampling parameters for a request made at that policy version;
         ``keep(group)`` is dynamic sampling's filter (None: every group is kept)."""
-        self.cfg, self.pool, self.problems, self.sampler, self.params_at = cfg, pool, problems, sampler, params_at
+        self.cfg, self.workers, self.problems, self.sampler, self.params_at = cfg, workers, problems, sampler, params_at
+        self.pool = workers.pool
         self.keep = keep
         self.batch_size = cfg.algo.prompts_per_step
         self.max_staleness = cfg.algo.max_staleness
         self.max_examined = self.batch_size * (cfg.algo.max_sampling_rounds if keep is not None else 1)
-        self.per_request = cfg.rollout.groups_per_request or math.ceil(self.batch_size / len(pool.actors))
+        self.per_request = cfg.rollout.groups_per_request or math.ceil(self.batch_size / len(self.pool.actors))
         self.queue: deque[tuple[int, int]] = deque()  # drawn, not yet requested (re-queued ones first)
         self.resubmit: deque[list[tuple[int, int]]] = deque()  # requests restored from a checkpoint, as composed
         self.in_flight: dict[ray.ObjectRef, _Request] = {}
@@ -103,6 +107,8 @@ class RolloutBuffer:
         self.discarded_stale = 0
         self.redone_after_loss = 0
         self.dropped_uniform = 0
+        self.losses: Counter[int] = Counter()  # per uid: requests lost (worker died, request raised)
+        self.skipped: Counter[str] = Counter()  # problems given up, by reason
         self.worker_totals: dict[int, WorkerTotals] = {}  # the latest totals each worker sent with a result
         self.collected = 0  # generation requests finished (a sign of progress for the watchdog)
 
@@ -165,8 +171,9 @@ class RolloutBuffer:
         worker, self._next_worker = self._next_worker, (self._next_worker + 1) % len(self.pool.actors)
         seed = request_seed(self.cfg.seed, entries[0][0], self.attempts[entries[0][0]])
         problems = [(i, self.problems[i].prompt, self.problems[i].reference) for _, i in entries]
-        ref = self.pool.submit(worker, problems, self.params_at(version, seed), [u for u, _ in entries], version)
-        self.in_flight[ref] = _Request(entries, version, worker, self.pool.actors[worker])
+        ref, ticket = self.workers.submit(worker, problems, self.params_at(version, seed), [u for u, _ in entries],
+                                          version)
+        self.in_flight[ref] = _Request(entries, version, ticket)
 
     def _in_flight_groups(self) -> int:
         return sum(len(r.entries) for r in self.in_flight.values())
@@ -199,22 +206,38 @@ class RolloutBuffer:
         request = self.in_flight.pop(ref)
         try:
             rollouts: Rollouts = ray.get(ref)
-        except RayActorError:
-            # the worker died mid-request: its prompts go back to the front of the queue, to be generated once more
-            self.redone_after_loss += len(request.entries)
-            self._requeue(request.entries)
-            if self.pool.actors[request.worker] is request.actor:  # not replaced yet (by a sibling request)
-                self.pool.replace([request.worker])
+        except RayActorError as err:  # the worker died mid-request: replaced, its prompts redone once
+            self.workers.lost(request.ticket)
+            self._redo_or_skip(request.entries, failure_reason(err))
             return
         except SandboxUnavailable:
             # the worker's code sandbox cannot start: no reward can be given, and the run stops; the prompts are
             # owed again (a checkpoint taken now keeps them)
             self._requeue(request.entries)
             raise
+        except RayTaskError as err:  # the request raised (not the worker): its prompts once more, then skipped
+            log.warning("a generation request of uids %s failed: %s", [u for u, _ in request.entries],
+                        str(err).splitlines()[-1] if str(err) else type(err).__name__)
+            self._redo_or_skip(request.entries, failure_reason(err))
+            return
         self.collected += 1
         for group in rollouts.groups:
-            self.ready[group.uid] = group
-        self.worker_totals[request.worker] = rollouts.totals
+            if group.skipped:  # its worker could not make it (a reward raised, a prompt too long): counted
+                self.skipped[group.skipped] += 1
+                log.warning("problem %d (uid %d) skipped: %s", group.prompt_index, group.uid, group.skipped)
+            else:
+                self.ready[group.uid] = group
+        self.worker_totals[request.ticket.worker] = rollouts.totals
+
+    def _redo_or_skip(self, entries: list[tuple[int, int]], reason: str) -> None:
+        """Lost work: each prompt back to the front of the queue once (``redo_once``), then skipped and counted."""
+        redo = set(redo_once(self.losses, [uid for uid, _ in entries])[0])
+        give_up = [e for e in entries if e[0] not in redo]
+        self.redone_after_loss += len(redo)
+        self._requeue([e for e in entries if e[0] in redo])
+        if give_up:
+            self.skipped[reason] += len(give_up)
+            log.error("uids %s lost twice (%s): skipped", [u for u, _ in give_up], reason)
 
     def _discard(self, group: Group) -> None:
         self.discarded_stale += 1
@@ -228,7 +251,9 @@ class RolloutBuffer:
             "buffer/ready_groups": len(self.ready),
             "buffer/in_flight_groups": self._in_flight_groups(),
             "rollout/workers_replaced_total": self.pool.replaced,
+            "buffer/skipped_total": sum(self.skipped.values()),
         }
+        m.update({f"buffer/skipped/{reason}": n for reason, n in self.skipped.items()})
         if self.keep is not None:
             m.update({
                 "algo/groups_dropped_uniform": len(taken.dropped),
@@ -260,7 +285,8 @@ class RolloutBuffer:
             "ready": sorted(self.ready),
             "attempts": sorted([uid, n] for uid, n in self.attempts.items() if uid in owed),
             "discarded_stale": self.discarded_stale, "redone_after_loss": self.redone_after_loss,
-            "dropped_uniform": self.dropped_uniform,
+            "dropped_uniform": self.dropped_uniform, "skipped": dict(self.skipped),
+            "losses": sorted([uid, n] for uid, n in self.losses.items() if uid in owed),
         }
 
     def save_groups(self, directory: Path) -> None:
@@ -279,3 +305,5 @@ class RolloutBuffer:
         self.discarded_stale = state["discarded_stale"]
         self.redone_after_loss = state["redone_after_loss"]
         self.dropped_uniform = state["dropped_uniform"]
+        self.skipped = Counter(state.get("skipped", {}))
+        self.losses = Counter({uid: n for uid, n in state.get("losses", [])})

@@ -19,6 +19,7 @@ from r1.data.tokens import load_tokenizer
 from r1.distributed.bucketed_broadcast import GroupMembership, free_port, manifest_of, node_ip
 from r1.distributed.ipc_channel import IpcSender
 from r1.engines.registry import build_train_engine
+from r1.health.heartbeat import decoder_layers
 
 
 def on_compute_thread(method):
@@ -50,6 +51,7 @@ class TrainWorker:
         self.sync = GroupMembership()  # re-formed when a rollout worker is replaced
         self.ipc: IpcSender | None = None  # colocated engines: this rank hands them its weights (no collective)
         self._manifest = None  # what broadcast_weights sends, in order (set by manifest(), before any send)
+        self.beats = 0  # decoder-layer forwards and emulated-update slices (the watchdog's sign of progress)
 
     def address(self) -> tuple[str, int]:
         return node_ip(), free_port()
@@ -67,6 +69,15 @@ class TrainWorker:
                 world_size=self.world_size, timeout=timedelta(seconds=self.cfg.sync.timeout_s),
             )
         self.engine = build_train_engine(self.cfg, self.model_path)
+        for layer in decoder_layers(self.engine):  # a beat per layer forward: progress inside a long step
+            layer.register_forward_pre_hook(self._beat)
+
+    def _beat(self, *_) -> None:
+        self.beats += 1
+
+    def heartbeat(self) -> int:
+        """Beats so far (``r1.health.heartbeat``): answered on Ray's thread while the compute thread works."""
+        return self.beats
 
     # --- compute ----------------------------------------------------------------------------------------------
     @on_compute_thread
@@ -80,8 +91,11 @@ class TrainWorker:
     def train_step(self, batch, loss_fn) -> dict[str, float]:
         start = time.perf_counter()
         stats = self.engine.train_step(batch, loss_fn)
-        # emulated update latency (trainer.simulated_update_s) for orchestration benchmarks
-        time.sleep(max(0.0, start + self.cfg.trainer.simulated_update_s - time.perf_counter()))
+        # emulated update latency (trainer.simulated_update_s) for orchestration benchmarks and fault drills; it
+        # beats once a second, as the layers of a model that slow would
+        while (left := start + self.cfg.trainer.simulated_update_s - time.perf_counter()) > 0:
+            time.sleep(min(1.0, left))
+            self._beat()
         return stats | {"worker_s": time.perf_counter() - start}
 
     @on_compute_thread

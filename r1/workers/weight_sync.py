@@ -39,7 +39,6 @@ class WeightSync:
         self.manifest = train.manifest()  # (the members need it to join: they receive against it)
         self.address: tuple[str, int] | None = None  # the current group's store (what its members connect to)
         self.senders: list[int] = [0]  # the training ranks that send (colocated: each rank to its own engine)
-        rollout.sync = self
         self._form()
 
     def _form(self) -> None:
@@ -77,7 +76,8 @@ class WeightSync:
             for i, first in zip(live, firsts)])
 
     def rejoin(self) -> None:
-        """Re-form the group (a member was replaced) and bring every worker to the current version."""
+        """Re-form the group (a member was replaced or drained: ``r1.workers.lifecycle`` calls this) and bring every
+        worker to the current version."""
         self._form()
         self.push(self.version)
 
@@ -117,7 +117,8 @@ class WeightSync:
             self._sender_failed(version, send_error)
         self.version = version
         if dead:
-            self.rollout.replace(dead)  # re-forms the group and pushes `version` to everyone
+            self.rollout.respawn(dead)
+            self.rejoin()  # the new members join, and everyone gets `version`
             return 0
         if broken:
             self.rejoin()
