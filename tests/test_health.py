@@ -330,13 +330,17 @@ def test_a_sick_gpu_is_alerted_drained_and_aborts_the_run_with_a_checkpoint(tmp_
 
 @pytest.mark.slow
 def test_a_hung_step_is_caught_by_the_watchdog_which_dumps_stacks_and_aborts(tmp_path):
-    """A rollout worker frozen mid-step (SIGSTOP: alive to Ray, doing nothing): after health.stall_minutes the
-    watchdog writes every process's stacks, raises the stall incident and aborts: checkpoint, exit code 75. The
-    run has no NVML (the real pynvml, no driver): it says so once and goes on."""
-    proc, run_dir = _start(tmp_path, "health.stall_minutes=0.1")
+    """Training steps longer than health.stall_minutes are no stall: the training rank beats inside them (the driver
+    sees no new step and no new group meanwhile). Then a rollout worker frozen mid-step (SIGSTOP: alive to Ray,
+    doing nothing): after health.stall_minutes the watchdog writes every process's stacks, raises the stall
+    incident and aborts: checkpoint, exit code 75. The run has no NVML (the real pynvml, no driver): it says so
+    once and goes on."""
+    proc, run_dir = _start(tmp_path, "health.stall_minutes=0.1", "trainer.simulated_update_s=9")
     frozen = None
     try:
         _until(lambda: len(_steps(run_dir)) >= 2, proc, tmp_path)
+        assert all(m["time/train_s"] > 6 for m in _steps(run_dir)[:2])  # each update longer than the 6 s allowed
+        assert not _incidents(run_dir), "a long healthy step was taken for a stall"
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True)  # (this run's Ray: the driver's)
                    if _title(p).startswith("ray::RolloutWorker")]
         assert len(workers) == 2

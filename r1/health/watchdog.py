@@ -1,8 +1,8 @@
 """The driver's progress watchdog: a thread that notices when a run stops moving.
 
-Progress is any change in what ``signs()`` returns (the driver passes its step and the number of groups the
-rollout pool has delivered): a run whose training hangs in a collective, or whose rollout engines all stopped
-producing, shows the same signs for ``stall_s``. Then ``on_stall(idle_s)`` runs once, on this thread (the driver's
+Progress is any change in what ``signs()`` returns (the driver's step, the groups the rollout pool delivered, and
+every worker's heartbeat: ``r1.health.heartbeat``): a run whose training hangs in a collective, or whose rollout
+engines all stopped producing, shows the same signs for ``stall_s``; a long training step or evaluation does not. Then ``on_stall(idle_s)`` runs once, on this thread (the driver's
 own thread is the one that is stuck); after progress resumes it may fire again.
 """
 
