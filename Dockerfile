@@ -6,13 +6,15 @@
 #
 # GPUs come from the node (NVIDIA container toolkit / device plugin); the image carries no CUDA toolkit beyond the
 # wheels' own libraries. Triton compiles small launchers at run time, hence gcc; KubeRay's health probes call wget.
+# NCCL reaches InfiniBand / RoCE through libibverbs and the NICs' user-space drivers (ibverbs-providers: mlx5 and
+# others); without them NCCL between pods falls back to TCP sockets (docs/kubernetes.md, "Fast networking").
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/tmp/home RAY_USAGE_STATS_ENABLED=0
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev procps wget bubblewrap \
+ && apt-get install -y --no-install-recommends gcc libc6-dev procps wget bubblewrap libibverbs1 ibverbs-providers \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 1000 r1 && useradd --uid 1000 --gid 1000 --no-create-home --shell /usr/sbin/nologin r1
 

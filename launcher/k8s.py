@@ -149,6 +149,9 @@ def chart_values(cfg) -> dict:
         "secretEnv": [OmegaConf.to_container(e) if OmegaConf.is_config(e) else dict(e) for e in k.secret_env],
         "codeSandbox": {"seccompProfile": seccomp_profile(k.sandbox_seccomp)},
         "rayJob": {"backoffLimit": k.backoff_limit},
+        "network": {"annotations": dict(k.network.annotations), "rdmaResources": dict(k.network.rdma_resources),
+                    "ncclEnv": {str(n): str(v) for n, v in k.network.nccl_env.items()}},
+        "stackDumps": bool(k.stack_dumps),
     }
 
 

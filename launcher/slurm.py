@@ -154,6 +154,20 @@ def gpus_of(gres: str) -> int:
     return sum(int(m) for m in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
 
 
+PORT_LOW, PORT_HIGH = 20000, 32768  # above Ray's default worker ports (10002-19999), below Linux's ephemeral range
+SERVICE_PORTS = 10  # per Ray node: GCS, client server, node manager, object manager, metrics, agents (slots 0-8)
+
+
+def worker_ports(cfg) -> int:
+    """Worker ports each Ray node of the job needs: every Ray worker process (a task worker or an actor) binds one.
+    Ray keeps up to ``num_cpus`` task workers per node and starts one more per actor; r1 places at most two actors
+    per GPU (a training rank and a colocated engine), a health monitor and reward-model replicas, and the driver
+    and Ray's own helpers take a few: CPUs + 2 x GPUs + 32 to spare. (The old fixed 10 gave "no available ports"
+    on any real node.)"""
+    s = cfg.cluster.slurm
+    return s.cpus_per_node + 2 * s.gpus_per_node + 32
+
+
 def render(cfg, config_path: Path) -> str:
     import jinja2
 
@@ -162,13 +176,39 @@ def render(cfg, config_path: Path) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, comment_start_string="<#--", comment_end_string="--#>")
     env.filters["q"] = lambda value: shlex.quote(str(value))
-    setup = list(s.setup) or [f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH"]
+    if s.container_image:  # the setup lines run in each step's container (step.sh), not in the batch shell
+        setup = []
+    else:
+        setup = list(s.setup) or [f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH"]
     return env.get_template("job.sbatch.j2").render(
         job_name=f"r1-{cfg.name}", partition=s.partition, account=s.account, qos=s.qos, time=s.time,
         train_nodes=s.train_nodes, rollout_nodes=s.rollout_nodes, cpus_per_node=s.cpus_per_node,
         gpus_per_node=s.gpus_per_node, mem=s.mem, extra_sbatch=list(s.extra_sbatch), setup=setup,
         run_dir=cfg.run_dir, config_path=str(config_path), tag_prefix=POOL_TAG, tag_units=TAG_UNITS,
-        signal_before_s=s.signal_before_s, after=[str(job) for job in s.after], requeue_exit=REQUEUE_EXIT)
+        signal_before_s=s.signal_before_s, after=[str(job) for job in s.after], requeue_exit=REQUEUE_EXIT,
+        service_ports=SERVICE_PORTS, worker_ports=worker_ports(cfg), port_low=PORT_LOW, port_high=PORT_HIGH,
+        container=container_options(cfg), in_step=f"bash {shlex.quote(str(step_script(cfg)))} " if s.container_image else "")
+
+
+def container_options(cfg) -> str:
+    """pyxis options of every srun step (a leading space), or "" without a container."""
+    s = cfg.cluster.slurm
+    if not s.container_image:
+        return ""
+    mounts = [f"{s.shared_dir}:{s.shared_dir}", *s.container_mounts]
+    return (f" --container-image={shlex.quote(str(s.container_image))} "
+            f"--container-mounts={shlex.quote(','.join(mounts))} --no-container-mount-home")
+
+
+def step_script(cfg) -> Path:
+    """``<run_dir>/step.sh``: what every step runs in the container - the setup lines, then its command."""
+    return Path(cfg.run_dir) / "step.sh"
+
+
+def write_step_script(cfg) -> None:
+    lines = ["#!/bin/bash", "# every srun step of the job, in its container: the setup lines, then the command",
+             "set -e", *cfg.cluster.slurm.setup, 'exec "$@"']
+    step_script(cfg).write_text("\n".join(lines) + "\n")
 
 
 def submit(cfg) -> tuple[Path, str | None]:
@@ -192,6 +232,8 @@ def submit(cfg) -> tuple[Path, str | None]:
     config_path.write_text(OmegaConf.to_yaml(cfg))
     script = run_dir / "job.sbatch"
     script.write_text(render(cfg, config_path))
+    if cfg.cluster.slurm.container_image:
+        write_step_script(cfg)
     if dry_run:
         return script, None
     done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False)

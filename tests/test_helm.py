@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY, compose
 from tests.k8s_api import fetch_helm
 
 CHART = REPO / "helm" / "r1"
@@ -251,6 +251,8 @@ BAD = [
     ({"secretEnv": [{"name": "HF_TOKEN", "secretName": "hf", "key": "token", "pods": ["gpu"]}]}, "pods"),
     ({"codeSandbox": {"seccompProfile": {"type": "Localhost"}}}, "localhostProfile"),  # which file?
     ({"codeSandbox": {"seccompProfile": {"type": "Privileged"}}}, "type"),
+    ({"network": {"annotations": {}, "rdmaResources": {}, "ncclEnv": {"WANDB_API_KEY": "x"}}}, "ncclEnv"),
+    ({"network": {"annotations": {}, "rdmaResources": {"rdma/ib": 0}, "ncclEnv": {}}}, "rdmaResources"),
 ]
 
 
@@ -262,6 +264,45 @@ def test_the_values_schema_rejects_bad_values(helm, tmp_path, bad, field):
     done = _helm(helm, "template", values, tmp_path)
     assert done.returncode != 0 and "values don't meet the specifications of the schema" in done.stderr
     assert field in done.stderr, done.stderr
+
+
+NETWORK = {"annotations": {"k8s.v1.cni.cncf.io/networks": "ib-net"}, "rdmaResources": {"rdma/rdma_shared_device_a": 1},
+           "ncclEnv": {"NCCL_IB_HCA": "mlx5", "NCCL_SOCKET_IFNAME": "eth0"}}
+
+
+@pytest.mark.slow
+def test_rdma_devices_network_annotations_nccl_env_and_capabilities_reach_the_pools_pods(helm, tmp_path):
+    """What NCCL over InfiniBand needs on the pools' pods (the head runs no NCCL: none of it), IPC_LOCK with RDMA
+    devices (it pins memory), SYS_PTRACE everywhere for stack dumps when asked; valid against Kubernetes' and
+    KubeRay's schemas. Off by default (test_pods_run_non_root_...: nothing added)."""
+    docs = render(helm, _values(network=NETWORK, stackDumps=True), tmp_path)
+    check_objects(docs)
+    head, train, rollout = pod_templates(by_kind(docs)["RayJob"])[:3]
+    for pod in (train, rollout):
+        assert pod["metadata"]["annotations"] == NETWORK["annotations"]
+        [container] = pod["spec"]["containers"]
+        for kind in ("requests", "limits"):
+            assert container["resources"][kind]["rdma/rdma_shared_device_a"] == 1
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert (env["NCCL_IB_HCA"], env["NCCL_SOCKET_IFNAME"]) == ("mlx5", "eth0")
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK", "SYS_PTRACE"]}
+    [container] = head["spec"]["containers"]
+    assert "annotations" not in head["metadata"] and not any(e["name"].startswith("NCCL_") for e in container["env"])
+    assert "rdma/rdma_shared_device_a" not in container["resources"]["requests"]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_PTRACE"]}
+
+
+def test_the_launcher_passes_the_network_settings_to_the_chart():
+    from launcher.k8s import chart_values
+
+    cfg = compose([*TINY, "cluster=k8s", "run_dir=runs/a", "cluster.k8s.stack_dumps=true",
+                   "+cluster.k8s.network.annotations={k8s.v1.cni.cncf.io/networks: ib-net}",
+                   "+cluster.k8s.network.rdma_resources={rdma/rdma_shared_device_a: 1}",
+                   "+cluster.k8s.network.nccl_env={NCCL_IB_HCA: mlx5, NCCL_SOCKET_IFNAME: eth0}"])
+    values = chart_values(cfg)
+    assert values["network"] == NETWORK and values["stackDumps"] is True
+    assert chart_values(compose([*TINY, "cluster=k8s", "run_dir=runs/a"]))["network"] == {
+        "annotations": {}, "rdmaResources": {}, "ncclEnv": {}}
 
 
 @pytest.mark.slow
@@ -283,3 +324,4 @@ def test_the_dockerfile_builds_the_charts_default_image_to_run_as_the_charts_non
     # the pins of pyproject/Makefile, and the GPU lock for every version
     assert "pip install -c locks/gpu.txt torch==2.13.0 && pip install -c locks/gpu.txt -e '.[gpu]'" in text
     assert "COPY locks locks" in text
+    assert "libibverbs1 ibverbs-providers" in text  # NCCL's InfiniBand transport (docs/kubernetes.md)

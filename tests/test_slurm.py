@@ -62,6 +62,67 @@ def test_a_big_job_script_has_its_sbatch_lines_node_split_and_pool_tags(tmp_path
     assert "resume: true" in saved  # on by default under Slurm: a requeued job continues
 
 
+def _ports_of(script: str, job_id: int, hosts: tuple[str, str]) -> list[tuple[list[int], range]]:
+    """Run the job script's port block in bash for two nodes on machines ``hosts``: per node, its service ports (the head's GCS
+    and client ports included) and its worker port range."""
+    block = script[script.index("# --- ports"):script.index("# --- end ports")]
+    scontrol = (f'scontrol() {{ [ "$4" = a ] && echo "NodeName=a NodeHostName={hosts[0]} State=IDLE" '
+                f'|| echo "NodeName=b NodeHostName={hosts[1]} State=IDLE"; }}\n')  # (scontrol show node -o <n>)
+    stub = f"SLURM_JOB_ID={job_id}; nodes=(a b)\n{scontrol}{block}\necho \"$base $((base+1))\"; ports 0; ports 1\n"
+    out = subprocess.run(["bash", "-c", stub], capture_output=True, text=True, check=True).stdout.split("\n")
+    nodes = []
+    for i, line in enumerate(out[1:3]):
+        values = dict(re.findall(r"--([a-z-]+)=(\d+)", line))
+        workers = range(int(values.pop("min-worker-port")), int(values.pop("max-worker-port")) + 1)
+        service = [int(v) for v in values.values()] + ([int(p) for p in out[0].split()] if i == 0 else [])
+        nodes.append((service, workers))
+    return nodes
+
+
+@pytest.mark.parametrize("hosts", [("gpu-a01", "gpu-a02"), ("box", "box")], ids=["machines", "one_machine"])
+def test_a_96_cpu_node_gets_enough_worker_ports_and_none_in_the_ephemeral_range(tmp_path, hosts):
+    """Ray binds a port per worker process (up to num_cpus task workers, one per actor): a 96-CPU, 8-GPU node needs
+    well over 96. Every port of every job lies in [20000, 32768): above Ray's own default worker ports, below
+    Linux's ephemeral range (32768-60999), where an outgoing connection could take it first. Nodes sharing a
+    host (a test cluster) get disjoint blocks."""
+    cfg = _slurm_cfg(tmp_path, "cluster.slurm.cpus_per_node=96", "cluster.slurm.gpus_per_node=8", "cluster.dry_run=true",
+                     "trainer.num_workers=8", "trainer.gpus_per_worker=1", "rollout.num_workers=8",
+                     "rollout.gpus_per_worker=1")
+    text = submit(cfg)[0].read_text()
+    low, high = 32768, 0
+    for job_id in (0, 1, 57, 4242, 99_999, 123_456_789):
+        nodes = _ports_of(text, job_id, hosts)
+        for service, workers in nodes:
+            assert len(workers) >= 96 + 2 * 8, "fewer worker ports than the node's CPUs and actors"
+            assert not set(service) & set(workers) and len(set(service)) == len(service)
+            low, high = min(low, *service, workers[0]), max(high, *service, workers[-1])
+        if hosts[0] == hosts[1]:  # one machine: the two Ray nodes must not share a port
+            (s0, w0), (s1, w1) = nodes
+            assert not (set(s0) | set(w0)) & (set(s1) | set(w1))
+    assert 20000 <= low and high < 32768
+    for line in (x for x in text.splitlines() if x.lstrip().startswith("srun")):  # every step gets the node's CPUs
+        assert line.lstrip().startswith("srun $step")
+    assert 'step="--nodes=1 --ntasks=1 --overlap --cpus-per-task=96"' in text
+
+
+def test_with_a_container_every_step_runs_in_it_with_the_setup_lines(tmp_path):
+    cfg = _slurm_cfg(tmp_path, "cluster.dry_run=true", "cluster.slurm.container_image='nvcr.io#nvidia/pytorch:25.01-py3'",
+                     "cluster.slurm.container_mounts=[/data:/data]",
+                     "cluster.slurm.setup=['export R1_IN_STEP=yes']")
+    text = submit(cfg)[0].read_text()
+    step_sh = tmp_path / "runs" / "a" / "step.sh"
+    assert (f'step="--nodes=1 --ntasks=1 --overlap --cpus-per-task=32 --container-image=\'nvcr.io#nvidia/pytorch:'
+            f'25.01-py3\' --container-mounts={tmp_path}:{tmp_path},/data:/data --no-container-mount-home"') in text
+    runs = [x.strip() for x in text.splitlines() if x.lstrip().startswith("srun")]
+    assert len(runs) == 3 and all(x.startswith('srun $step -w "$') and f"bash {step_sh} " in x for x in runs)
+    assert runs[-1].endswith(f"python -m launcher.slurm_job {tmp_path}/runs/a/config.yaml &")  # the driver too
+    assert "R1_IN_STEP" not in text and "export PATH=" not in text  # nothing of the host's in the batch shell
+    # step.sh: the setup lines, then the step's command with its arguments as given
+    done = subprocess.run(["bash", str(step_sh), "bash", "-c", 'printf "%s|" "$R1_IN_STEP" "$@"', "_", "a b", "c"],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout == "yes|a b|c|"
+
+
 def test_r1_launch_says_where_the_run_and_its_wandb_run_will_be(tmp_path):
     done = _launch(*[o for o in TINY if not o.startswith("logger=")], "logger.mode=offline", "cluster=slurm",
                    "cluster.slurm.partition=debug", f"cluster.slurm.shared_dir={tmp_path}", "run_dir=runs/w",

@@ -100,6 +100,11 @@ class SlurmConfig:
     # submitting Python's environment (its bin/ first on PATH).
     setup: list[str] = field(default_factory=list)
     extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH" options, e.g. "--exclusive"
+    # A container image for every step of the job (Slurm's pyxis plugin: srun --container-image), e.g.
+    # "nvcr.io#nvidia/pytorch:25.01-py3" or a squashfs path; the Ray nodes and the driver run in it, the setup lines
+    # too (first, in each step), and shared_dir is mounted at the same path. null: no container.
+    container_image: str | None = None
+    container_mounts: list[str] = field(default_factory=list)  # more "src:dst" mounts besides shared_dir
     # Slurm sends SIGUSR1 this long before the time limit (and at preemption, where the site sets
     # PreemptParameters=send_user_signal): the driver finishes its step, checkpoints, and the job requeues itself.
     # Make it longer than a step plus a checkpoint.
@@ -134,6 +139,18 @@ def _k8s_head() -> K8sPodsConfig:
 
 
 @dataclass
+class K8sNetworkConfig:
+    """Fast networking between the pools' pods: NCCL over InfiniBand / RoCE instead of TCP. Off by default (each
+    item depends on the cluster's network operator); applied to the train and rollout pods, not the head."""
+
+    annotations: dict[str, str] = field(default_factory=dict)  # e.g. {k8s.v1.cni.cncf.io/networks: ib-net} (Multus)
+    # RDMA device resources per pod, requested and limited, e.g. {rdma/rdma_shared_device_a: 1}; the pods then also
+    # get the IPC_LOCK capability (RDMA pins memory)
+    rdma_resources: dict[str, int] = field(default_factory=dict)
+    nccl_env: dict[str, str] = field(default_factory=dict)  # e.g. {NCCL_IB_HCA: mlx5, NCCL_SOCKET_IFNAME: eth0}
+
+
+@dataclass
 class K8sConfig:
     """One run on KubeRay through the helm/r1 chart (docs/kubernetes.md); keys map onto the chart's values."""
 
@@ -161,6 +178,9 @@ class K8sConfig:
     # directory>, e.g. Localhost:r1/code-sandbox.json (helm/r1/files/seccomp/r1-code-sandbox.json on the nodes)
     sandbox_seccomp: str = "RuntimeDefault"
     backoff_limit: int = 3  # KubeRay retries of a failed run, each on a new cluster, each resuming
+    network: K8sNetworkConfig = field(default_factory=K8sNetworkConfig)
+    # SYS_PTRACE on every pod, for the watchdog's py-spy stack dumps of a stalled run (widens privileges: off)
+    stack_dumps: bool = False
     poll_s: float = 10.0  # how often r1-launch reads the RayJob's status while following it
 
 

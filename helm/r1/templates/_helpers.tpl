@@ -33,10 +33,15 @@ One pod template: the head or a pool's worker.
 */}}
 {{- define "r1.podTemplate" -}}
 {{- $v := .root.Values -}}
+{{- $pool := ne .name "head" -}}{{/* the network settings are the pools' (NCCL between their pods) */}}
 metadata:
   labels:
     {{- include "r1.labels" .root | nindent 4 }}
     r1.io/group: {{ .name }}
+  {{- if and $pool $v.network.annotations }}
+  annotations:
+    {{- toYaml $v.network.annotations | nindent 4 }}
+  {{- end }}
 spec:
   serviceAccountName: {{ include "r1.serviceAccountName" .root }}
   automountServiceAccountToken: false
@@ -86,6 +91,12 @@ spec:
         readOnlyRootFilesystem: {{ $v.securityContext.readOnlyRootFilesystem }}
         capabilities:
           drop: ["ALL"]
+          {{- $caps := list }}
+          {{- if and $pool $v.network.rdmaResources }}{{ $caps = append $caps "IPC_LOCK" }}{{ end }}
+          {{- if $v.stackDumps }}{{ $caps = append $caps "SYS_PTRACE" }}{{ end }}
+          {{- with $caps }}
+          add: {{ toJson . }}
+          {{- end }}
       env:
         - name: HOME
           value: /tmp/home
@@ -93,6 +104,12 @@ spec:
           value: "0"
         - name: R1_POOL_GROUP
           value: {{ .name }}
+        {{- if $pool }}
+        {{- range $name, $value := $v.network.ncclEnv }}
+        - name: {{ $name }}
+          value: {{ $value | quote }}
+        {{- end }}
+        {{- end }}
         - name: NODE_NAME  # the Kubernetes node: what r1's health monitor calls this node in incidents and W&B
           valueFrom:
             fieldRef:
@@ -114,11 +131,21 @@ spec:
           {{- if gt (int .gpus) 0 }}
           nvidia.com/gpu: {{ .gpus }}
           {{- end }}
+          {{- if $pool }}
+          {{- range $name, $count := $v.network.rdmaResources }}
+          {{ $name }}: {{ $count }}
+          {{- end }}
+          {{- end }}
         limits:
           cpu: {{ .group.cpu | quote }}
           memory: {{ .group.memory | quote }}
           {{- if gt (int .gpus) 0 }}
           nvidia.com/gpu: {{ .gpus }}
+          {{- end }}
+          {{- if $pool }}
+          {{- range $name, $count := $v.network.rdmaResources }}
+          {{ $name }}: {{ $count }}
+          {{- end }}
           {{- end }}
       volumeMounts:
         - name: r1-config
