@@ -19,25 +19,22 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
-import ray
 import torch
-from omegaconf import OmegaConf
 
 from r1.algo import GRPOLoss, filter_uniform_groups, group_advantages, kl_shaped_rewards
 from r1.checkpoint import CheckpointManager
-from r1.cluster import connect
 from r1.data.prompts import PromptSampler
 from r1.data.tokens import TokenRules
 from r1.eval.held_out import evaluate, print_comparison, provenance
 from r1.health.supervisor import HealthSupervisor
-from r1.inputs import check_inputs, prepare_model, prepare_prompts
+from r1.inputs import prepare_model, prepare_prompts
 from r1.monitoring.ledger import GroupLedger
 from r1.monitoring.loggers import MetricsLogger
 from r1.monitoring.progress import Progress
 from r1.monitoring.stop import GracefulStop
 from r1.rewards.sandbox import SandboxUnavailable
+from r1.run_context import RunContext
 from r1.types import SamplingParams, TrainBatch, WorkerTotals, collate
 from r1.workers.lifecycle import WorkerLifecycle
 from r1.workers.pools import RolloutPool, TrainPool, colocated, nodes_of
@@ -133,18 +130,19 @@ def sampling_params(cfg, version: int, seed: int) -> SamplingParams:
 
 
 def run(cfg) -> dict:
-    check_inputs(cfg)  # before anything expensive: a wrong path fails in milliseconds, naming the key to set
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    with RunContext(cfg) as ctx:  # inputs checked, run_dir and config.yaml; what is opened below, closed at the end
+        return _run(cfg, ctx)
+
+
+def _run(cfg, ctx: RunContext) -> dict:
+    run_dir = ctx.run_dir
     model_path = prepare_model(cfg)
     train_set, eval_set = prepare_prompts(cfg, model_path)  # (prompts beyond the engine's context dropped, counted)
-    owns_ray = connect(cfg.cluster)
-    train = rollout = logger = ledger = None
+    ctx.connect()
     try:
-        train = TrainPool(cfg, model_path)
-        rollout = RolloutPool(cfg, model_path, colocate_with=train if colocated(cfg) else None)
+        train = ctx.closing(TrainPool(cfg, model_path), TrainPool.shutdown)
+        rollout = ctx.closing(RolloutPool(cfg, model_path, colocate_with=train if colocated(cfg) else None),
+                              RolloutPool.shutdown)
         layout = {"train": nodes_of(train.pg), "rollout": [nodes_of(rollout.pg)[b] for b in rollout.bundles]}
         (run_dir / "nodes.json").write_text(json.dumps(layout))  # which node each worker of each pool runs on
         log.info("training pool on %s, rollout pool on %s", layout["train"], layout["rollout"])
@@ -165,8 +163,8 @@ def run(cfg) -> dict:
             resumed_step = step
             sync.push(version=version)  # the rollout pool starts from the resumed policy
             log.info("resumed from %s at step %d (policy version %d)", latest, step, version)
-        logger = MetricsLogger(cfg, run_dir, config_dict, resumed_step)
-        ledger = GroupLedger(run_dir, resumed_step)
+        logger = ctx.closing(MetricsLogger(cfg, run_dir, ctx.config_dict, resumed_step), MetricsLogger.close)
+        ledger = ctx.closing(GroupLedger(run_dir, resumed_step), GroupLedger.close)
         progress = Progress(cfg.trainer.total_steps, start_step=step)
         saved_step = resumed_step
 
@@ -290,13 +288,3 @@ def run(cfg) -> dict:
                    f"run_dir={run_dir}")
         progress.note(f"[red]{message}[/]")
         raise RuntimeError(message) from None
-    finally:
-        for sink in (ledger, logger):
-            if sink is not None:
-                sink.close()
-        if rollout is not None:
-            rollout.shutdown()
-        if train is not None:
-            train.shutdown()
-        if owns_ray:
-            ray.shutdown()

@@ -27,12 +27,12 @@ import ray
 from omegaconf import OmegaConf
 from ray.exceptions import RayActorError, RayTaskError
 
-from r1.cluster import connect
 from r1.data.filters import dedup_key, rejection_reason
-from r1.inputs import check_inputs, prepare_model, prepare_prompts
+from r1.inputs import prepare_model, prepare_prompts
 from r1.monitoring.loggers import MetricsLogger
 from r1.monitoring.progress import Progress
 from r1.rewards.sandbox import SandboxUnavailable
+from r1.run_context import RunContext
 from r1.types import SamplingParams
 from r1.workers.lifecycle import WorkerLifecycle, failure_reason, redo_once
 from r1.workers.pools import RolloutPool
@@ -138,10 +138,12 @@ def select(groups, problems, rules, language: str, provenance: dict, shard: int)
 
 
 def run(cfg) -> dict:
-    check_inputs(cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    with RunContext(cfg) as ctx:  # inputs checked, run_dir and config.yaml; what is opened below, closed at the end
+        return _run(cfg, ctx)
+
+
+def _run(cfg, ctx: RunContext) -> dict:
+    run_dir = ctx.run_dir
     rules = cfg.rejection
     model_path = prepare_model(cfg)
     loaded = prepare_prompts(cfg, model_path)[0]  # (prompts beyond the engine's context dropped, counted)
@@ -158,65 +160,56 @@ def run(cfg) -> dict:
     finished = len(shards) - len(todo)
     if finished:
         log.info("resuming: %d of %d shards already written in %s", finished, len(shards), store.root)
-    owns_ray = connect(cfg.cluster)
-    rollout = logger = None
-    try:
-        rollout = RolloutPool(cfg, model_path)
-        logger = MetricsLogger(cfg, run_dir, OmegaConf.to_container(cfg, resolve=True), finished)
-        progress = Progress(len(shards), start_step=finished)
-        totals = sum((store.counts(s) for s in range(len(shards)) if store.done(s)), Counter())
-        workers = WorkerLifecycle(rollout)  # replaces a dead worker once; its shards are redone once
-        inflight: dict = {}  # ref -> (shard, ticket)
-        queue, losses, unwritten = list(todo), Counter(), []
-        while queue or inflight:
-            while queue and len(inflight) < IN_FLIGHT_PER_WORKER * len(workers.live):
-                shard = queue.pop(0)
-                busy = Counter(ticket.worker for _, ticket in inflight.values())
-                worker = min(workers.live, key=lambda w: busy[w])
-                params = SamplingParams(n=rules.samples_per_prompt, temperature=rules.temperature, top_p=rules.top_p,
-                                        max_new_tokens=rules.max_new_tokens, seed=cfg.seed * 1_009 + shard)
-                batch = [(i, problems[i].prompt, problems[i].reference) for i in shards[shard]]
-                ref, ticket = workers.submit(worker, batch, params, shards[shard], 0)
-                inflight[ref] = (shard, ticket)
-            (ref,), _ = ray.wait(list(inflight), num_returns=1)
-            shard, ticket = inflight.pop(ref)
-            t0 = time.time()
-            try:
-                result = ray.get(ref)
-            except SandboxUnavailable:
-                raise
-            except (RayActorError, RayTaskError) as err:
-                reason = failure_reason(err)
-                if isinstance(err, RayActorError):
-                    workers.lost(ticket)
-                if redo_once(losses, [shard])[0]:
-                    log.warning("shard %d lost (%s, worker %d): redone", shard, reason, ticket.worker)
-                    totals["shards_redone"] += 1
-                    queue.insert(0, shard)
-                else:
-                    log.error("shard %d lost twice (%s): not written; run the same command again to sample it",
-                              shard, reason)
-                    totals[f"shards_lost_twice/{reason}"] += 1
-                    unwritten.append(shard)
-                continue
-            rows, counts = select(result.groups, problems, rules, cfg.reward.language, provenance, shard)
-            store.write(shard, rows, counts)
-            totals += counts
-            finished += 1
-            logger.log({f"rejection/{k}": v for k, v in totals.items()} | {"rejection/shards": finished,
-                                                                           "time/select_s": time.time() - t0},
-                       step=finished)
-            progress.note(f"[bold]shard {finished}/{len(shards)}[/] kept {totals['kept']} of {totals['samples']} "
-                          f"samples ({_reasons(totals)}) ETA {progress.eta_text(finished)}")
-        rows, duplicates = store.merge(len(shards), run_dir / rules.output)
-        replaced = rollout.replaced
-    finally:
-        if logger is not None:
-            logger.close()
-        if rollout is not None:
-            rollout.shutdown()
-        if owns_ray:
-            ray.shutdown()
+    ctx.connect()
+    rollout = ctx.closing(RolloutPool(cfg, model_path), RolloutPool.shutdown)
+    logger = ctx.closing(MetricsLogger(cfg, run_dir, ctx.config_dict, finished), MetricsLogger.close)
+    progress = Progress(len(shards), start_step=finished)
+    totals = sum((store.counts(s) for s in range(len(shards)) if store.done(s)), Counter())
+    workers = WorkerLifecycle(rollout)  # replaces a dead worker once; its shards are redone once
+    inflight: dict = {}  # ref -> (shard, ticket)
+    queue, losses, unwritten = list(todo), Counter(), []
+    while queue or inflight:
+        while queue and len(inflight) < IN_FLIGHT_PER_WORKER * len(workers.live):
+            shard = queue.pop(0)
+            busy = Counter(ticket.worker for _, ticket in inflight.values())
+            worker = min(workers.live, key=lambda w: busy[w])
+            params = SamplingParams(n=rules.samples_per_prompt, temperature=rules.temperature, top_p=rules.top_p,
+                                    max_new_tokens=rules.max_new_tokens, seed=cfg.seed * 1_009 + shard)
+            batch = [(i, problems[i].prompt, problems[i].reference) for i in shards[shard]]
+            ref, ticket = workers.submit(worker, batch, params, shards[shard], 0)
+            inflight[ref] = (shard, ticket)
+        (ref,), _ = ray.wait(list(inflight), num_returns=1)
+        shard, ticket = inflight.pop(ref)
+        t0 = time.time()
+        try:
+            result = ray.get(ref)
+        except SandboxUnavailable:
+            raise
+        except (RayActorError, RayTaskError) as err:
+            reason = failure_reason(err)
+            if isinstance(err, RayActorError):
+                workers.lost(ticket)
+            if redo_once(losses, [shard])[0]:
+                log.warning("shard %d lost (%s, worker %d): redone", shard, reason, ticket.worker)
+                totals["shards_redone"] += 1
+                queue.insert(0, shard)
+            else:
+                log.error("shard %d lost twice (%s): not written; run the same command again to sample it",
+                          shard, reason)
+                totals[f"shards_lost_twice/{reason}"] += 1
+                unwritten.append(shard)
+            continue
+        rows, counts = select(result.groups, problems, rules, cfg.reward.language, provenance, shard)
+        store.write(shard, rows, counts)
+        totals += counts
+        finished += 1
+        logger.log({f"rejection/{k}": v for k, v in totals.items()} | {"rejection/shards": finished,
+                                                                       "time/select_s": time.time() - t0},
+                   step=finished)
+        progress.note(f"[bold]shard {finished}/{len(shards)}[/] kept {totals['kept']} of {totals['samples']} "
+                      f"samples ({_reasons(totals)}) ETA {progress.eta_text(finished)}")
+    rows, duplicates = store.merge(len(shards), run_dir / rules.output)
+    replaced = rollout.replaced
     summary = dict(totals) | {"rows": rows, "duplicates_across_shards": duplicates, "prompts": len(problems),
                               "workers_replaced": replaced, "unwritten_shards": unwritten,
                               "prompts_too_long": loaded.too_long}

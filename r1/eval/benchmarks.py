@@ -16,15 +16,14 @@ import json
 import logging
 from pathlib import Path
 
-import ray
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from r1.cluster import connect
 from r1.data.prompts import load_prompts
 from r1.eval.held_out import evaluate_problems, summarize
-from r1.inputs import check_inputs, check_sandbox, check_vllm_can_serve, prepare_data, prepare_model
+from r1.inputs import check_sandbox, check_vllm_can_serve, prepare_data, prepare_model
+from r1.run_context import RunContext
 from r1.workers.lifecycle import WorkerLifecycle
 from r1.workers.pools import RolloutPool
 
@@ -53,35 +52,30 @@ def benchmark_sets(cfg) -> list[tuple[str, list]]:
 
 
 def run(cfg) -> dict:
-    check_inputs(cfg)
-    out_dir = Path(cfg.run_dir) / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (Path(cfg.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    models = list(cfg.eval.checkpoints) or [prepare_model(cfg)]
-    if cfg.rollout.engine == "vllm":
-        for model in cfg.eval.checkpoints:
-            check_vllm_can_serve(cfg, model)
-    sets = benchmark_sets(cfg)
-    summary: dict[str, dict[str, dict]] = {}
-    owns_ray = connect(cfg.cluster)
-    try:
+    with RunContext(cfg) as ctx:  # inputs checked, run_dir and config.yaml; Ray closed at the end
+        out_dir = ctx.run_dir / "eval"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        models = list(cfg.eval.checkpoints) or [prepare_model(cfg)]
+        if cfg.rollout.engine == "vllm":
+            for model in cfg.eval.checkpoints:
+                check_vllm_can_serve(cfg, model)
+        sets = benchmark_sets(cfg)
+        summary: dict[str, dict[str, dict]] = {}
         names = list(cfg.eval.labels) if cfg.eval.labels else labels(models)
         templates = list(cfg.eval.templates) or [cfg.data.template] * len(models)
         if not len(names) == len(templates) == len(models):
             raise ValueError(f"eval.labels ({len(names)}) and eval.templates ({len(templates)}) need one entry per "
                              f"checkpoint ({len(models)})")
+        ctx.connect()
         for label, model, template in zip(names, models, templates, strict=True):
             rollout = RolloutPool(with_template(cfg, template), model)
-            try:
+            try:  # (one checkpoint's pool at a time: it is shut down before the next one starts)
                 for name, problems in sets:
                     rows = evaluate_problems(cfg, WorkerLifecycle(rollout), problems, step=0, version=0)
                     write_rows(out_dir / label / f"{name}.jsonl", problems, rows)
                     summary.setdefault(label, {})[name] = summarize(rows, cfg.eval.k) | {"model": model}
             finally:
                 rollout.shutdown()
-    finally:
-        if owns_ray:
-            ray.shutdown()
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     table = comparison_table(summary, cfg.eval.k)
     (out_dir / "summary.md").write_text(table)
