@@ -335,7 +335,7 @@ def test_a_hung_step_is_caught_by_the_watchdog_which_dumps_stacks_and_aborts(tmp
     doing nothing): after health.stall_minutes the watchdog writes every process's stacks, raises the stall
     incident and aborts: checkpoint, exit code 75. The run has no NVML (the real pynvml, no driver): it says so
     once and goes on."""
-    proc, run_dir = _start(tmp_path, "health.stall_minutes=0.1", "trainer.simulated_update_s=9")
+    proc, run_dir = _start(tmp_path, "health.stall_minutes=0.1", "trainer.simulated_update_s=7")
     frozen = None
     try:
         _until(lambda: len(_steps(run_dir)) >= 2, proc, tmp_path)

@@ -125,9 +125,9 @@ def test_two_shards_in_flight_on_a_worker_that_dies_are_both_redone_and_it_is_re
             os.kill(ray.get(pool.actors[worker].pid.remote()), signal.SIGKILL)
         return ref
 
-    def args(run_dir):
+    def args(run_dir, prompts):
         return [*TINY, "+experiment=r1_rejection_sampling", f"cache_dir={cache_dir}", f"run_dir={run_dir}",
-                "rejection.num_prompts=8", "rejection.prompts_per_shard=2", "rejection.samples_per_prompt=2",
+                f"rejection.num_prompts={prompts}", "rejection.prompts_per_shard=2", "rejection.samples_per_prompt=2",
                 "rejection.max_new_tokens=16", "rollout.num_workers=1",
                 "reward.terms=[{name: 'tests.test_rejection_sampling:always', weight: 1.0}]",
                 "rejection.correct_term='tests.test_rejection_sampling:always'", "rejection.require_format=false",
@@ -135,14 +135,16 @@ def test_two_shards_in_flight_on_a_worker_that_dies_are_both_redone_and_it_is_re
 
     with monkeypatch.context() as patch:
         patch.setattr(RolloutPool, "submit", submit_then_kill)
-        faulty = rejection_sampling.run(compose(args(tmp_path / "faulty")))["summary"]
-    clean = rejection_sampling.run(compose(args(tmp_path / "clean")))["summary"]
+        faulty = rejection_sampling.run(compose(args(tmp_path / "faulty", 8)))["summary"]
+    # the reference: shards 0 and 1 (the redone ones) sampled without a fault (a shard's seed is its index)
+    clean = rejection_sampling.run(compose(args(tmp_path / "clean", 4)))["summary"]
     assert sent[:2] == [0, 0] and len(sent) == 4 + 2  # 4 shards, the 2 lost ones sent again
     assert faulty["workers_replaced"] == 1 and faulty["shards_redone"] == 2 and faulty["unwritten_shards"] == []
-    for shard in range(4):
+    assert all((tmp_path / "faulty" / f"rejection/shard_{shard:06d}.jsonl").is_file() for shard in range(4))
+    for shard in range(2):
         name = f"rejection/shard_{shard:06d}.jsonl"
         assert (tmp_path / "faulty" / name).read_text() == (tmp_path / "clean" / name).read_text()
-    assert faulty["rows"] == clean["rows"] > 0 and "shards_redone" not in clean
+    assert faulty["rows"] > 0 and "shards_redone" not in clean
 
 
 def always(response: str, reference: str) -> float:
