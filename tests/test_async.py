@@ -4,6 +4,7 @@ Decode and update latencies are emulated (``rollout.simulated_decode_step_s``, `
 that generation and training really overlap on a 2-core machine; the tests assert what happened, never how fast.
 """
 
+import asyncio
 import contextlib
 import json
 import math
@@ -206,8 +207,10 @@ def test_sigterm_checkpoints_stops_everything_and_resume_loses_nothing(tiny_mode
     assert max(r["staleness"] for r in read_ledger(run_dir)) <= 1
 
 
-def test_evaluation_redoes_the_chunk_of_a_dead_worker(ray_local, tiny_model, cache_dir, tmp_path):
-    cfg = compose(_overrides(cache_dir, tmp_path / "eval", 1))
+def test_a_dead_workers_evaluation_chunk_is_redone_and_a_death_during_a_broadcast_resends_the_version(
+        ray_local, tiny_model, cache_dir, tmp_path):
+    """(One pool for both faults: each pool start costs the suite ~15 s.)"""
+    cfg = compose(_overrides(cache_dir, tmp_path / "eval", 1, "sync.timeout_s=600"))
     with pools(cfg, tiny_model) as (_, rollout, sync):
         os.kill(ray.get(rollout.actors[0].pid.remote()), signal.SIGKILL)
         problems = [(i, p.prompt, p.reference) for i, p in enumerate(prepare_data(cfg)[1].problems[:4])]
@@ -223,6 +226,34 @@ def test_evaluation_redoes_the_chunk_of_a_dead_worker(ray_local, tiny_model, cac
         new, old = ray.get([a.loaded_weights.remote() for a in rollout.actors])
         assert [n for n, _ in new] == [n for n, _ in old]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(new, old))
+
+        # a worker dying before a broadcast: no liveness check first, the death surfaces inside the collective; its
+        # worker is replaced and the version sent again
+        os.kill(ray.get(rollout.actors[1].pid.remote()), signal.SIGKILL)
+        sync.broadcast(2)
+        assert rollout.replaced == 2
+        results = ray.get([rollout.submit(w, problems[w:w + 1], sampling_params(cfg, 2, seed=w), [w], 2)
+                           for w in range(2)])
+        assert [g.policy_version for r in results for g in r.groups] == [2, 2]
+
+        # a weight load slower than rollout.stall_timeout_s is no engine stall (no token is due while weights load):
+        # the worker's own watchdog used to take it for one and kill the worker
+        def slow_loads(worker):
+            worker.cfg.rollout.stall_timeout_s = 1.0
+            load = worker.engine.load
+
+            async def slow(version):
+                await asyncio.sleep(3)
+                await load(version)
+
+            worker.engine.load = slow
+
+        ray.get(rollout.actors[0].__ray_call__.remote(slow_loads))
+        time.sleep(1.5)  # (the watchdog reads the timeout once a second)
+        sync.push(3)
+        [group] = ray.get(rollout.submit(0, problems[:1], sampling_params(cfg, 3, seed=7), [0], 3)).groups
+        assert group.policy_version == 3 and rollout.replaced == 2
+        assert ray.get(rollout.actors[0].heartbeat.remote())[1] >= 1  # (it loaded: a sign of progress)
 
 
 def test_groups_older_than_the_bound_are_discarded_and_regenerated_first(ray_local, tiny_model, cache_dir, tmp_path):
@@ -260,19 +291,6 @@ def test_groups_older_than_the_bound_are_discarded_and_regenerated_first(ray_loc
                                  lambda version, seed: sampling_params(cfg, version, seed))
         restored.load_state_dict(state, tmp_path)
         assert restored.state_dict() == state
-
-
-def test_worker_dying_during_a_broadcast_is_replaced_and_the_version_resent(ray_local, tiny_model, cache_dir,
-                                                                           tmp_path):
-    cfg = compose(_overrides(cache_dir, tmp_path / "bcast", 1, "sync.timeout_s=600"))
-    with pools(cfg, tiny_model) as (_, rollout, sync):
-        os.kill(ray.get(rollout.actors[1].pid.remote()), signal.SIGKILL)
-        sync.broadcast(1)  # no liveness check first: the death surfaces inside the collective
-        assert rollout.replaced == 1
-        problems = [(i, p.prompt, p.reference) for i, p in enumerate(prepare_data(cfg)[0].problems[:2])]
-        results = ray.get([rollout.submit(w, problems[w:w + 1], sampling_params(cfg, 1, seed=w), [w], 1)
-                           for w in range(2)])
-        assert [g.policy_version for r in results for g in r.groups] == [1, 1]
 
 
 def parity_reward(response: str, reference: str) -> float:

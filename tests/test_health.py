@@ -338,8 +338,8 @@ def test_a_hung_step_is_caught_by_the_watchdog_which_dumps_stacks_and_aborts(tmp
     proc, run_dir = _start(tmp_path, "health.stall_minutes=0.1", "trainer.simulated_update_s=7")
     frozen = None
     try:
-        _until(lambda: len(_steps(run_dir)) >= 2, proc, tmp_path)
-        assert all(m["time/train_s"] > 6 for m in _steps(run_dir)[:2])  # each update longer than the 6 s allowed
+        _until(lambda: len(_steps(run_dir)) >= 1, proc, tmp_path)
+        assert _steps(run_dir)[0]["time/train_s"] > 6  # an update longer than the 6 s allowed
         assert not _incidents(run_dir), "a long healthy step was taken for a stall"
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True)  # (this run's Ray: the driver's)
                    if _title(p).startswith("ray::RolloutWorker")]

@@ -137,9 +137,9 @@ class RolloutWorker:
         os._exit(1)
 
     async def _watchdog(self) -> None:
-        timeout = self.cfg.rollout.stall_timeout_s
         while True:
-            await asyncio.sleep(min(5.0, timeout / 4))
+            timeout = self.cfg.rollout.stall_timeout_s
+            await asyncio.sleep(min(1.0, timeout / 4))
             if self.admission.loading or not self._accepted:
                 self._quiet_since = time.time()  # idle, or loading weights: no token is due
             elif time.time() - max(self.engine.last_token_time, self._quiet_since) > timeout:
