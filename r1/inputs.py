@@ -177,6 +177,12 @@ def context_length(cfg, model_path: str) -> int:
     return int(config.get("max_position_embeddings") or sys.maxsize)
 
 
+def prompt_fits(prompt_ids: list[int], context: int) -> bool:
+    """Whether the engine can generate at least one token after the prompt (vLLM refuses a prompt of
+    ``max_model_len`` tokens or more)."""
+    return len(prompt_ids) < context
+
+
 def drop_prompts_beyond_context(cfg, model_path: str, loaded: LoadedPrompts) -> LoadedPrompts:
     """``loaded`` without the prompts that leave the engine no room to answer (templated prompt of the context's
     length or more: vLLM refuses them), counted in ``too_long``. Kept out at load, they never reach a request."""
@@ -184,11 +190,9 @@ def drop_prompts_beyond_context(cfg, model_path: str, loaded: LoadedPrompts) -> 
     from r1.data.tokens import TokenRules
 
     tokens, context = TokenRules.load(model_path), context_length(cfg, model_path)
-    texts = [apply_template(p.prompt, cfg.data.template, tokens.tokenizer) for p in loaded.problems]
-    ids = tokens.tokenizer(texts, add_special_tokens=False)["input_ids"]  # (in one batch: 10K prompts in < 1 s)
-    bos = tokens.bos_id is not None
-    keep = [p for p, t in zip(loaded.problems, ids, strict=True)
-            if len(t) + (bos and t[:1] != [tokens.bos_id]) < context]  # (what TokenRules.encode makes)
+    ids = tokens.encode_batch([apply_template(p.prompt, cfg.data.template, tokens.tokenizer)
+                               for p in loaded.problems])  # (one batch: 10K prompts in < 1 s)
+    keep = [p for p, t in zip(loaded.problems, ids, strict=True) if prompt_fits(t, context)]
     too_long = len(loaded.problems) - len(keep)
     if too_long:
         log.warning("%s: %d of %d prompts are %d tokens or longer (templated), the rollout engine's context: "

@@ -27,8 +27,12 @@ class TokenRules:
 
     def encode(self, text: str) -> list[int]:
         """``text`` as the model expects a sequence to start: BOS (if the tokenizer uses one), then the text."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return [self.bos_id, *ids] if self.bos_id is not None and ids[:1] != [self.bos_id] else ids
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` of each text, in one call of the tokenizer (a data set's prompts at load)."""
+        out = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [[self.bos_id, *ids] if self.bos_id is not None and ids[:1] != [self.bos_id] else ids for ids in out]
 
 
 def load_tokenizer(model_path: str):

@@ -14,7 +14,7 @@ import logging
 from r1.data.template import apply_template
 from r1.data.tokens import TokenRules
 from r1.eval.metrics import summarize_problem
-from r1.inputs import context_length
+from r1.inputs import context_length, prompt_fits
 from r1.rewards import build_reward, format_reward
 from r1.rewards.language import language_consistency
 from r1.rewards.registry import RewardResult
@@ -46,13 +46,13 @@ class GroupScorer:
         )
         self.reward.verifier.warm_up()  # not mid-run, on the first step whose responses contain an answer
 
-    def encode(self, prompt: str) -> list[int]:
-        return self.tokens.encode(apply_template(prompt, self.cfg.data.template, self.tokens.tokenizer))
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        """The prompts, templated, as the model's token ids (one tokenizer call)."""
+        return self.tokens.encode_batch([apply_template(p, self.cfg.data.template, self.tokens.tokenizer)
+                                         for p in prompts])
 
     def fits(self, prompt_ids: list[int]) -> bool:
-        """Whether the engine can generate at least one token after the prompt (vLLM refuses a prompt of
-        ``max_model_len`` tokens or more)."""
-        return len(prompt_ids) < self.context
+        return prompt_fits(prompt_ids, self.context)
 
     def decode(self, token_ids: list[list[int]]) -> list[str]:
         return self.tokens.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
@@ -92,13 +92,13 @@ class GroupScorer:
                uids: list[int], skipped: dict[int, str], engine_version: int) -> list[Group]:
         """One group per problem, in order: its ``n`` samples (``made``: the positions generated, whose completions,
         texts and rewards follow in that order), or none and ``skipped`` with the reason."""
-        groups = []
+        groups, position = [], {g: k for k, g in enumerate(made)}
         for g, (index, _, ref) in enumerate(problems):
             if g in skipped:
                 groups.append(Group(index, ref, [], uid=uids[g], skipped=skipped[g]))
                 continue
             samples = []
-            for j in range(made.index(g) * n, (made.index(g) + 1) * n):
+            for j in range(position[g] * n, (position[g] + 1) * n):
                 c = completions[j]
                 versions = c.token_versions or [engine_version]
                 samples.append(Sample(

@@ -84,7 +84,7 @@ class RolloutWorker:
         return Rollouts(groups, self.totals())
 
     async def _generate_groups(self, problems, params, uids, version, rollout: bool) -> list[Group]:
-        prompt_ids = [self.scorer.encode(p) for _, p, _ in problems]
+        prompt_ids = self.scorer.encode([p for _, p, _ in problems])
         skipped = {g: PROMPT_TOO_LONG for g, ids in enumerate(prompt_ids) if not self.scorer.fits(ids)}
         made = [g for g in range(len(problems)) if g not in skipped]
         completions = await self._generate([prompt_ids[g] for g in made], params, version) if made else []
