@@ -155,10 +155,9 @@ def _run(cfg, ctx: RunContext) -> dict:
         checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
         step, version, evals, resumed_step = 0, 0, {}, None
 
-        if cfg.resume and (latest := checkpoints.require_latest_for_resume()) is not None:
-            state = CheckpointManager.driver_state(latest)
-            train.load(str(latest))
-            buffer.load_state_dict(state["buffer"], latest)
+        if cfg.resume and (resumed := checkpoints.resume(
+                lambda path, state: (train.load(str(path)), buffer.load_state_dict(state["buffer"], path)))):
+            latest, state = resumed  # (the newest checkpoint that loads: one that cannot is reported, never used)
             step, version, evals = state["step"], state["version"], state["evals"]
             resumed_step = step
             sync.push(version=version)  # the rollout pool starts from the resumed policy

@@ -46,10 +46,9 @@ def _run(cfg, ctx: RunContext) -> dict:
     train = ctx.closing(TrainPool(cfg, model_path), TrainPool.shutdown)
     checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
     step, resumed_step = 0, None
-    if cfg.resume and (latest := checkpoints.require_latest_for_resume()) is not None:
-        state = CheckpointManager.driver_state(latest)
-        train.load(str(latest))
-        data.load_state_dict(state["data"])
+    if cfg.resume and (resumed := checkpoints.resume(
+            lambda path, state: (train.load(str(path)), data.load_state_dict(state["data"])))) is not None:
+        latest, state = resumed
         step = resumed_step = state["step"]
         log.info("resumed from %s at step %d", latest, step)
     logger = ctx.closing(MetricsLogger(cfg, run_dir, ctx.config_dict, resumed_step), MetricsLogger.close)

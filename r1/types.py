@@ -6,7 +6,7 @@ engine (HF, vLLM, Megatron) speaks the same language.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -93,6 +93,17 @@ class Group:
     @property
     def policy_version(self) -> int:
         return min(s.policy_version for s in self.samples)
+
+    def to_json(self) -> dict:
+        """Plain JSON (a checkpoint's buffer is read back without unpickling anything; floats round-trip exactly)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Group:
+        ref = d["reference"]
+        return cls(prompt_index=d["prompt_index"], uid=d["uid"], skipped=d["skipped"],
+                   reference=Reference(answer=ref["answer"], tests=tuple(CodeTest(**t) for t in ref["tests"])),
+                   samples=[Sample(**s) for s in d["samples"]])
 
 
 @dataclass

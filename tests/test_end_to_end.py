@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -15,6 +16,7 @@ from r1.inputs import prepare_data
 from r1.types import CodeTest, Reference
 from r1.workers.rollout_buffer import outstanding_uids
 from tests.conftest import TINY, compose, pools
+from tests.test_checkpoint_unpickling import _Planted
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +67,7 @@ def _policy(run_dir, step):
     return load_file(str(run_dir / "checkpoints" / f"step_{step:06d}" / "policy" / "model.safetensors"))
 
 
-def test_two_steps_checkpoint_and_exact_resume(ray_local, tiny_model, cache_dir, tmp_path):
+def test_two_steps_checkpoint_and_exact_resume_past_a_planted_checkpoint(ray_local, tiny_model, cache_dir, tmp_path):
     straight = tmp_path / "straight"
     out = run(_cfg(cache_dir, straight, total_steps=2))
     assert out["step"] == 2
@@ -89,7 +91,17 @@ def test_two_steps_checkpoint_and_exact_resume(ray_local, tiny_model, cache_dir,
     state = json.loads((resumed / "checkpoints" / "step_000001" / "driver_state.json").read_text())
     assert state["step"] == 1 and state["buffer"]["sampler"]["index"] == 4
     assert state["buffer"]["next_uid"] == 4 and outstanding_uids(state["buffer"]) == []  # on-policy, final step
+    # a newer checkpoint someone planted (the straight run's step 2, its optimizer file naming code): refused, and
+    # the run resumes from the checkpoint before it
+    planted = resumed / "checkpoints" / "step_000002"
+    shutil.copytree(straight / "checkpoints" / "step_000002", planted)
+    marker = tmp_path / "planted_code_ran"
+    optimizer = torch.load(planted / "optimizer.pt", weights_only=True)
+    optimizer["scheduler"]["x"] = _Planted(marker)
+    torch.save(optimizer, planted / "optimizer.pt")
+    (resumed / "checkpoints" / "latest").write_text(planted.name)
     out = run(_cfg(cache_dir, resumed, total_steps=2, resume=True))
+    assert not marker.exists()
     assert out["step"] == 2
     a, b = _policy(straight, 2), _policy(resumed, 2)
     assert a.keys() == b.keys()

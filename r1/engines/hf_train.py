@@ -93,6 +93,16 @@ def decay_groups(model, weight_decay: float) -> list[dict]:
             {"params": flat, "weight_decay": 0.0}]
 
 
+def _load_parameters(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Every parameter from ``tensors``, none missing and none unknown (tied weights are one parameter: safetensors
+    stores them once, so the check is over ``named_parameters``, not the state dict's aliases)."""
+    names = {n for n, _ in model.named_parameters()}
+    missing, unknown = sorted(names - set(tensors)), sorted(set(tensors) - names)
+    if missing or unknown:
+        raise RuntimeError(f"{source} does not match the model: missing {missing[:5]}, unknown {unknown[:5]}")
+    model.load_state_dict(tensors, strict=False)  # (strict would ask for tied aliases the file rightly omits)
+
+
 def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF safetensors directory, sharded (``model.safetensors.index.json``) or not."""
     from safetensors.torch import load_file
@@ -328,13 +338,14 @@ class HFTrainEngine:
         path = Path(path)
         master = path / "master_weights.safetensors"
         policy = load_file(str(master)) if master.exists() else load_safetensors_dir(path / "policy")
-        missing = {n for n, _ in self.model.named_parameters()} - set(policy)
-        if missing:
-            raise RuntimeError(f"checkpoint {path} lacks parameters {sorted(missing)[:5]}")
-        self.model.load_state_dict({k: v.float() for k, v in policy.items()}, strict=False)
-        if self.reference is not None and (path / "reference.safetensors").exists():
-            self.reference.load_state_dict(load_file(str(path / "reference.safetensors")), strict=False)
-        if (path / "optimizer.pt").exists():
-            state = torch.load(path / "optimizer.pt", weights_only=False)
+        _load_parameters(self.model, {k: v.float() for k, v in policy.items()}, f"{path} (policy)")
+        if self.reference is not None:
+            reference = path / "reference.safetensors"
+            if not reference.exists():  # (a run with a reference model writes one with every checkpoint)
+                raise RuntimeError(f"checkpoint {path} has no reference.safetensors, and this run's loss needs "
+                                   "the reference model: resume from a checkpoint of a run with the same algo")
+            _load_parameters(self.reference, load_file(str(reference)), f"{reference}")
+        if (path / "optimizer.pt").exists():  # tensors and plain values only: nothing a planted file names runs
+            state = torch.load(path / "optimizer.pt", weights_only=True)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])

@@ -31,9 +31,9 @@ retried forever.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import pickle
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,7 +49,7 @@ from r1.workers.lifecycle import Ticket, WorkerLifecycle, failure_reason, redo_o
 
 log = logging.getLogger(__name__)
 
-GROUPS_FILE = "rollouts.pkl"
+GROUPS_FILE = "rollouts.json"  # JSON: resuming never unpickles what the run directory holds
 
 
 def request_seed(run_seed: int, first_uid: int, attempt: int) -> int:
@@ -290,8 +290,7 @@ class RolloutBuffer:
         }
 
     def save_groups(self, directory: Path) -> None:
-        with open(Path(directory) / GROUPS_FILE, "wb") as f:
-            pickle.dump(list(self.ready.values()), f)
+        (Path(directory) / GROUPS_FILE).write_text(json.dumps([g.to_json() for g in self.ready.values()]))
 
     def load_state_dict(self, state: dict, directory: Path) -> None:
         """Restore a checkpoint's buffer: its generated groups, then its requests as they were, then its queue."""
@@ -299,8 +298,11 @@ class RolloutBuffer:
         self.next_uid = state["next_uid"]
         self.queue = deque(tuple(e) for e in state["queue"])
         self.resubmit = deque([tuple(e) for e in r] for r in state["requests"])
-        with open(Path(directory) / GROUPS_FILE, "rb") as f:
-            self.ready = {g.uid: g for g in pickle.load(f)}
+        groups = Path(directory) / GROUPS_FILE
+        if not groups.exists() and (Path(directory) / "rollouts.pkl").exists():
+            raise RuntimeError(f"{directory} keeps its rollouts as a pickle (an older r1's format): not loaded, since "
+                               "unpickling runs whatever the file says; resume from a newer checkpoint")
+        self.ready = {g.uid: g for g in map(Group.from_json, json.loads(groups.read_text()))}
         self.attempts = Counter({uid: n for uid, n in state["attempts"]})
         self.discarded_stale = state["discarded_stale"]
         self.redone_after_loss = state["redone_after_loss"]

@@ -4,6 +4,7 @@ colocated engines, each rank that shares its GPU with one)."""
 from __future__ import annotations
 
 import functools
+import json
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,12 +15,30 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from r1.checkpoint import fsync_tree
 from r1.cluster import placement
 from r1.data.tokens import load_tokenizer
 from r1.distributed.bucketed_broadcast import GroupMembership, free_port, manifest_of, node_ip
 from r1.distributed.ipc_channel import IpcSender
 from r1.engines.registry import build_train_engine
 from r1.health.heartbeat import decoder_layers
+
+
+def rng_state() -> dict:
+    """This process's torch, NumPy and Python generator states as plain JSON (read back without unpickling)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state().tolist(),
+            "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "python": [version, list(internal), gauss_next]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def on_compute_thread(method):
@@ -149,15 +168,12 @@ class TrainWorker:
             self.engine.save(Path(path), with_optimizer=with_optimizer)
         if self.rank == 0:  # a checkpoint's policy/ is a complete HF model directory: weights, config and tokenizer
             load_tokenizer(self.model_path).save_pretrained(Path(path) / "policy")
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        torch.save(rng, Path(path) / f"rng_rank{self.rank}.pt")
+        (Path(path) / f"rng_rank{self.rank}.json").write_text(json.dumps(rng_state()))
+        fsync_tree(Path(path))  # (what this rank wrote: on a shared filesystem only its own client can flush it)
 
     @on_compute_thread
     def load(self, path: str) -> None:
         self.engine.load(Path(path))
-        rng_file = Path(path) / f"rng_rank{self.rank}.pt"
+        rng_file = Path(path) / f"rng_rank{self.rank}.json"
         if rng_file.exists():
-            rng = torch.load(rng_file, weights_only=False)
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
+            set_rng_state(json.loads(rng_file.read_text()))

@@ -33,6 +33,7 @@ from r1.engines.megatron.hf_export import write_hf_dir
 from r1.engines.megatron.layout import ParallelLayout, initialize
 from r1.engines.megatron.logprobs import vocab_parallel_logprobs
 from r1.engines.megatron.packing import PackedMicroBatch, cp_local_indices, pack, plan_micro_batches
+from r1.engines.megatron.safe_checkpoint import check_metadata, weights_only_loads
 from r1.engines.protocols import LossFn
 from r1.types import TrainBatch
 
@@ -431,8 +432,10 @@ class MegatronTrainEngine:
         if meta["with_optimizer"]:
             _restore_adam_states_by_source_keys()
             self._initialize_optimizer_state()
-        state = dist_checkpointing.load(
-            self._sharded_state(with_optimizer=meta["with_optimizer"], loading=True), str(path / "megatron"))
+        check_metadata(path / "megatron")  # (nothing in a checkpoint is unpickled unchecked: safe_checkpoint)
+        with weights_only_loads():
+            state = dist_checkpointing.load(
+                self._sharded_state(with_optimizer=meta["with_optimizer"], loading=True), str(path / "megatron"))
         for i, chunk in enumerate(self.chunks):
             _unwrap(chunk).load_state_dict(state[f"model{i}"])
         for i, chunk in enumerate(self.reference or []):
