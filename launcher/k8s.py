@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
+from r1.config.public import public
 from r1.config.schema import under
 from r1.config.validate import ConfigError
 
@@ -135,7 +136,7 @@ def chart_values(cfg) -> dict:
 
     return {
         "mode": str(k.mode),
-        "r1Config": OmegaConf.to_yaml(in_cluster(cfg)),
+        "r1Config": OmegaConf.to_yaml(public(in_cluster(cfg))),  # (a ConfigMap: no Slurm setup lines)
         "image": {"repository": repository, "tag": tag, "pullPolicy": str(k.image_pull_policy),
                   "pullSecrets": list(k.image_pull_secrets)},
         "rayVersion": ray.__version__,  # the image installs this project, hence this Ray

@@ -8,6 +8,7 @@ shell's directory.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -19,6 +20,7 @@ from types import SimpleNamespace
 from omegaconf import OmegaConf
 
 from launcher.slurm_job import REQUEUE_EXIT
+from r1.config.public import public
 from r1.config.schema import under
 from r1.config.validate import ConfigError
 
@@ -61,6 +63,7 @@ def problems(cfg) -> list[str]:
             if not Path(cfg[key]).resolve().is_relative_to(shared):
                 out.append(f"{key}={cfg[key]} is outside cluster.slurm.shared_dir={s.shared_dir}: the other nodes "
                            "would not see it; put it under the shared directory (or make it relative)")
+    out += value_problems(cfg)
     if not _TIME.match(str(s.time)):
         out.append(f"cluster.slurm.time={s.time!r} is not a Slurm time: use minutes, HH:MM:SS or D-HH:MM:SS")
     elif not 0 < s.signal_before_s < time_limit_s(str(s.time)):
@@ -92,6 +95,39 @@ def problems(cfg) -> list[str]:
                 out.append(f"{pool}.num_workers={workers.num_workers} do not fit on {nodes} node(s) of "
                            f"{s.cpus_per_node} CPUs / {s.gpus_per_node} GPUs at {workers.cpus_per_worker} CPUs / "
                            f"{workers.gpus_per_worker} GPUs each")
+    return out
+
+
+# What may go into the job script's "#SBATCH" lines: sbatch reads them itself (no shell), one option per line, so a
+# newline would end the option and start a line the batch shell runs. Each value is refused unless it is plainly one.
+_NAME = re.compile(r"[A-Za-z0-9._+-]{1,100}")
+_NAMES = re.compile(r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*")  # partitions may be a list: "a100,h100"
+_MEM = re.compile(r"\d+[KMGT]?")
+_OPTION = re.compile(r"--?[A-Za-z][A-Za-z0-9-]*(=[^\x00-\x1f\x7f]*)?")
+_PATH = re.compile(r"[^\x00-\x20\x7f%]+")  # (no whitespace: --output=<run_dir>/...; no %: Slurm's patterns)
+
+
+def value_problems(cfg) -> list[str]:
+    """Values that would not be one plain token in the job script: refused, naming the key and what may be used."""
+    s, out = cfg.cluster.slurm, []
+    checks = [("name", cfg.name, _NAME, "letters, digits and . _ + - (it becomes the job name r1-<name>)"),
+              ("cluster.slurm.partition", s.partition, _NAMES, "partition names: letters, digits, . _ - and commas"),
+              ("cluster.slurm.account", s.account, _NAME, "letters, digits and . _ + -"),
+              ("cluster.slurm.qos", s.qos, _NAME, "letters, digits and . _ + -"),
+              ("cluster.slurm.mem", s.mem, _MEM, "a number with an optional unit K, M, G or T ('0': all of it)"),
+              ("run_dir", cfg.run_dir, _PATH, "a path without whitespace, control characters or %")]
+    for key, value, pattern, allowed in checks:
+        if value is not None and not pattern.fullmatch(str(value)):
+            out.append(f"{key}={str(value)!r} cannot go into the job script: use {allowed}")
+    for line in s.extra_sbatch:
+        if not _OPTION.fullmatch(str(line)):
+            out.append(f"cluster.slurm.extra_sbatch: {str(line)!r} is not one sbatch option: write each as "
+                       "'--option' or '--option=value' on its own, without control characters")
+    for key, values in (("setup", s.setup), ("container_mounts", s.container_mounts)):
+        for value in values:
+            if "\x00" in str(value) or (key == "container_mounts" and re.search(r"[\s,]", str(value))):
+                out.append(f"cluster.slurm.{key}: {str(value)!r} holds a NUL byte" if "\x00" in str(value) else
+                           f"cluster.slurm.container_mounts: {str(value)!r} must be one 'src:dst' without spaces")
     return out
 
 
@@ -176,14 +212,11 @@ def render(cfg, config_path: Path) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, comment_start_string="<#--", comment_end_string="--#>")
     env.filters["q"] = lambda value: shlex.quote(str(value))
-    if s.container_image:  # the setup lines run in each step's container (step.sh), not in the batch shell
-        setup = []
-    else:
-        setup = list(s.setup) or [f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH"]
     return env.get_template("job.sbatch.j2").render(
         job_name=f"r1-{cfg.name}", partition=s.partition, account=s.account, qos=s.qos, time=s.time,
         train_nodes=s.train_nodes, rollout_nodes=s.rollout_nodes, cpus_per_node=s.cpus_per_node,
-        gpus_per_node=s.gpus_per_node, mem=s.mem, extra_sbatch=list(s.extra_sbatch), setup=setup,
+        gpus_per_node=s.gpus_per_node, mem=s.mem, extra_sbatch=list(s.extra_sbatch),
+        setup_script="" if s.container_image else str(setup_script(cfg)),
         run_dir=cfg.run_dir, config_path=str(config_path), tag_prefix=POOL_TAG, tag_units=TAG_UNITS,
         signal_before_s=s.signal_before_s, after=[str(job) for job in s.after], requeue_exit=REQUEUE_EXIT,
         service_ports=SERVICE_PORTS, worker_ports=worker_ports(cfg), port_low=PORT_LOW, port_high=PORT_HIGH,
@@ -205,10 +238,26 @@ def step_script(cfg) -> Path:
     return Path(cfg.run_dir) / "step.sh"
 
 
-def write_step_script(cfg) -> None:
-    lines = ["#!/bin/bash", "# every srun step of the job, in its container: the setup lines, then the command",
-             "set -e", *cfg.cluster.slurm.setup, 'exec "$@"']
-    step_script(cfg).write_text("\n".join(lines) + "\n")
+def setup_script(cfg) -> Path:
+    """``<run_dir>/setup.sh``: the setup lines, readable by the job's user only (they are where keys get exported);
+    the batch shell, or in a container every step, sources it. Nothing else holds them."""
+    return Path(cfg.run_dir) / "setup.sh"
+
+
+def write_setup_scripts(cfg) -> None:
+    s = cfg.cluster.slurm
+    lines = list(s.setup) or ([] if s.container_image else  # (the submitting Python's environment)
+                              [f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH"])
+    path = setup_script(cfg)
+    path.unlink(missing_ok=True)  # (created afresh: 0600 from the first byte, whoever owned an old one)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# cluster.slurm.setup (r1-launch): sourced first by the job; kept out of job.sbatch and config.yaml\n"
+                + "".join(line + "\n" for line in lines))
+    if s.container_image:
+        step = ["#!/bin/bash", "# every srun step of the job, in its container: the setup lines, then the command",
+                "set -e", f"source {shlex.quote(str(path))}", 'exec "$@"']
+        step_script(cfg).write_text("\n".join(step) + "\n")
 
 
 def submit(cfg) -> tuple[Path, str | None]:
@@ -227,13 +276,14 @@ def submit(cfg) -> tuple[Path, str | None]:
         if found:
             raise ConfigError("cluster=slurm, checked against the cluster:\n- " + "\n- ".join(found))
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not run_dir.exists():  # checkpoints, logs and setup.sh: the job's user and group only (the job: umask 027)
+        run_dir.mkdir(parents=True)
+        run_dir.chmod(0o750)
     config_path = run_dir / "config.yaml"
-    config_path.write_text(OmegaConf.to_yaml(cfg))
+    config_path.write_text(OmegaConf.to_yaml(public(cfg)))
+    write_setup_scripts(cfg)
     script = run_dir / "job.sbatch"
     script.write_text(render(cfg, config_path))
-    if cfg.cluster.slurm.container_image:
-        write_step_script(cfg)
     if dry_run:
         return script, None
     done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False)

@@ -19,6 +19,8 @@ from typing import Self, TypeVar
 
 from omegaconf import OmegaConf
 
+from r1.config.public import public
+
 T = TypeVar("T")
 
 
@@ -33,7 +35,7 @@ class RunContext:
 
         check_inputs(self.cfg)  # before anything expensive: a wrong path fails in milliseconds, naming the key
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(public(self.cfg)))  # (no setup lines)
         self._stack.__enter__()
         return self
 
@@ -42,8 +44,8 @@ class RunContext:
 
     @property
     def config_dict(self) -> dict:
-        """The resolved config as plain containers (what the loggers record)."""
-        return OmegaConf.to_container(self.cfg, resolve=True)
+        """The resolved config as plain containers (what the loggers record), without the Slurm setup lines."""
+        return OmegaConf.to_container(public(self.cfg), resolve=True)
 
     def connect(self) -> None:
         """Join the cluster's Ray (Slurm, Kubernetes, a given address) or start a private one, which is then shut

@@ -50,7 +50,7 @@ def test_a_big_job_script_has_its_sbatch_lines_node_split_and_pool_tags(tmp_path
         "#SBATCH --signal=B:USR1@600", "#SBATCH --dependency=afterok:101:102", "#SBATCH --kill-on-invalid-dep=yes",
         "#SBATCH --exclusive",
     ]
-    assert "source /opt/r1/.venv/bin/activate" in text
+    assert f"source {tmp_path}/runs/a/setup.sh " in text and "activate" not in text  # (the setup lines' file)
     # nodes 0-15 are the training pool's, 16-23 the rollout pool's; each node's Ray carries its pool's tag
     assert 'pool_of() { if [ "$1" -lt 16 ]; then echo train; else echo rollout; fi; }' in text
     assert 'echo "{\\"r1_pool_$(pool_of "$1")\\": 1000}"' in text
@@ -60,6 +60,34 @@ def test_a_big_job_script_has_its_sbatch_lines_node_split_and_pool_tags(tmp_path
     saved = (tmp_path / "runs" / "a" / "config.yaml").read_text()
     assert f"run_dir: {tmp_path}/runs/a" in saved and f"cache_dir: {tmp_path}/cache" in saved
     assert "resume: true" in saved  # on by default under Slurm: a requeued job continues
+
+
+def test_setup_lines_exporting_a_key_reach_the_job_through_a_private_file_only(tmp_path):
+    """``cluster.slurm.setup`` is where a key gets exported: it goes to ``setup.sh`` (0600, sourced by the job), not
+    into job.sbatch (Slurm keeps and shows it), config.yaml or what W&B records; the run directory is the job
+    user's and group's (0750, and the job runs with umask 027)."""
+    from r1.run_context import RunContext
+
+    key = "wandb_v1_0123456789abcdef"
+    cfg = _slurm_cfg(tmp_path, "cluster.dry_run=true", f"cluster.slurm.setup=['export WANDB_API_KEY={key}', "
+                     "'export R1_FROM_SETUP=yes']")
+    script, _ = submit(cfg)
+    run_dir = tmp_path / "runs" / "a"
+    setup = run_dir / "setup.sh"
+    assert oct(setup.stat().st_mode & 0o777) == "0o600" and oct(run_dir.stat().st_mode & 0o777) == "0o750"
+    for name in ("job.sbatch", "config.yaml"):
+        assert key not in (run_dir / name).read_text(), name
+    assert "\numask 027   #" in script.read_text()
+    # what the job's driver records: the saved config, loaded, through the run context (config.yaml, W&B's config)
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    saved.run_dir = str(tmp_path / "driver")
+    with RunContext(saved) as run:
+        assert key not in json.dumps(run.config_dict) and key not in (tmp_path / "driver" / "config.yaml").read_text()
+    # the batch shell gets the lines: the script's own source line, run
+    line = next(x for x in script.read_text().splitlines() if x.startswith("source "))
+    done = subprocess.run(["bash", "-c", f'{line}\nprintf "%s|%s" "$WANDB_API_KEY" "$R1_FROM_SETUP"'],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout == f"{key}|yes"
 
 
 def _ports_of(script: str, job_id: int, hosts: tuple[str, str]) -> list[tuple[list[int], range]]:
@@ -146,10 +174,20 @@ def test_r1_launch_says_where_the_run_and_its_wandb_run_will_be(tmp_path):
      "cluster.slurm.signal_before_s=3600 must be > 0 and shorter than the time limit (01:00:00)"),
     (["cluster.slurm.max_failed_attempts=0"], "cluster.slurm.max_failed_attempts=0 must be >= 1"),
     (["cluster.slurm.after=[12x]"], "cluster.slurm.after: '12x' is not a Slurm job id"),
+    (["name='x\ntouch /tmp/pwned'"], "name='x\\ntouch /tmp/pwned' cannot go into the job script"),
+    (["cluster.slurm.partition='debug --uid=0'"], "cluster.slurm.partition='debug --uid=0' cannot go into"),
+    (["cluster.slurm.account='rl\nid'"], "cluster.slurm.account='rl\\nid' cannot go into the job script"),
+    (["cluster.slurm.qos='a b'"], "cluster.slurm.qos='a b' cannot go into the job script"),
+    (["cluster.slurm.mem=lots"], "cluster.slurm.mem='lots' cannot go into the job script"),
+    (["cluster.slurm.extra_sbatch=['--exclusive\nrm -rf ~']"], "extra_sbatch: '--exclusive\\nrm -rf ~' is not one"),
+    (["cluster.slurm.extra_sbatch=[exclusive]"], "extra_sbatch: 'exclusive' is not one sbatch option"),
+    (["run_dir='runs/my run'"], "run_dir=.*my run' cannot go into the job script"),
 ], ids=["no-partition", "bad-time", "gpus", "run-dir-outside", "too-many-workers", "signal-after-limit",
-        "no-attempts", "bad-dependency"])
+        "no-attempts", "bad-dependency", "newline-in-name", "option-in-partition", "newline-in-account",
+        "space-in-qos", "bad-mem", "newline-in-extra", "extra-not-an-option", "space-in-run-dir"])
 def test_bad_slurm_settings_fail_before_submission(tmp_path, overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    pattern = message if ".*" in message else re.escape(message)
+    with pytest.raises(ConfigError, match=pattern):
         submit(_slurm_cfg(tmp_path, *overrides))
     assert not (tmp_path / "runs" / "a" / "job.sbatch").exists()
 
