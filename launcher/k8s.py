@@ -151,7 +151,9 @@ def chart_values(cfg) -> dict:
         "codeSandbox": {"seccompProfile": seccomp_profile(k.sandbox_seccomp)},
         "rayJob": {"backoffLimit": k.backoff_limit},
         "network": {"annotations": dict(k.network.annotations), "rdmaResources": dict(k.network.rdma_resources),
-                    "ncclEnv": {str(n): str(v) for n, v in k.network.nccl_env.items()}},
+                    "ncclEnv": {str(n): str(v) for n, v in k.network.nccl_env.items()},
+                    "allowIngressFrom": [OmegaConf.to_container(e) if OmegaConf.is_config(e) else dict(e)
+                                         for e in k.network.allow_ingress_from]},
         "stackDumps": bool(k.stack_dumps),
     }
 
@@ -255,8 +257,10 @@ def follow(release: str, namespace: str, poll_s: float, api=None, say=print) -> 
         status = obj.get("status") or {}
         if obj["kind"] == "RayCluster" and status.get("state") == "ready":
             name = obj["metadata"]["name"]
-            say(f"ready: kubectl -n {namespace} port-forward svc/{name}-head-svc 8265:8265 & ray job submit "
-                "--address http://127.0.0.1:8265 -- python -m launcher.k8s_job /etc/r1/config.yaml")
+            say(f"ready: kubectl -n {namespace} port-forward svc/{name}-head-svc 8265:8265 & "
+                f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(kubectl -n {namespace} get secret {name} "
+                "-o jsonpath='{.data.auth_token}' | base64 -d) ray job submit --address http://127.0.0.1:8265 -- "
+                "python -m launcher.k8s_job /etc/r1/config.yaml")  # (KubeRay keeps the token in a Secret: r1.ray_auth)
             return 0
         if status.get("jobDeploymentStatus") in FINAL:
             return 0 if status.get("jobStatus") == "SUCCEEDED" else 1
@@ -271,12 +275,12 @@ def status(release: str, namespace: str, api=None) -> str:
 
 
 def cancel(release: str, namespace: str, api=None) -> list[str]:
-    """Delete the release's RayJob/RayCluster (KubeRay then removes its pods), ConfigMap and ServiceAccount; the
-    volume with the checkpoints stays. Returns what was deleted."""
+    """Delete the release's RayJob/RayCluster (KubeRay then removes its pods), ConfigMap, ServiceAccount and
+    NetworkPolicy; the volume with the checkpoints stays. Returns what was deleted."""
     from kubernetes import client
 
     api = api or api_client()
-    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    custom, core, net = client.CustomObjectsApi(api), client.CoreV1Api(api), client.NetworkingV1Api(api)
     selector, deleted = f"{INSTANCE}={release}", []
     for kind, plural in PLURALS.items():
         for obj in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural,
@@ -285,7 +289,8 @@ def cancel(release: str, namespace: str, api=None) -> list[str]:
             deleted.append(f"{kind}/{obj['metadata']['name']}")
     for kind, lister, deleter in (
             ("ConfigMap", core.list_namespaced_config_map, core.delete_namespaced_config_map),
-            ("ServiceAccount", core.list_namespaced_service_account, core.delete_namespaced_service_account)):
+            ("ServiceAccount", core.list_namespaced_service_account, core.delete_namespaced_service_account),
+            ("NetworkPolicy", net.list_namespaced_network_policy, net.delete_namespaced_network_policy)):
         for obj in lister(namespace, label_selector=selector).items:
             deleter(obj.metadata.name, namespace)
             deleted.append(f"{kind}/{obj.metadata.name}")

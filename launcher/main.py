@@ -83,6 +83,9 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(submit_to_slurm(plain))
     if plain.cluster.kind == "k8s":
         sys.exit(submit_to_k8s(plain))
+    from r1.ray_auth import protect_private_cluster
+
+    protect_private_cluster(plain.cluster)  # (before Ray is first imported: token auth for the instance it starts)
     from r1.stages import run
 
     try:

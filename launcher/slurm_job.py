@@ -8,7 +8,12 @@ script), once every node of the job has joined it, and decides what the job does
   exit ``REQUEUE_EXIT`` and the job script requeues the job, whose next attempt continues from that checkpoint;
 - the driver failed: requeue likewise while fewer than ``cluster.slurm.max_failed_attempts`` attempts have failed,
   else exit 1 (FAILED);
-- SIGTERM/SIGINT (``scancel``, ``r1-launch cancel``): checkpoint if it can, exit 128 + signal, no requeue;
+- SIGTERM to the whole job (preemption without ``send_user_signal``, an admin's ``scancel --signal=TERM``): every
+  step gets it, the Ray nodes end at once, so the driver can only stop (a checkpoint needs the workers); the job
+  script then asks ``--ended``, which requeues the job (not counted as a failure): the next attempt resumes from
+  the latest complete checkpoint. A job that was *cancelled* (``scancel``, ``r1-launch cancel``) is not requeued;
+- the driver killed alone (the kernel's OOM killer, SIGKILL): the job script asks ``--ended``; it counts as a
+  failed attempt and the job is requeued while attempts are left (it used to end FAILED at once);
 - a health abort (a sick GPU, a stalled run: ``r1.health``): the driver checkpointed; the node is added to
   ``<run_dir>/slurm-<job>.exclude`` and ``REQUEUE_EXIT`` makes the job script requeue the job with
   ``ExcNodeList`` set to those nodes, so the next attempt runs elsewhere (a stall names no node: nothing excluded).
@@ -120,5 +125,44 @@ def main(config_path: str) -> int:
     return exit_code(result)  # REQUEUE_EXIT makes the job script requeue the job
 
 
+def job_state(job: str) -> str:
+    """The controller's state of the job ("" if it cannot say)."""
+    import subprocess
+
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, check=False).stdout
+    return next((w.split("=", 1)[1] for w in shown.split() if w.startswith("JobState=")), "")
+
+
+def ended(config_path: str, rc: int, terminated: bool) -> int:
+    """The job script's question when the driver did not end by itself (``rc`` > 128) or the job was signalled:
+    requeue (``REQUEUE_EXIT``) or end with which code. Records the attempt's end where the driver could not."""
+    cfg = OmegaConf.load(config_path)
+    job, attempt = os.environ["SLURM_JOB_ID"], int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    state = job_state(job)
+    if state.startswith("CANCELLED"):  # scancel / r1-launch cancel: the user's word, not a failure to recover from
+        return rc
+    if rc == 0:  # (it finished as the signal came)
+        return 0
+    attempts = AttemptLog(Path(cfg.run_dir), job)
+    said = [r["outcome"] for r in attempts.records() if r["event"] == "end" and r["attempt"] == attempt]
+    killed_by = signal.Signals(rc - 128).name if 128 < rc < 128 + signal.NSIG else None
+    if terminated:  # the job was told to stop (preemption, an admin): not the run's fault, come back
+        if not said or said[-1] in ("failed", "stopped by SIGTERM"):  # (its workers went first: not a failure)
+            attempts.write("end", attempt, outcome="terminated", signal=killed_by)  # (the last end record counts)
+        print(f"r1: Slurm job {job} was terminated (state {state or '?'}); requeueing: the next attempt resumes from "
+              "the latest complete checkpoint", file=sys.stderr)
+        return REQUEUE_EXIT
+    if killed_by is None:
+        return rc
+    if not said:
+        attempts.write("end", attempt, outcome="killed", signal=killed_by)
+    failed, allowed = attempts.failures(), cfg.cluster.slurm.max_failed_attempts
+    print(f"r1: the driver of Slurm job {job} was killed by {killed_by} (out of memory?); {failed} of {allowed} "
+          f"failed attempts allowed" + ("; requeueing" if failed < allowed else "; not trying again"), file=sys.stderr)
+    return REQUEUE_EXIT if failed < allowed else 1
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--ended":  # (the job script, after the driver: --ended <rc> <terminated> <config>)
+        sys.exit(ended(sys.argv[4], int(sys.argv[2]), sys.argv[3] == "1"))
     sys.exit(main(sys.argv[1]))

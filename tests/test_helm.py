@@ -134,8 +134,8 @@ def test_the_chart_lints_renders_and_validates(helm, tmp_path, mode, gpus, volum
     check_objects(docs)
     objects = by_kind(docs)
     kind = {"rayjob": "RayJob", "raycluster": "RayCluster"}[mode]
-    assert set(objects) == {"ConfigMap", "ServiceAccount", kind} | ({"PersistentVolumeClaim"} if volume == "create"
-                                                                    else set())
+    assert set(objects) == {"ConfigMap", "ServiceAccount", "NetworkPolicy", kind} | (
+        {"PersistentVolumeClaim"} if volume == "create" else set())
     job = objects[kind]
     cluster = job["spec"]["rayClusterSpec"] if mode == "rayjob" else job["spec"]
     if mode == "rayjob":
@@ -201,20 +201,34 @@ def test_pods_run_non_root_without_privileges_or_an_api_token(helm, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_secret_is_only_ever_referenced(helm, tmp_path):
-    """The W&B key comes from an existing Secret by reference: a value planted in the environment and in a Secret
-    name's neighbourhood never reaches a rendered manifest."""
+def test_a_secret_is_only_ever_referenced(helm, tmp_path, monkeypatch):
+    """A secret's value can reach a manifest only through the values: the launcher never copies one there (a key
+    planted in the submitting environment is in no value), the schema refuses an entry that carries a value
+    instead of a reference, and every secret variable renders as a ``secretKeyRef`` with no ``value``. (Helm
+    templates cannot read the environment at all: planting it there alone, as this test once did, tests nothing.)"""
+    from launcher.k8s import chart_values
+
     planted = "planted-wandb-key-7f3c9a"
-    values = _values(secretEnv=[{"name": "WANDB_API_KEY", "secretName": "r1-secrets", "key": "wandb-api-key"},
-                                {"name": "HF_TOKEN", "secretName": "hf", "key": "token", "pods": ["head", "train"]}])
-    path = tmp_path / "values.yaml"
-    path.write_text(yaml.safe_dump(values))
-    done = subprocess.run([helm, "template", "t", str(CHART), "-f", str(path)], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_API_KEY": planted,
-                               "HF_TOKEN": planted}, check=False)
-    assert done.returncode == 0, done.stderr
-    assert planted not in done.stdout + done.stderr
-    assert done.stdout.count("secretKeyRef") == 3  # each variable on the pods it names: the head (both), train
+    monkeypatch.setenv("WANDB_API_KEY", planted)
+    values = chart_values(compose([*TINY, "cluster=k8s", "run_dir=runs/a", "logger=wandb",
+                                   ("+cluster.k8s.secret_env=[{name: WANDB_API_KEY, secretName: r1-secrets, "
+                                   "key: wandb-api-key}, {name: HF_TOKEN, secretName: hf, key: token, "
+                                   "pods: [head, train]}]")]))
+    assert planted not in yaml.safe_dump(values)
+    docs = render(helm, values, tmp_path)
+    assert planted not in yaml.safe_dump(docs)
+    secret_vars = [e for d in docs if d["kind"] == "RayJob" for t in pod_templates(d)
+                   for c in t["spec"]["containers"] for e in c.get("env", []) if e["name"] in ("WANDB_API_KEY",
+                                                                                              "HF_TOKEN")]
+    assert len(secret_vars) == 3  # each variable on the pods it names: the head (both), train
+    for entry in secret_vars:
+        assert "value" not in entry and set(entry["valueFrom"]) == {"secretKeyRef"}, entry
+
+    carried = _values(secretEnv=[{"name": "WANDB_API_KEY", "secretName": "r1-secrets", "key": "wandb-api-key",
+                                  "value": planted}])
+    done = _helm(helm, "template", carried, tmp_path)
+    assert done.returncode != 0 and "value" in done.stderr and "Additional property" in done.stderr, done.stderr
+    assert planted not in done.stdout
 
 
 @pytest.mark.slow
@@ -267,7 +281,8 @@ def test_the_values_schema_rejects_bad_values(helm, tmp_path, bad, field):
 
 
 NETWORK = {"annotations": {"k8s.v1.cni.cncf.io/networks": "ib-net"}, "rdmaResources": {"rdma/rdma_shared_device_a": 1},
-           "ncclEnv": {"NCCL_IB_HCA": "mlx5", "NCCL_SOCKET_IFNAME": "eth0"}}
+           "ncclEnv": {"NCCL_IB_HCA": "mlx5", "NCCL_SOCKET_IFNAME": "eth0"},
+           "allowIngressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]}
 
 
 @pytest.mark.slow
@@ -292,17 +307,49 @@ def test_rdma_devices_network_annotations_nccl_env_and_capabilities_reach_the_po
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_PTRACE"]}
 
 
+def _selects(selector: dict, labels: dict) -> bool:
+    """A NetworkPolicy podSelector's matchLabels against a pod's labels (Kubernetes: every pair must be there)."""
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["rayjob", "raycluster"])
+def test_only_the_releases_pods_reach_its_pods_and_ray_refuses_requests_without_its_token(helm, tmp_path, mode):
+    """The NetworkPolicy covers every pod of the release (head, both pools, the submitter) and lets in only the
+    release's own pods and the peers asked for; the Ray cluster asks KubeRay for token auth. Valid against
+    Kubernetes' and KubeRay's schemas (authOptions is KubeRay 1.5.1's API)."""
+    docs = render(helm, _values(mode=mode, network=NETWORK), tmp_path)
+    check_objects(docs)
+    objects = by_kind(docs)
+    policy, job = objects["NetworkPolicy"], objects["RayJob" if mode == "rayjob" else "RayCluster"]
+    cluster = job["spec"]["rayClusterSpec"] if mode == "rayjob" else job["spec"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    pods = [t["metadata"]["labels"] for t in pod_templates(job)]
+    assert len(pods) == (4 if mode == "rayjob" else 3)
+    assert all(_selects(policy["spec"]["podSelector"], labels) for labels in pods)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = policy["spec"]["ingress"]
+    own, *extra = rule["from"]
+    assert extra == NETWORK["allowIngressFrom"] and "ports" not in rule
+    assert all(_selects(own["podSelector"], labels) for labels in pods)
+    other = {**pods[0], "app.kubernetes.io/instance": "someone-else"}  # another release's pod, same namespace
+    assert not _selects(own["podSelector"], other)
+    assert not _selects(policy["spec"]["podSelector"], other)  # (nor is it covered by this policy)
+
+
 def test_the_launcher_passes_the_network_settings_to_the_chart():
     from launcher.k8s import chart_values
 
     cfg = compose([*TINY, "cluster=k8s", "run_dir=runs/a", "cluster.k8s.stack_dumps=true",
                    "+cluster.k8s.network.annotations={k8s.v1.cni.cncf.io/networks: ib-net}",
                    "+cluster.k8s.network.rdma_resources={rdma/rdma_shared_device_a: 1}",
-                   "+cluster.k8s.network.nccl_env={NCCL_IB_HCA: mlx5, NCCL_SOCKET_IFNAME: eth0}"])
+                   "+cluster.k8s.network.nccl_env={NCCL_IB_HCA: mlx5, NCCL_SOCKET_IFNAME: eth0}",
+                   ("cluster.k8s.network.allow_ingress_from=[{namespaceSelector: {matchLabels: "
+                   "{kubernetes.io/metadata.name: monitoring}}}]")])
     values = chart_values(cfg)
     assert values["network"] == NETWORK and values["stackDumps"] is True
     assert chart_values(compose([*TINY, "cluster=k8s", "run_dir=runs/a"]))["network"] == {
-        "annotations": {}, "rdmaResources": {}, "ncclEnv": {}}
+        "annotations": {}, "rdmaResources": {}, "ncclEnv": {}, "allowIngressFrom": []}
 
 
 @pytest.mark.slow

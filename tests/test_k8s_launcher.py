@@ -71,7 +71,7 @@ def test_a_dry_run_renders_the_chart_from_the_config_and_holds_no_secret(helm_on
     records = tmp_path / "outputs" / "k8s" / NS / "r1-test"
     assert f"rendered {records}/manifests.yaml" in done.stdout
     objects = {d["kind"]: d for d in yaml.safe_load_all((records / "manifests.yaml").read_text()) if d}
-    assert set(objects) == {"ConfigMap", "ServiceAccount", "PersistentVolumeClaim", "RayJob"}
+    assert set(objects) == {"ConfigMap", "ServiceAccount", "PersistentVolumeClaim", "NetworkPolicy", "RayJob"}
     # the config the driver will run: the launcher's, with its paths on the volume and resume on
     expected = compose([*TINY, *K8S])
     run = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])
@@ -137,11 +137,12 @@ def test_submit_follow_status_and_cancel_through_the_kubernetes_api(helm_on_path
         assert yaml.safe_load(config.data["config.yaml"])["run_dir"] == "/r1/runs/a"
         core.read_namespaced_service_account("r1-test", NS)
         core.read_namespaced_persistent_volume_claim("r1-test-data", NS)
+        client.NetworkingV1Api(k8s.client()).read_namespaced_network_policy("r1-test", NS)
         stored = yaml.safe_dump([rayjob(), config.to_dict()])
         assert PLANTED not in stored + out + err
 
         again = _launch(env, tmp_path, *TINY, *K8S)  # the same release twice: the API's refusal, verbatim
-        assert again.returncode == 2 and "creating ServiceAccount r1-test in research:" in again.stderr
+        assert again.returncode == 2 and "creating NetworkPolicy r1-test in research:" in again.stderr
         assert "already exists" in again.stderr.lower() and "(HTTP 409)" in again.stderr
 
         shown = _launch(env, tmp_path, "status", "release=r1-test", f"namespace={NS}")
@@ -150,7 +151,7 @@ def test_submit_follow_status_and_cancel_through_the_kubernetes_api(helm_on_path
         cancelled = _launch(env, tmp_path, "cancel", "release=r1-test", f"namespace={NS}")
         assert cancelled.returncode == 0, cancelled.stderr
         assert cancelled.stdout.split() == ["deleted", "RayJob/r1-test", "ConfigMap/r1-test-config",
-                                            "ServiceAccount/r1-test"]
+                                            "ServiceAccount/r1-test", "NetworkPolicy/r1-test"]
         assert rayjob() is None
         assert core.read_namespaced_persistent_volume_claim("r1-test-data", NS)  # the checkpoints stay
         gone = _launch(env, tmp_path, "status", "release=r1-test", f"namespace={NS}")
@@ -203,8 +204,9 @@ def test_a_raycluster_release_is_followed_until_ready_and_cancelled(helm_on_path
         assert launcher.returncode == 0, err
         assert out.splitlines()[-2:] == [
             "RayCluster r1-test: ready",
-            (f"ready: kubectl -n {NS} port-forward svc/r1-test-head-svc 8265:8265 & ray job submit --address "
-            "http://127.0.0.1:8265 -- python -m launcher.k8s_job /etc/r1/config.yaml")]
+            (f"ready: kubectl -n {NS} port-forward svc/r1-test-head-svc 8265:8265 & RAY_AUTH_MODE=token "
+             f"RAY_AUTH_TOKEN=$(kubectl -n {NS} get secret r1-test -o jsonpath='{{.data.auth_token}}' | base64 -d) "
+             "ray job submit --address http://127.0.0.1:8265 -- python -m launcher.k8s_job /etc/r1/config.yaml")]
         cancelled = _launch(env, tmp_path, "cancel", "release=r1-test", f"namespace={NS}")
         assert cancelled.stdout.split() == ["deleted", "RayCluster/r1-test", "ConfigMap/r1-test-config",
-                                            "ServiceAccount/r1-test"]
+                                            "ServiceAccount/r1-test", "NetworkPolicy/r1-test"]

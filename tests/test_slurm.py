@@ -78,6 +78,9 @@ def test_setup_lines_exporting_a_key_reach_the_job_through_a_private_file_only(t
     for name in ("job.sbatch", "config.yaml"):
         assert key not in (run_dir / name).read_text(), name
     assert "\numask 027   #" in script.read_text()
+    # Ray's token: drawn per attempt into the job's environment, never written down
+    assert "export RAY_AUTH_MODE=token\nRAY_AUTH_TOKEN=$(od -An -N32 -tx1 /dev/urandom" in script.read_text()
+    assert "RAY_AUTH_MODE=disabled" not in script.read_text()
     # what the job's driver records: the saved config, loaded, through the run context (config.yaml, W&B's config)
     saved = OmegaConf.load(run_dir / "config.yaml")
     saved.run_dir = str(tmp_path / "driver")
@@ -142,9 +145,11 @@ def test_with_a_container_every_step_runs_in_it_with_the_setup_lines(tmp_path):
     assert (f'step="--nodes=1 --ntasks=1 --overlap --cpus-per-task=32 --container-image=\'nvcr.io#nvidia/pytorch:'
             f'25.01-py3\' --container-mounts={tmp_path}:{tmp_path},/data:/data --no-container-mount-home"') in text
     runs = [x.strip() for x in text.splitlines() if x.lstrip().startswith("srun")]
-    assert len(runs) == 3 and all(x.startswith('srun $step -w "$') and f"bash {step_sh} " in x for x in runs)
-    assert runs[-1].endswith(f"python -m launcher.slurm_job {tmp_path}/runs/a/config.yaml &")  # the driver too
+    assert len(runs) == 4 and all(x.startswith('srun $step -w "$') and f"bash {step_sh} " in x for x in runs)
+    assert runs[2].endswith(f"python -m launcher.slurm_job {tmp_path}/runs/a/config.yaml &")  # the driver too
+    assert f"python -m launcher.slurm_job --ended $rc $terminated {tmp_path}/runs/a/config.yaml" in runs[3]
     assert "R1_IN_STEP" not in text and "export PATH=" not in text  # nothing of the host's in the batch shell
+    assert "\nsource " not in text and "R1_IN_STEP" in (tmp_path / "runs" / "a" / "setup.sh").read_text()
     # step.sh: the setup lines, then the step's command with its arguments as given
     done = subprocess.run(["bash", str(step_sh), "bash", "-c", 'printf "%s|" "$R1_IN_STEP" "$@"', "_", "a b", "c"],
                           capture_output=True, text=True, check=True)
@@ -325,15 +330,16 @@ def _until(what, timeout_s: float = 300, explain=lambda: ""):
 @pytest.mark.slow
 def test_the_tiny_experiment_runs_as_a_slurm_job_and_resumes_after_preemption_and_node_failure(
         slurm_cluster, tmp_path):
-    """The tiny experiment as a job on 2 nodes (after a job it depends on), one pool per node, interrupted twice by
-    Slurm's own mechanisms: the preemption signal (SIGUSR1 to the batch shell, what ``--signal=B:USR1@s`` sends: the
-    run checkpoints and the job script requeues itself with ``scontrol requeue``) and a node failure (``--requeue``:
-    no handler runs). Each attempt continues from the latest checkpoint; the run ends with every step once and no
-    prompt group trained twice. (SIGTERM, what an admin's ``scontrol requeue`` sends, stops a run as in
-    tests/test_async.py.)"""
+    """The tiny experiment as a job on 2 nodes (after a job it depends on), one pool per node, interrupted four times
+    by what ends jobs on real clusters: the preemption warning (SIGUSR1 to the batch shell, what
+    ``--signal=B:USR1@s`` sends: the run checkpoints and the job requeues itself), SIGTERM to every process of the
+    job (preemption without that warning, an admin: the Ray nodes end at once, the driver cannot checkpoint, and the
+    job requeues itself from the latest complete checkpoint), the driver alone SIGKILLed (the OOM killer: a failed
+    attempt, requeued while attempts are left), and a node failure (``--requeue``: no handler runs). Each attempt
+    continues from the latest checkpoint; the run ends with every step once and no prompt group trained twice."""
     first = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "sleep 3"], capture_output=True,
                            text=True, check=True).stdout.strip()  # a stage before: the run starts once it succeeded
-    total = 10
+    total = 14
     run_dir, job = _submit_tiny(tmp_path, "requeue", "cluster.slurm.time=00:20:00", f"trainer.total_steps={total}",
                                 "algo.group_size=4", "algo.prompts_per_step=4", "eval.every_steps=0",
                                 "checkpoint.every_steps=1", f"cluster.slurm.after=[{first}]")
@@ -349,14 +355,20 @@ def test_the_tiny_experiment_runs_as_a_slurm_job_and_resumes_after_preemption_an
     _until(lambda: moved_on(0), explain=explain)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)  # "time limit or preemption ahead"
     _until(lambda: moved_on(1), explain=explain)
+    subprocess.run(["scancel", "--full", "--signal=TERM", job], check=True)  # every process of every step
+    _until(lambda: moved_on(2), explain=explain)
+    driver = subprocess.run(["pgrep", "-f", f"launcher.slurm_job {run_dir}/config.yaml"], capture_output=True,
+                            text=True, check=True).stdout.split()
+    subprocess.run(["kill", "-KILL", *driver], check=True)  # the driver alone, as the OOM killer would
+    _until(lambda: moved_on(3), explain=explain)
     subprocess.run(["scontrol", "update", "nodename=node2", "state=down", "reason=r1-test"], check=True)
     subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], check=False)  # (may be back already)
     assert _wait_for(job) == "COMPLETED", explain()
 
     states = lambda: [row[0] for row in _sacct(job, "State")]
-    # slurmdbd records an attempt a moment after the controller moved on: wait for the third row
-    _until(lambda: len(states()) >= 3, explain=lambda: f"sacct: {states()}\n{explain()}", timeout_s=60)
-    assert states() == ["REQUEUED", "NODE_FAIL", "COMPLETED"], explain()
+    # slurmdbd records an attempt a moment after the controller moved on: wait for the fifth row
+    _until(lambda: len(states()) >= 5, explain=lambda: f"sacct: {states()}\n{explain()}", timeout_s=60)
+    assert states() == ["REQUEUED", "REQUEUED", "REQUEUED", "NODE_FAIL", "COMPLETED"], explain()
     assert _sacct(job, "Start")[0][0] >= _sacct(first, "End")[0][0]  # ISO times: --dependency=afterok held it
     nodes = json.loads((run_dir / "nodes.json").read_text())
     ips = {n: subprocess.run(["getent", "ahostsv4", n], capture_output=True, text=True, check=True).stdout.split()[0]
@@ -364,17 +376,19 @@ def test_the_tiny_experiment_runs_as_a_slurm_job_and_resumes_after_preemption_an
     assert nodes == {"train": [ips["node1"]], "rollout": [ips["node2"], ips["node2"]]}  # one node per pool
     assert (run_dir / "checkpoints" / f"step_{total:06d}" / "policy" / "model.safetensors").exists()
     starts = [a for a in _attempts(run_dir) if a["event"] == "start"]
-    ends = {a["attempt"]: a for a in _attempts(run_dir) if a["event"] == "end"}
-    assert [a["attempt"] for a in starts] == [0, 1, 2]
+    ends = {a["attempt"]: a for a in _attempts(run_dir) if a["event"] == "end"}  # (the last word on each)
+    assert [a["attempt"] for a in starts] == [0, 1, 2, 3, 4]
     # the preempted attempt checkpointed exactly where it stopped and the next one resumed there
     assert ends[0]["outcome"] == "preempted" and starts[1]["resume_from"] == f"step_{ends[0]['step']:06d}"
+    assert ends[1]["outcome"] == "terminated", ends  # requeued, and not counted as a failure
+    assert ends[2]["outcome"] == "killed" and ends[2]["signal"] == "SIGKILL", ends  # counted: 1 of 3 allowed
     # killed with its node: no word from it (an attempt that counts as failed), or, where the driver outlived its
     # node's Ray processes for a moment (Slurm's SIGTERM to the steps left), the failure or the signal it saw: never
     # an end that claims it finished or checkpointed
-    assert ends.get(1, {}).get("outcome") in (None, "failed", "stopped by SIGTERM"), ends
+    assert ends.get(3, {}).get("outcome") in (None, "failed", "stopped by SIGTERM"), ends
     resumed = [int(a["resume_from"][-6:]) for a in starts[1:]]
     assert resumed == sorted(resumed) and resumed[0] >= 2, starts  # each from the latest checkpoint, moving on
-    assert ends[2] == {**ends[2], "outcome": "completed", "step": total}
+    assert ends[4] == {**ends[4], "outcome": "completed", "step": total}
     log = (run_dir / f"slurm-{job}.out").read_text(errors="replace")  # --open-mode=append: every attempt's output
     for step in resumed:
         assert f"at step {step} (policy version {step})" in log

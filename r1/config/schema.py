@@ -148,6 +148,9 @@ class K8sNetworkConfig:
     # get the IPC_LOCK capability (RDMA pins memory)
     rdma_resources: dict[str, int] = field(default_factory=dict)
     nccl_env: dict[str, str] = field(default_factory=dict)  # e.g. {NCCL_IB_HCA: mlx5, NCCL_SOCKET_IFNAME: eth0}
+    # The chart's NetworkPolicy lets only the release's own pods reach its pods (Ray's ports, the Jobs API); more
+    # NetworkPolicy peers to let in, e.g. [{namespaceSelector: {matchLabels: {name: monitoring}}}] for Prometheus
+    allow_ingress_from: list[dict] = field(default_factory=list)
 
 
 @dataclass

@@ -7,6 +7,11 @@
 {{- end -}}
 {{- end -}}
 
+{{- define "r1.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
 {{- define "r1.labels" -}}
 app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -180,6 +185,10 @@ spec:
 {{- define "r1.rayClusterSpec" -}}
 {{- $v := .Values -}}
 rayVersion: {{ $v.rayVersion | quote }}
+# Ray token auth (KubeRay 1.5.1+): the operator keeps a random token in a Secret of its own and sets RAY_AUTH_MODE and
+# RAY_AUTH_TOKEN on every Ray container; GCS, raylet and dashboard (Jobs API) requests without it are refused.
+authOptions:
+  mode: token
 headGroupSpec:
   rayStartParams:
     dashboard-host: "0.0.0.0"
