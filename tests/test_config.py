@@ -1,11 +1,12 @@
 """Every experiment x cluster x model composes and validates; typos fail with the key and the choices."""
 
-import itertools
 import os
 import subprocess
 import sys
 
 import pytest
+import yaml
+from omegaconf import OmegaConf
 
 from r1.config.validate import ConfigError, check_key, validate
 from tests.conftest import CONF_DIR, REPO, compose
@@ -20,14 +21,71 @@ def test_expected_models_exist():
             "llama3_1_70b"} <= set(MODELS)
 
 
-@pytest.mark.parametrize("experiment, cluster, model", list(itertools.product(EXPERIMENTS, CLUSTERS, MODELS)))
-def test_every_combination_composes_and_validates(experiment, cluster, model):
-    overrides = [f"cluster={cluster}", f"model={model}", "run_dir=x"]
+def _own_values(group: str, choice: str) -> dict[str, object]:
+    """The leaves a config file sets itself (not its defaults list), by their dotted key in the composed config,
+    read with plain YAML: the reference the composition is checked against."""
+    path = CONF_DIR / group / f"{choice}.yaml"
+    text = path.read_text()
+    body = yaml.safe_load(text) or {}
+    body.pop("defaults", None)
+    prefix = "" if "# @package _global_" in text else f"{group}."
+
+    def leaves(node, key):
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                yield from leaves(v, f"{key}.{k}" if key else str(k))
+        else:
+            yield key, node
+
+    return {prefix + k: v for k, v in leaves(body, "")}
+
+
+def _same(expected, got) -> bool:
+    """``got`` is what the file says: equal, or (list items typed by the schema) its entries with their defaults."""
+    if expected == got:
+        return True
+    if isinstance(expected, list) and isinstance(got, list):
+        return len(expected) == len(got) and all(_same(e, g) for e, g in zip(expected, got, strict=True))
+    if isinstance(expected, dict) and isinstance(got, dict):
+        return all(k in got and _same(v, got[k]) for k, v in expected.items())
+    try:  # (PyYAML reads 1e-3 as a string, OmegaConf as a float)
+        return float(expected) == float(got)
+    except (TypeError, ValueError):
+        return False
+
+
+# All pairs (each experiment with each cluster, and with each model): a model file and a cluster file set disjoint
+# keys (checked below), so what a pair composes is what the triple would
+PAIRS = sorted({(e, c, None) for e in EXPERIMENTS for c in CLUSTERS} | {(e, "local", m) for e in EXPERIMENTS
+                                                                        for m in MODELS}, key=str)
+
+
+@pytest.mark.parametrize("experiment, cluster, model", PAIRS)
+def test_every_pair_composes_validates_and_carries_each_files_own_values(experiment, cluster, model):
+    """Composed and validated, the config holds every value the chosen model, cluster and experiment files set
+    themselves (the experiment's winning where both set one), read independently with plain YAML - a layer that
+    lands in the wrong package, or a schema default that silently wins over a file, fails here."""
+    overrides = [f"cluster={cluster}", "run_dir=x"] + ([f"model={model}"] if model else [])
     if experiment:
         overrides.insert(0, f"+experiment={experiment}")
     cfg = compose(overrides)
     validate(cfg)
-    assert cfg.model.name
+    expected = {**_own_values("cluster", cluster), **(_own_values("model", model) if model else {}),
+                **(_own_values("experiment", experiment) if experiment else {})}
+    assert expected
+    for key, value in expected.items():
+        if isinstance(value, str) and "${" in value:
+            continue  # (an interpolation: resolved by OmegaConf, checked by the tests of what it points to)
+        got = OmegaConf.select(cfg, key)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert _same(value, got), f"{key}: the file sets {value!r}, the composed config has {got!r}"
+
+
+def test_model_and_cluster_files_set_disjoint_keys():
+    """What lets the pairs above stand for every triple."""
+    models = {k for m in MODELS for k in _own_values("model", m)}
+    clusters = {k for c in CLUSTERS for k in _own_values("cluster", c)}
+    assert not models & clusters
 
 
 def test_r1_zero_carries_the_paper_settings():

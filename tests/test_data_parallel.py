@@ -55,19 +55,30 @@ def pools(ray_local, tiny_model, tmp_path_factory):
     two.shutdown()
 
 
-def _weights_after(pool, initial, out_dir, update) -> dict[str, torch.Tensor]:
+def _after(pool, initial, out_dir, update) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(weights, Adam's first moments, the update's stats) after ``update`` from the initial state."""
     pool.load(str(initial))
-    update(pool)
-    pool.save(str(out_dir), with_optimizer=False)
-    return load_file(str(out_dir / "policy" / "model.safetensors"))
+    stats = update(pool)
+    pool.save(str(out_dir), with_optimizer=True)
+    state = torch.load(out_dir / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    return (load_file(str(out_dir / "policy" / "model.safetensors")),
+            {i: s["exp_avg"] for i, s in state.items()}, stats)
 
 
 def _assert_same_update(one, two, before, lr=1e-4):
-    for name in one:
-        moved = (one[name] - before[name]).abs().max()
-        assert moved > 0.5 * lr, f"{name} did not move"
-        # Adam's first step is ~lr * sign(grad); only the summation order of the gradient differs
-        assert torch.allclose(one[name], two[name], atol=1e-3 * lr, rtol=0), name
+    """The same step: the weights (Adam's first step is ~lr * sign(grad), so alone they would not see a gradient
+    off by a factor), Adam's first moments ((1 - beta1) * the clipped gradient) and the stats - the pre-clip
+    gradient norm above all - to fp32 summation order."""
+    (w1, m1, s1), (w2, m2, s2) = one, two
+    for name in w1:
+        assert (w1[name] - before[name]).abs().max() > 0.5 * lr, f"{name} did not move"
+        assert torch.allclose(w1[name], w2[name], atol=1e-3 * lr, rtol=0), name
+    assert m1.keys() == m2.keys() and m1
+    for i in m1:
+        torch.testing.assert_close(m2[i], m1[i], rtol=1e-4, atol=1e-9, msg=f"Adam's first moment of parameter {i}")
+    assert s1.keys() == s2.keys()
+    for key in ("grad_norm", "loss"):
+        assert s1.get(key) is not None and abs(s1[key] - s2[key]) <= 1e-4 * abs(s1[key]) + 1e-7, (key, s1, s2)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -78,11 +89,11 @@ def test_two_ranks_update_as_one_rank(pools, tmp_path, variant):
 
     def update(pool):
         batch = build_batch(cfg, groups, 0, pool)
-        train_on(cfg, batch, pool, make_loss(cfg, 16), step=0)
+        return train_on(cfg, batch, pool, make_loss(cfg, 16), step=0)
 
     before = load_file(str(initial / "policy" / "model.safetensors"))
-    one = _weights_after(one_pool, initial, tmp_path / "one", update)
-    two = _weights_after(two_pool, initial, tmp_path / "two", update)
+    one = _after(one_pool, initial, tmp_path / "one", update)
+    two = _after(two_pool, initial, tmp_path / "two", update)
     _assert_same_update(one, two, before)
 
 
@@ -95,9 +106,9 @@ def test_a_rank_with_an_empty_shard_takes_part_instead_of_hanging(pools, tmp_pat
 
     def update(pool):
         row.ref_logprobs = pool.compute_logprobs(row, temperature=1.0, reference=True)
-        pool.train_step(row, make_loss(cfg, 16))
+        return pool.train_step(row, make_loss(cfg, 16))
 
     before = load_file(str(initial / "policy" / "model.safetensors"))
-    one = _weights_after(one_pool, initial, tmp_path / "one", update)
-    two = _weights_after(two_pool, initial, tmp_path / "two", update)
+    one = _after(one_pool, initial, tmp_path / "one", update)
+    two = _after(two_pool, initial, tmp_path / "two", update)
     _assert_same_update(one, two, before)

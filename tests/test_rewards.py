@@ -1,7 +1,6 @@
 """Rewards: answer extraction, the R1-Zero format check, and math-verify in a pool that never hangs."""
 
 import re
-import time
 
 import pytest
 
@@ -100,13 +99,14 @@ def reward():
 
 
 def test_hanging_verification_times_out_to_zero(pool):
-    """sympy takes ~30 s on this pair; the pool kills the check after its timeout, counts it, and moves on."""
+    """sympy takes ~30 s on this pair; the pool kills the check after its timeout, counts it, and moves on. (The
+    count is the evidence: pebble raises the timeout only when it cancelled the check at its deadline; a check
+    that ran to its end would be an equivalence result, not a timeout.)"""
     before = pool.stats.timeouts
-    start = time.time()
     out = pool.equivalent_many([("(x+1)^{3000}", "(x+2)^{3000}"), ("2", "2")])
     assert out == [False, True]
     assert pool.stats.timeouts == before + 1
-    assert time.time() - start < 25  # bounded by the 3 s timeout (+ a worker restart), far below sympy's 30 s
+    assert pool.equivalent_many([("1/2", "0.5")]) == [True]  # the pool goes on after the kill
 
 
 def test_rule_reward_sums_weighted_terms():
