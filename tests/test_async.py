@@ -22,14 +22,15 @@ import pytest
 import ray
 import torch
 
+from r1.algo import GRPOLoss
 from r1.data.prompts import PromptSampler
 from r1.data.tokens import TokenRules
-from r1.driver import build_batch, make_loss, max_tokens_at, run, sampling_params, train_on
+from r1.driver import build_batch, make_loss, run, sampling_params, train_on
 from r1.inputs import prepare_data
 from r1.monitoring.ledger import read_ledger
-from r1.types import Reference
+from r1.types import Reference, SamplingParams, collate
 from r1.workers.lifecycle import WorkerLifecycle
-from r1.workers.rollout_buffer import outstanding_uids, request_seed
+from r1.workers.rollout_buffer import outstanding_uids
 from tests.conftest import REPO, TINY, compose, pools
 
 pytestmark = pytest.mark.slow
@@ -63,10 +64,21 @@ def assert_every_group_trained_once(run_dir, buffer_state, total_steps):
 
 
 def test_on_policy_async_loop_is_the_synchronous_loop(ray_local, tiny_model, cache_dir, tmp_path):
-    """max_staleness=0 through the buffer == the textbook loop (generate, update, sync) built from the same parts."""
-    cfg = compose(_overrides(cache_dir, tmp_path / "async0", 3, "algo.max_staleness=0"))
+    """max_staleness=0 through the buffer == the textbook loop, written out here from the paper and the documented
+    contract rather than the driver's helpers: each step draws P prompts, asks the pool for G samples of each at the
+    current version (a request's seed: ``seed * 1_000_003 + first uid * 7_919 + attempt``, docs/async.md), takes
+    GRPO's advantages (r - mean_g) / (std_g + 1e-6) (DeepSeekMath eq. 3, unbiased std), one PPO-clip update with
+    k3 KL to the reference in the loss, then pushes the weights."""
+    cfg = compose(_overrides(cache_dir, tmp_path / "async0", 3, "algo.max_staleness=0",  # (rewards that differ
+                             "reward.terms=[{name: 'tests.test_end_to_end:digit_reward', weight: 1.0}]")) # in a group)
     run(cfg)
     driver = _step_metrics(tmp_path / "async0")
+    a, G = cfg.algo, cfg.algo.group_size
+    assert (a.minibatches_per_step, a.kl_placement, a.std_normalize, a.filter_uniform_groups) == (1, "loss", True,
+                                                                                                  False)
+    loss = GRPOLoss(clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg, kl_coef=a.kl_coef,
+                    kl_kind=a.kl_kind, kl_in_loss=True, temperature=cfg.rollout.temperature, norm_constant=8.0,
+                    is_cap=a.is_cap)  # (norm_constant: the one length stage's 8 tokens)
 
     with pools(cfg, tiny_model) as (train, rollout, sync):
         problems = prepare_data(cfg)[0].problems
@@ -78,18 +90,24 @@ def test_on_policy_async_loop_is_the_synchronous_loop(ray_local, tiny_model, cac
             refs = []
             for r, start in enumerate(range(0, P, per_request)):
                 chunk = list(zip(uids, indices))[start:start + per_request]
-                params = sampling_params(cfg, step, request_seed(cfg.seed, chunk[0][0], 0))
+                params = SamplingParams(n=G, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                        max_new_tokens=8, seed=cfg.seed * 1_000_003 + chunk[0][0] * 7_919)
                 todo = [(i, problems[i].prompt, problems[i].reference) for _, i in chunk]
                 refs.append(rollout.submit(r % len(rollout.actors), todo, params, [u for u, _ in chunk], step))
             groups = [g for ref in refs for g in ray.get(ref).groups]
-            assert all(g.policy_version == step for g in groups)
-            batch = build_batch(cfg, groups, pad_id, train)
-            stats = train_on(cfg, batch, train, make_loss(cfg, max_tokens_at(cfg, step)), step)
+            assert all(g.policy_version == step for g in groups) and [g.uid for g in groups] == uids
+            rewards = torch.tensor([[s.reward for s in g.samples] for g in groups])  # [P, G]
+            assert (rewards.std(1) > 0).any()  # (advantages that are not all zero: the update depends on them)
+            advantages = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)
+            stats = train.train_step(collate(groups, advantages.reshape(-1), pad_id), loss)
             sync.push(step + 1)
-            reward = sum(s.reward for g in groups for s in g.samples) / (P * cfg.algo.group_size)
-            assert driver[step]["reward/mean"] == reward
-            assert driver[step]["train/loss"] == stats["loss"]
-            assert driver[step]["train/grad_norm"] == stats["grad_norm"]
+            assert driver[step]["reward/mean"] == pytest.approx(float(rewards.mean()), rel=1e-6)
+            # (the driver's update takes the rows in a seeded shuffle: the same sums in another order. The loss is
+            # ~0 by construction - advantages sum to zero in a group and the ratio is 1 - so it is compared to
+            # absolute noise; the gradient, which does not cancel, to relative.)
+            assert driver[step]["train/loss"] == pytest.approx(stats["loss"], abs=1e-6)
+            assert driver[step]["train/grad_norm"] == pytest.approx(stats["grad_norm"], rel=1e-4)
+            assert stats["grad_norm"] > 1e-3
             assert driver[step]["staleness/max"] == 0
 
 
