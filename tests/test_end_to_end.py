@@ -126,7 +126,7 @@ def test_llama_tokens_through_rollout_training_and_evaluation(ray_local, tiny_ll
     bos = TokenRules.load(tiny_llama).bos_id
     with pools(cfg, tiny_llama) as (_, rollout, _sync):
         problems = [(i, p.prompt, p.reference) for i, p in enumerate(prepare_data(cfg)[1].problems[:2])]
-        code = Reference(tests=(CodeTest(stdin="1\n", stdout="2\n"),))  # a coding problem in the same request
+        code = Reference(tests=(CodeTest(stdin="3\n", stdout="6\n"),))  # a coding problem in the same request
         problems.append((2, "Write a program that doubles n.", code))
         out = ray.get(rollout.submit(0, problems, sampling_params(cfg, 0, seed=1), [0, 1, 2], 0))
         for group in out.groups:
@@ -134,6 +134,15 @@ def test_llama_tokens_through_rollout_training_and_evaluation(ray_local, tiny_ll
         # the coding problem's reference travelled with its group; the untrained model wrote no program: counted
         assert out.groups[2].reference == code and [s.answer for s in out.groups[2].samples] == [None] * 4
         assert out.totals.sandbox == {"no_program": cfg.algo.group_size}
+        # what a trained model writes, scored by that worker as its rollouts are: in its own process, each program in
+        # the sandbox (a correct one, a wrong one, one that tries the network)
+        texts = [f"<think>read n</think>\n<answer>\n```python\n{program}\n```\n</answer>" for program in (
+            "print(int(input()) * 2)", "print(int(input()) + 1)",
+            "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\nprint(6)")]
+        result, failed = ray.get(rollout.actors[0].__ray_call__.remote(
+            lambda worker: worker.scorer.score(texts, [code] * 3, ["Write a program that doubles n."] * 3, 3)))
+        assert failed == {} and result.components["accuracy"] == [1.0, 0.0, 0.0]
+        assert result.answers[0] == "print(int(input()) * 2)"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="holds processes as the sandbox's user (run as root)")
