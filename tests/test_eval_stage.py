@@ -30,6 +30,39 @@ def test_the_comparison_table_has_a_row_per_checkpoint_and_benchmark():
                                       "| b | aime | 8 | 50.0 | 50.0 | 100.0 | 87.5 | 12.2 |"]
 
 
+CODE_PROMPT = "Write a program that doubles n."
+PROGRAM = "print(2 * int(input()))"
+
+
+def _coder(tiny_model: str, cfg, out_dir) -> str:
+    """The tiny model taught one answer to the coding prompt - a program, in the R1 format - by SFT on that one row
+    until it says it near-certainly (the untrained models write no program: without this, the evaluation's code
+    rows would never run one)."""
+    import torch
+
+    from r1.algo.sft import SFTLoss
+    from r1.data.template import apply_template
+    from r1.data.tokens import TokenRules, load_tokenizer
+    from r1.engines.hf_train import HFTrainEngine
+    from r1.types import TrainBatch
+
+    rules = TokenRules.load(tiny_model)
+    prompt = rules.encode_batch([apply_template(CODE_PROMPT, cfg.data.template, rules.tokenizer)])[0]
+    answer = f"<think>double it</think> <answer>\n```python\n{PROGRAM}\n```\n</answer>"
+    response = rules.tokenizer(answer, add_special_tokens=False)["input_ids"] + [rules.eos_id]
+    ids = torch.tensor([prompt + response])
+    mask = torch.zeros(ids.shape)
+    mask[0, len(prompt):] = 1
+    engine = HFTrainEngine(tiny_model, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=0,
+                           grad_clip=1.0, micro_batch_size=1, with_reference=False)
+    for _ in range(300):
+        if engine.train_step(TrainBatch(ids, torch.ones_like(ids), mask, torch.zeros(1)), SFTLoss())["nll"] < 2e-3:
+            break
+    engine.save(out_dir, with_optimizer=False)
+    load_tokenizer(tiny_model).save_pretrained(out_dir / "policy")
+    return str(out_dir / "policy")
+
+
 @pytest.mark.slow
 def test_eval_compares_checkpoints_on_local_benchmarks(ray_local, bwrap, tiny_model, tiny_llama, cache_dir, tmp_path):
     from r1.stages import run
@@ -37,21 +70,26 @@ def test_eval_compares_checkpoints_on_local_benchmarks(ray_local, bwrap, tiny_mo
     bench = tmp_path / "mini.jsonl"
     rows = [{"prompt": f"Compute {a} + {b} + {c} + {d}", "answer": str(a + b + c + d)}
             for a, b, c, d in [(1, 2, 3, 4), (5, 0, 2, 1), (9, 9, 1, 0), (3, 3, 3, 3), (7, 1, 0, 2)]]
-    rows.append({"prompt": "Write a program that doubles n.", "tests": [{"input": "2\n", "output": "4\n"}]})
+    rows.append({"prompt": CODE_PROMPT, "tests": [{"input": "2\n", "output": "4\n"}, {"input": "-5\n",
+                                                                                    "output": "-10\n"}]})
     bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = compose([*TINY, "+experiment=eval", "logger=none", f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}",
-                   "eval.k=4", "eval.max_new_tokens=24", "rollout.num_workers=1",
-                   f"eval.benchmarks=[{{name: mini, path: {bench}}}]",
-                   f"eval.checkpoints=[{tiny_model},{tiny_llama}]"])
-    out = run(cfg)
-    names = labels([tiny_model, tiny_llama])
+    overrides = [*TINY, "+experiment=eval", "logger=none", f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}",
+                 "eval.k=4", "eval.max_new_tokens=48", "rollout.num_workers=1",
+                 f"eval.benchmarks=[{{name: mini, path: {bench}}}]"]
+    coder = _coder(tiny_model, compose(overrides), tmp_path / "coder")
+    checkpoints = [tiny_model, tiny_llama, coder]
+    out = run(compose([*overrides, f"eval.checkpoints=[{','.join(checkpoints)}]"]))
+    names = labels(checkpoints)
     assert list(out["summary"]) == names
     for name in names:
         problems = [json.loads(x) for x in (tmp_path / "run" / "eval" / name / "mini.jsonl").read_text().splitlines()]
         assert len(problems) == len(rows)
         for row, problem in zip(rows, problems):
             assert problem["prompt"] == row["prompt"] and len(problem["answers"]) == 4
-            if "tests" in row:  # the untrained model writes no program: no answer, nothing passes
+            if "tests" in row and name == names[2]:  # the coder's program, run in the sandbox on both tests
+                assert problem["answers"] == [PROGRAM] * 4 and problem["pass1"] == 1.0, problem
+                continue
+            if "tests" in row:  # an untrained model writes no program: no answer, nothing passes
                 assert problem["answers"] == [None] * 4 and problem["pass1"] == 0.0
                 continue
             correct = [a is not None and check_equivalent(row["answer"], a) for a in problem["answers"]]
