@@ -123,11 +123,9 @@ def value_problems(cfg) -> list[str]:
         if not _OPTION.fullmatch(str(line)):
             out.append(f"cluster.slurm.extra_sbatch: {str(line)!r} is not one sbatch option: write each as "
                        "'--option' or '--option=value' on its own, without control characters")
-    for key, values in (("setup", s.setup), ("container_mounts", s.container_mounts)):
-        for value in values:
-            if "\x00" in str(value) or (key == "container_mounts" and re.search(r"[\s,]", str(value))):
-                out.append(f"cluster.slurm.{key}: {str(value)!r} holds a NUL byte" if "\x00" in str(value) else
-                           f"cluster.slurm.container_mounts: {str(value)!r} must be one 'src:dst' without spaces")
+    out += [f"cluster.slurm.setup: {str(line)!r} holds a NUL byte" for line in s.setup if "\x00" in str(line)]
+    out += [f"cluster.slurm.container_mounts: {str(m)!r} must be one 'src:dst' without spaces, commas or NUL"
+            for m in s.container_mounts if re.search(r"[\s,\x00]", str(m))]
     return out
 
 
