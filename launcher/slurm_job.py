@@ -111,7 +111,9 @@ def main(config_path: str) -> int:
             return REQUEUE_EXIT
         return 1
     stopped_by = result.get("stopped_by")
-    if aborted := result.get("aborted"):
+    if halted := result.get("halted"):
+        attempts.write("end", attempt, outcome="halted", step=result.get("step"), signal=halted["signal"])
+    elif aborted := result.get("aborted"):
         if aborted.get("gpu") is not None:  # a node's GPU: never again on that node, for this job
             exclude_node(Path(cfg.run_dir) / EXCLUDE_FILE.format(job=job), aborted["node"])
         attempts.write("end", attempt, outcome="aborted", step=result.get("step"), signal=aborted["signal"],

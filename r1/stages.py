@@ -28,7 +28,7 @@ def run(cfg) -> dict:
     else:
         from r1.driver import run as run_stage
     result = run_stage(cfg)
-    if not result.get("stopped_by") and not result.get("aborted"):
+    if not result.get("stopped_by") and not result.get("aborted") and not result.get("halted"):
         mark_done(cfg, result)
     return result
 

@@ -78,7 +78,7 @@ def test_on_policy_async_loop_is_the_synchronous_loop(ray_local, tiny_model, cac
                                                                                                   False)
     loss = GRPOLoss(clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg, kl_coef=a.kl_coef,
                     kl_kind=a.kl_kind, kl_in_loss=True, temperature=cfg.rollout.temperature, norm_constant=8.0,
-                    is_cap=a.is_cap)  # (norm_constant: the one length stage's 8 tokens)
+                    is_level="token", is_cap=a.is_cap)  # (norm_constant: the one length stage's 8 tokens)
 
     with pools(cfg, tiny_model) as (train, rollout, sync):
         problems = prepare_data(cfg)[0].problems

@@ -203,8 +203,8 @@ def test_kl_k1_in_the_loss_is_an_error_and_stale_samples_without_correction_a_wa
         validate(compose(["run_dir=x", "algo.kl_kind=k1", "algo.kl_placement=loss", "algo.kl_coef=0.01"]))
     assert validate(compose(["run_dir=x", "algo.kl_kind=k1", "algo.kl_placement=reward"])) == []
     assert validate(compose(["run_dir=x", "algo.kl_kind=k1", "algo.kl_coef=0"])) == []  # no KL term at all
-    [warning] = validate(compose(["run_dir=x", "algo.max_staleness=2", "algo.is_correction=false"]))
-    assert "algo.max_staleness=2 with algo.is_correction=false" in warning and "biased" in warning
+    [warning] = validate(compose(["run_dir=x", "algo.max_staleness=2", "algo.is_level=none"]))
+    assert "algo.max_staleness=2 with algo.is_level=none and algo.mask_level=none" in warning and "biased" in warning
     assert validate(compose(["run_dir=x", "algo.max_staleness=2"])) == []
 
 

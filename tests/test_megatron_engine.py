@@ -37,7 +37,7 @@ def _batch() -> TrainBatch:
 
 def _loss() -> GRPOLoss:
     return GRPOLoss(clip_low=0.2, clip_high=0.28, agg="token_mean", kl_coef=0.1, kl_kind="k3", kl_in_loss=True,
-                    temperature=0.9, norm_constant=8.0, is_cap=None)
+                    temperature=0.9, norm_constant=8.0)
 
 
 def _megatron_step(rank: int, world: int, hf_dir: str, tp: int, pp: int, cp: int, micro_batch_tokens: int,

@@ -56,7 +56,7 @@ def test_weight_sync_from_a_tensor_parallel_pool_is_bit_exact(ray_local, tiny_tp
     with pools(cfg, tiny_tp2) as (train, rollout, sync):
         assert (train.dp_size, train.collective) == (1, True)
         loss = GRPOLoss(clip_low=0.2, clip_high=0.2, agg="token_mean", kl_coef=0.0, kl_kind="k3",
-                        kl_in_loss=False, temperature=1.0, norm_constant=1.0, is_cap=None)
+                        kl_in_loss=False, temperature=1.0, norm_constant=1.0)
         train.train_step(_batch(), loss)
         sync.push(1)
         train.save(str(tmp_path / "ckpt"), with_optimizer=False)

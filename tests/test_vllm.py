@@ -422,7 +422,7 @@ def test_more_engines_than_cores_is_a_clear_error():
 # --- the rollout pool on vLLM, end to end through the driver -------------------------------------------------
 
 VLLM_RUN = ["rollout=vllm", "rollout.vllm.kv_cache_mb=32", "rollout.vllm.max_num_seqs=64", "rollout.vllm.enforce_eager=true",
-            "algo.is_correction=true"]
+            "algo.is_level=token"]
 
 
 def _run_overrides(cache_dir, run_dir, steps, *extra):

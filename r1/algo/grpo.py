@@ -1,4 +1,8 @@
-"""The GRPO loss as the train engine sees it: a callable over (log-probs, batch), built from ``algo`` config."""
+"""The RL loss as the train engine sees it: a callable over (log-probs, batch), built from ``algo`` config.
+
+GRPO's and its variants': the policy term (PPO's clip, GSPO's or CISPO's, ``r1.algo.loss``), weighted by the
+off-policy correction against the rollout engine (``r1.algo.offpolicy``), plus a KL term. The advantages come with
+the batch (``r1.algo.advantages``, chosen by the driver); the engine knows none of this."""
 
 from __future__ import annotations
 
@@ -7,13 +11,14 @@ from dataclasses import dataclass
 import torch
 
 from r1.algo.kl import kl_estimate
-from r1.algo.loss import aggregate, policy_loss
-from r1.algo.offpolicy import truncated_is_weights
+from r1.algo.loss import POLICY_LOSS_FNS, aggregate
+from r1.algo.offpolicy import rollout_correction
 
 
 @dataclass
 class GRPOLoss:
-    """``policy_loss`` + (optionally) ``kl_coef * KL(pi || pi_ref)`` aggregated like the policy term.
+    """The policy term (``policy_loss``: ppo | gspo | cispo) + (optionally) ``kl_coef * KL(pi || pi_ref)``
+    aggregated like the policy term.
 
     Without ``batch.old_logprobs`` (one optimizer step per rollout batch, so the policy *is* the behaviour policy) the
     ratio is ``exp(logp - logp.detach()) = 1`` with the PPO gradient, which saves a forward pass.
@@ -27,16 +32,25 @@ class GRPOLoss:
     kl_in_loss: bool = True
     temperature: float = 1.0
     norm_constant: float | None = None  # Dr.GRPO's constant (the generation budget)
-    # Truncated IS against the rollout engine's log-probs (``batch.rollout_logprobs``); None = off.
-    is_cap: float | None = None
+    policy_loss: str = "ppo"
+    # The off-policy correction against the rollout engine's log-probs (``batch.rollout_logprobs``); both "none": off
+    is_level: str = "none"
+    is_cap: float = 2.0
+    mask_level: str = "none"
+    mask_low: float = 0.5
+    mask_high: float = 5.0
 
     def __call__(self, logp: torch.Tensor, batch, entropy: torch.Tensor | None):
         mask = batch.response_mask
         old = batch.old_logprobs if batch.old_logprobs is not None else logp.detach()
         weights, is_stats = None, {}
-        if self.is_cap is not None:
-            weights, is_stats = truncated_is_weights(old, batch.rollout_logprobs, mask, cap=self.is_cap)
-        loss, stats = policy_loss(
+        if batch.rollout_logprobs is not None:  # (its stats - the mismatch canary reads them - even when off)
+            weights, is_stats = rollout_correction(
+                old, batch.rollout_logprobs, mask, is_level=self.is_level, is_cap=self.is_cap,
+                mask_level=self.mask_level, mask_low=self.mask_low, mask_high=self.mask_high)
+            if self.is_level == "none" and self.mask_level == "none":
+                weights = None
+        loss, stats = POLICY_LOSS_FNS[self.policy_loss](
             logp, old, batch.advantages, mask, clip_low=self.clip_low, clip_high=self.clip_high,
             agg=self.agg, entropy=entropy, norm_constant=self.norm_constant, is_weights=weights,
         )

@@ -46,6 +46,32 @@ class KLKind(str, Enum):
     k3 = "k3"
 
 
+class Advantage(str, Enum):
+    group = "group"  # GRPO: (r - group mean) / group std (algo.std_normalize=false: Dr.GRPO, no std)
+    rloo = "rloo"  # RLOO: r minus the mean of the prompt's other samples
+    reinforce_pp = "reinforce_pp"  # REINFORCE++: rewards whitened over the batch's tokens
+    reinforce_pp_baseline = "reinforce_pp_baseline"  # REINFORCE++-baseline: group mean subtracted, then whitened
+
+
+class PolicyLoss(str, Enum):
+    ppo = "ppo"  # PPO/GRPO clipped token ratio
+    gspo = "gspo"  # GSPO: clipped sequence ratio (length-normalised)
+    cispo = "cispo"  # CISPO: clipped, stop-gradient importance weight times log pi
+
+
+class CorrectionLevel(str, Enum):
+    none = "none"
+    token = "token"
+    sequence = "sequence"
+
+
+class CanaryAction(str, Enum):
+    log = "log"  # the incident is logged and recorded, nothing else
+    alert = "alert"  # ... and a W&B alert
+    mask = "mask"  # ... and the run escalates to masked IS (algo.mask_level=token) from the next step on
+    stop = "stop"  # ... and the run stops after this step with a checkpoint, exit code 70 (not requeued)
+
+
 class KLPlacement(str, Enum):
     loss = "loss"  # GRPO / DeepSeek-R1: coef * KL added to the policy loss
     reward = "reward"  # PPO-RLHF style: coef * sum KL subtracted from the sequence reward
@@ -401,10 +427,22 @@ class AlgoConfig:
     # Asynchronous GRPO: a sample may be up to this many policy versions old when trained on (0 = on-policy, the
     # synchronous loop). Generation of the next batches overlaps training of the current one.
     max_staleness: int = 0
-    # Off-policy correction: weight each token by min(pi_old / pi_rollout, is_cap), pi_old being the trainer's
-    # recompute before the update and pi_rollout the rollout engine's log-prob (staleness and engine mismatch).
-    is_correction: bool = True
+    advantage: Advantage = Advantage.group
+    policy_loss: PolicyLoss = PolicyLoss.ppo
+    # Off-policy correction against the rollout engine's own log-probs mu (staleness and engine mismatch; pi_old is
+    # the trainer's recompute before the update), r1/algo/offpolicy.py. Importance weight: token -> min(pi_old / mu,
+    # is_cap) per token | sequence -> min(prod_t pi_old / mu, is_cap) per sequence | none. Mask: token -> tokens whose
+    # pi_old / mu leaves [mask_low, mask_high] weigh 0 (IcePop) | sequence -> sequences whose geometric-mean ratio
+    # leaves it weigh 0 | none.
+    is_level: CorrectionLevel = CorrectionLevel.token
     is_cap: float = 2.0
+    mask_level: CorrectionLevel = CorrectionLevel.none
+    mask_low: float = 0.5
+    mask_high: float = 5.0
+    # DAPO's overlong reward shaping (r1/rewards/overlong.py): a penalty growing to -overlong_penalty over the last
+    # overlong_buffer_share of the generation budget (DAPO: 4096 of 20480 tokens = 0.2). 0 = off.
+    overlong_buffer_share: float = 0.0
+    overlong_penalty: float = 1.0
 
 
 @dataclass
@@ -623,6 +661,25 @@ class HealthActions:
 
 
 @dataclass
+class CanaryConfig:
+    """The rollout/trainer mismatch canary (r1/monitoring/canary.py, docs/algorithms.md): after each weight push the
+    rollout engines answer a fixed probe greedily and the trainer scores their tokens; the mean |log pi_trainer -
+    log mu| of each training batch is watched too. Past a threshold: ``action``, said in the health incident table."""
+
+    enabled: bool = True
+    probe_prompts: int = 4  # the first held-out prompts, the same at every push
+    probe_tokens: int = 32  # greedy tokens per probe prompt
+    every_pushes: int = 1  # probe after every n-th push (the initial weights are always probed)
+    probe_threshold: float = 0.05  # mean |log pi_trainer - log mu| over the probe's tokens
+    batch_threshold: float = 0.1  # train/is_log_ratio_abs_mean of a training batch (staleness included, if async)
+    action: CanaryAction = CanaryAction.mask
+    # Fire drill: pushes from drill_from_version on leave this tensor (HF name) out, as a broken name mapping would;
+    # the canary must catch it on its first probe. Never set it in a real run.
+    drill_skip_tensor: str | None = None
+    drill_from_version: int = 1
+
+
+@dataclass
 class HealthConfig:
     """NVML health monitoring of every node of both pools, and the driver's progress watchdog (docs/sre.md)."""
 
@@ -660,6 +717,7 @@ class R1Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

@@ -189,13 +189,28 @@ def validate(cfg) -> list[str]:
             "expectation under pi is zero, so the KL term would not pull the policy towards the reference. Use k3 "
             "(DeepSeek-R1) or k2 in the loss, or k1 with algo.kl_placement=reward"
         )
-    if a.max_staleness >= 1 and not a.is_correction:
+    if not 0 < a.mask_low <= 1 <= a.mask_high:
+        problems.append(f"algo.mask_low={a.mask_low}, algo.mask_high={a.mask_high}: the kept ratios must be an "
+                        "interval around 1 (0 < mask_low <= 1 <= mask_high), e.g. 0.5 and 5.0 (IcePop)")
+    if not 0 <= a.overlong_buffer_share < 1:
+        problems.append(f"algo.overlong_buffer_share={a.overlong_buffer_share}: the share of the generation budget "
+                        "the overlong penalty ramps over must be in [0, 1) (DAPO: 0.2; 0 = off)")
+    if a.policy_loss == "cispo" and a.clip_low < 1:
+        warnings.append(f"algo.policy_loss=cispo with algo.clip_low={a.clip_low}: CISPO bounds the importance "
+                        "weight from below at 1 - clip_low; MiniMax-M1 sets no lower bound (clip_low >= 1)")
+    if a.max_staleness >= 1 and a.is_level == "none" and a.mask_level == "none":
         warnings.append(
-            f"algo.max_staleness={a.max_staleness} with algo.is_correction=false: samples up to {a.max_staleness} "
-            "policy versions old are trained as if on-policy (the PPO ratio is taken against the trainer's own "
-            "pi_old, nothing weighs by pi_old / pi_rollout), so the gradient is biased towards the stale policy. "
-            "Set algo.is_correction=true unless that is what you want to measure"
+            f"algo.max_staleness={a.max_staleness} with algo.is_level=none and algo.mask_level=none: samples up to "
+            f"{a.max_staleness} policy versions old are trained as if on-policy (the PPO ratio is taken against the "
+            "trainer's own pi_old, nothing weighs by pi_old / pi_rollout), so the gradient is biased towards the "
+            "stale policy. Set algo.is_level=token unless that is what you want to measure"
         )
+    c = cfg.canary
+    if c.enabled and (c.probe_prompts < 1 or c.probe_tokens < 1 or c.every_pushes < 1):
+        problems.append("canary.probe_prompts, canary.probe_tokens and canary.every_pushes must be >= 1 (or "
+                        "canary.enabled=false)")
+    if c.probe_threshold <= 0 or c.batch_threshold <= 0:
+        problems.append("canary.probe_threshold and canary.batch_threshold must be > 0")
     tiny = cfg.model.tiny
     from r1.data.arithmetic import STYLES
 

@@ -54,18 +54,23 @@ class SyncSpec:
     # each bucket through shared memory (r1.distributed.ipc_channel; rollout.placement=colocated)
     transport: str = "broadcast"
     source: int = 0
+    # Fire drill (canary.drill_skip_tensor): versions from drill_from_version on are handed over without this
+    # tensor, as a broken name mapping would; the mismatch canary must catch it
+    drill_skip_tensor: str | None = None
+    drill_from_version: int = 1
 
     def as_dict(self) -> dict:
         return {"host": self.host, "port": self.port, "world_size": self.world_size, "first_rank": self.first_rank,
                 "names": [s.name for s in self.manifest], "dtype_names": [s.dtype for s in self.manifest],
                 "shapes": [list(s.shape) for s in self.manifest], "bucket_bytes": self.bucket_bytes,
-                "timeout_s": self.timeout_s, "transport": self.transport, "source": self.source}
+                "timeout_s": self.timeout_s, "transport": self.transport, "source": self.source,
+                "drill_skip_tensor": self.drill_skip_tensor, "drill_from_version": self.drill_from_version}
 
     @classmethod
     def from_dict(cls, d: dict) -> SyncSpec:
         manifest = [TensorSpec(n, tuple(s), t) for n, t, s in zip(d["names"], d["dtype_names"], d["shapes"])]
         return cls(d["host"], d["port"], d["world_size"], d["first_rank"], manifest, d["bucket_bytes"],
-                   d["timeout_s"], d["transport"], d["source"])
+                   d["timeout_s"], d["transport"], d["source"], d["drill_skip_tensor"], d["drill_from_version"])
 
 
 class SyncBroken(RuntimeError):
@@ -203,6 +208,9 @@ class StagedReceiver:
             for v in [v for v in self._staged if v < version]:
                 self.pool.recycle(self._staged.pop(v)[1])
             self._floor = max(self._floor, version)
+        if self.spec.drill_skip_tensor is not None and version >= self.spec.drill_from_version:
+            log.warning("fire drill: version %d is loaded without %s", version, self.spec.drill_skip_tensor)
+            weights = [(n, t) for n, t in weights if n != self.spec.drill_skip_tensor]
         return weights, lambda: self.pool.recycle(buckets)
 
     def retire(self) -> None:

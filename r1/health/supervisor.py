@@ -31,14 +31,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from r1.health.heartbeat import Heartbeats
 from r1.health.monitor import NodeMonitor
 from r1.health.nvml import nvml_index
-from r1.health.policy import ACTIONS, Incident, action_of, escalate
+from r1.health.policy import Incident, action_of, escalate
 from r1.health.watchdog import ProgressWatchdog
 from r1.monitoring.stop import REQUEUE_EXIT
 
 log = logging.getLogger(__name__)
 
 HARD_EXIT_GRACE_S = 600.0
-ALERT_LEVEL = {"alert": "WARN", "drain": "ERROR", "abort": "ERROR"}
+ALERT_LEVEL = {"alert": "WARN", "drain": "ERROR", "abort": "ERROR", "mask": "WARN", "stop": "ERROR"}
 INCIDENT_COLUMNS = ["time", "signal", "action", "node", "gpu", "uuid", "xid", "detail"]
 
 
@@ -135,11 +135,16 @@ class HealthSupervisor:
         workers = ", ".join(f"rollout worker {i}" for _, i in owners) or "no r1 worker runs on it"
         return replace(incident, detail=f"{incident.detail}; drained: {workers}")
 
+    def record(self, incident: Incident) -> None:
+        """An incident found outside the GPU monitors (the mismatch canary, whose actions - mask, stop - are its
+        own): into the same file, log, table and alerts."""
+        self._record(incident)
+
     def _record(self, incident: Incident) -> None:
         self.incidents.append(incident)
         with (self.dir / "incidents.jsonl").open("a") as f:
             f.write(json.dumps(incident.to_dict()) + "\n")
-        (log.warning if ACTIONS.index(incident.action) else log.info)(
+        (log.warning if incident.action != "log" else log.info)(
             "health incident: %s on %s: %s -> %s", incident.signal, incident.where, incident.detail, incident.action)
         if incident.action in ALERT_LEVEL:
             xid = f" (Xid {incident.xid})" if incident.xid is not None else ""

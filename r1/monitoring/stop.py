@@ -4,7 +4,8 @@ A second signal aborts at once (KeyboardInterrupt). Slurm and Kubernetes send SI
 pre-empted run leaves a checkpoint it can resume from. SIGUSR1 is the warning a Slurm job asks for before its time
 limit or a preemption (``--signal=B:USR1@<s>``): the job then requeues itself (``launcher/slurm_job.py``).
 ``abort`` is the same request from inside the run (a sick GPU, a stalled run: ``r1.health``); such a run exits with
-``REQUEUE_EXIT``.
+``REQUEUE_EXIT``. ``halt`` stops the same way for a fault a restart cannot cure (the mismatch canary: the engines
+disagree about the weights): exit ``HALT_EXIT``, not requeued, a person looks first.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 REQUEUE_EXIT = 75  # "try again later" (sysexits' EX_TEMPFAIL): a Slurm job requeues itself on it
+HALT_EXIT = 70  # "internal software error" (EX_SOFTWARE): checkpointed, stopped, never requeued
 
 
 def exit_code(result: dict) -> int:
@@ -26,6 +28,8 @@ def exit_code(result: dict) -> int:
     itself (a sick GPU, a stall: ``result["aborted"]``) or was warned of its end (SIGUSR1: a time limit or a
     preemption ahead); 128 + the signal that stopped it otherwise. A run that aborted must never look finished: a
     Kubernetes RayJob that exits 0 is SUCCEEDED and never retried, and training would have stopped in silence."""
+    if result.get("halted"):
+        return HALT_EXIT
     if result.get("aborted"):
         return REQUEUE_EXIT
     stopped_by = result.get("stopped_by")
@@ -38,12 +42,20 @@ class GracefulStop:
     def __init__(self):
         self.signum: int | None = None
         self.aborted: dict | None = None  # what made the run abort itself (an incident)
+        self.halted: dict | None = None  # what made the run halt itself (an incident no restart cures)
         self.reason = ""
         self._previous: dict[int, object] = {}
 
     @property
     def requested(self) -> bool:
-        return self.signum is not None or self.aborted is not None
+        return self.signum is not None or self.aborted is not None or self.halted is not None
+
+    def halt(self, reason: str, details: dict) -> None:
+        """Stop after the current step, checkpoint, exit with ``HALT_EXIT``: not to be requeued."""
+        if not self.requested:
+            self.reason, self.halted = reason, details
+            log.error("%s: stopping after the current step (checkpoint, then exit %d; not requeued)", reason,
+                      HALT_EXIT)
 
     def abort(self, reason: str, details: dict) -> None:
         """Stop after the current step, checkpoint, exit with ``REQUEUE_EXIT`` (any thread may call it)."""

@@ -17,6 +17,7 @@ from r1.eval.metrics import summarize_problem
 from r1.inputs import context_length, prompt_fits
 from r1.rewards import build_reward, format_reward
 from r1.rewards.language import language_consistency
+from r1.rewards.overlong import overlong_buffer_tokens, overlong_penalty
 from r1.rewards.registry import RewardResult
 from r1.rewards.reward_model import RewardModelClient
 from r1.rewards.sandbox import NOBODY, SandboxLimits, SandboxUnavailable
@@ -86,6 +87,17 @@ class GroupScorer:
             for name, values in one.components.items():
                 components.setdefault(name, []).extend(values)
         return RewardResult(total, components, answers), failed
+
+    def shape_length(self, scored: RewardResult, lengths: list[int], max_tokens: int) -> RewardResult:
+        """DAPO's overlong penalty (``algo.overlong_buffer_share`` > 0) added to each total, as the reward term
+        ``overlong`` (``r1.rewards.overlong``); ``lengths``: response tokens, ``max_tokens``: this request's budget."""
+        a = self.cfg.algo
+        if a.overlong_buffer_share <= 0:
+            return scored
+        buffer = overlong_buffer_tokens(max_tokens, a.overlong_buffer_share)
+        penalties = [overlong_penalty(n, max_tokens, buffer, a.overlong_penalty) for n in lengths]
+        return RewardResult([t + p for t, p in zip(scored.total, penalties)],
+                            scored.components | {"overlong": penalties}, scored.answers)
 
     @staticmethod
     def groups(problems, prompt_ids, made: list[int], completions, texts, scored: RewardResult, n: int,

@@ -15,6 +15,8 @@ consequence, not a choice of its own.
 
 from __future__ import annotations
 
+import difflib
+
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -37,6 +39,11 @@ class WeightSync:
         self.version = 0
         self.bucket_bytes = int(rollout.cfg.sync.bucket_mb * 2**20)
         self.manifest = train.manifest()  # (the members need it to join: they receive against it)
+        drill = rollout.cfg.canary.drill_skip_tensor
+        if drill is not None and drill not in (names := [s.name for s in self.manifest]):
+            close = difflib.get_close_matches(drill, names, n=3, cutoff=0.5)
+            raise ValueError(f"canary.drill_skip_tensor={drill!r} is no tensor of the pushed model (a drill that "
+                             f"skips nothing proves nothing); close: {close or names[:3]}")
         self.address: tuple[str, int] | None = None  # the current group's store (what its members connect to)
         self.senders: list[int] = [0]  # the training ranks that send (colocated: each rank to its own engine)
         self._form()
@@ -71,8 +78,10 @@ class WeightSync:
         else:
             trainers, self.senders = [self.train.leader.init_sync.remote(host, port, world)], [0]
         transport = "ipc" if self.rollout.colocated else "broadcast"
+        drill = self.rollout.cfg.canary
         ray.get(trainers + [self.rollout.actors[i].init_sync.remote(
-            SyncSpec(host, port, world, first, self.manifest, self.bucket_bytes, timeout_s, transport, source=i))
+            SyncSpec(host, port, world, first, self.manifest, self.bucket_bytes, timeout_s, transport, source=i,
+                     drill_skip_tensor=drill.drill_skip_tensor, drill_from_version=drill.drill_from_version))
             for i, first in zip(live, firsts)])
 
     def rejoin(self) -> None:
