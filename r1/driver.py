@@ -216,7 +216,7 @@ def _run(cfg, ctx: RunContext) -> dict:
             canary = MismatchCanary(cfg, train, workers, [p.prompt for p in eval_set.problems], pad_id,
                                     health.record, stop)
             canary.load_state_dict(canary_state)
-            canary_metrics = canary.probe(version)
+            canary_metrics = canary.start(version)
             if cfg.eval.at_start and "base" not in evals:
                 run_eval("base")
 
@@ -254,7 +254,7 @@ def _run(cfg, ctx: RunContext) -> dict:
                 t0 = time.time()
                 if batch is not None:
                     sent = sync.push(version=version)
-                    canary_metrics |= canary.probe(version)  # (before the next batch is asked for: it is idle)
+                    canary_metrics |= canary.after_push(version)  # (on-policy: compared before the next batch)
                     if cfg.algo.ref_update_interval and version % cfg.algo.ref_update_interval == 0:
                         train.update_reference()
                 if step < cfg.trainer.total_steps:
@@ -281,7 +281,7 @@ def _run(cfg, ctx: RunContext) -> dict:
                     "policy/version": version, "data/epoch": buffer.sampler.epoch,
                     "data/prompts_too_long": train_set.too_long,
                 })
-                metrics.update(canary_metrics)
+                metrics.update(canary_metrics | canary.collect(block=False))  # (what async probes answered since)
                 canary_metrics = {}
                 metrics.update({f"time/trainer_{k}": v for k, v in train.pop_seconds().items()})
                 for k in ("checked", "timeouts", "errors"):
@@ -311,6 +311,7 @@ def _run(cfg, ctx: RunContext) -> dict:
                 return {"step": step, "version": version, "evals": evals, "run_dir": str(run_dir),
                         "stopped_by": stop.signum, "aborted": stop.aborted, "halted": stop.halted,
                         "buffer": buffer.state_dict()}
+            canary.collect(block=True)  # (the last push's probe, if its answer is still out)
             run_eval("final")
             save_checkpoint()
         if "base" in evals:

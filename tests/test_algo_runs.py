@@ -87,7 +87,7 @@ def test_a_batch_threshold_below_the_engines_escalates_to_masked_is(ray_local, t
     assert [i["action"] for i in incidents] == ["mask", "alert"]  # escalated once, then said again
     assert all(i["signal"] == "mismatch_batch" for i in incidents)
     state = json.loads((run_dir / "checkpoints" / "step_000002" / "driver_state.json").read_text())
-    assert state["canary"] == {"escalated": True}
+    assert state["canary"]["escalated"] is True and len(state["canary"]["sequences"]) == 4  # (+ the fixed probe)
     run(_cfg(cache_dir, run_dir, total_steps=3, resume=True, extra=extra[:-3] + ["algo.mask_low=1.0",
                                                                                "algo.mask_high=1.0"]))
     third = _steps(run_dir)[-1]

@@ -130,6 +130,11 @@ def test_staleness_bound_and_no_group_lost_or_repeated(ray_local, tiny_model, ca
                     "time/rollout_idle_s", "time/train_idle_s", "perf/overlap_efficiency",
                     "buffer/discarded_stale_total"):
             assert key in m, key
+    # the canary's probes: the trainer's half at each push, the engines' answers collected when in (no waiting)
+    probed = [(m["canary/probe_version"], m["policy/version"], m["canary/probe_logp_diff_mean"]) for m in metrics
+              if "canary/probe_version" in m]
+    assert probed and all(v <= now and gap < 1e-3 for v, now, gap in probed)
+    assert [v for v, _, _ in probed] == sorted({v for v, _, _ in probed})
 
 
 def test_partial_rollouts_mix_versions_within_the_bound(ray_local, tiny_model, cache_dir, tmp_path):

@@ -53,9 +53,16 @@ def test_rollout_logprobs_equal_the_trainers_recompute(model_path):
                              for c in completions[i * 3:(i + 1) * 3]]) for i in range(len(prompts))]
     batch = collate(groups, torch.zeros(len(completions)), tokens.pad_id)
     assert batch.response_mask.sum() > 3 * len(completions)
-    recomputed = _train_engine(model_path).compute_logprobs(batch, temperature=0.7)
+    trainer = _train_engine(model_path)
+    recomputed = trainer.compute_logprobs(batch, temperature=0.7)
     mask = batch.response_mask.bool()
     assert (recomputed[mask] - batch.rollout_logprobs[mask]).abs().max() < 1e-4
+    # the canary's probe: the same tokens teacher-forced at temperature 1 by the rollout engine, as the trainer
+    samples = [s for g in groups for s in g.samples]
+    scored = asyncio.run(rollout.score([(s.prompt_ids, s.response_ids) for s in samples]))
+    at_one = trainer.compute_logprobs(batch, temperature=1.0)
+    assert (torch.cat([torch.tensor(x) for x in scored]) - at_one[mask]).abs().max() < 1e-4
+    assert (at_one[mask] - recomputed[mask]).abs().max() > 1e-2  # (temperature 0.7 would be another number)
 
 
 def test_checkpoint_generation_config_does_not_shape_sampling(tiny_model, tmp_path):

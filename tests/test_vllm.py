@@ -91,8 +91,16 @@ def test_rollout_logprobs_equal_the_trainers_recompute(run, served, top_p):
     batch = collate(groups, torch.zeros(len(completions)), tokens.pad_id)
     mask = batch.response_mask.bool()
     assert mask.sum() > 3 * len(completions)
-    recomputed = _trainer(path).compute_logprobs(batch, temperature=0.7)
+    trainer = _trainer(path)
+    recomputed = trainer.compute_logprobs(batch, temperature=0.7)
     assert (recomputed[mask] - batch.rollout_logprobs[mask]).abs().max() < 1e-4
+    if top_p == 1.0:  # the canary's probe: the same tokens teacher-forced at temperature 1, by both
+        samples = [s for g in groups for s in g.samples]
+        scored = run(engine.score([(s.prompt_ids, s.response_ids) for s in samples]))
+        at_one = trainer.compute_logprobs(batch, temperature=1.0)
+        assert [len(x) for x in scored] == [len(s.response_ids) for s in samples]
+        assert (torch.cat([torch.tensor(x) for x in scored]) - at_one[mask]).abs().max() < 1e-4
+        assert (at_one[mask] - recomputed[mask]).abs().max() > 1e-2  # (temperature 0.7 would be another number)
     for c in completions:  # stops at EOS, which is part of the response, as with the HF engine
         assert (c.finish_reason == "stop") == (c.token_ids[-1] == tokens.eos_id)
         assert c.token_versions == [0] * len(c.token_ids)
@@ -452,6 +460,8 @@ def test_grpo_on_vllm_end_to_end(ray_local, vllm_qwen2, cache_dir, tmp_path):
     assert on_policy, "no step trained on-policy samples only (the first step must)"
     for m in on_policy:  # vLLM's log-probs are the trainer's
         assert m["train/is_log_ratio_abs_mean"] < 1e-5, m
+    probed = [m["canary/probe_logp_diff_mean"] for m in _step_metrics(run_dir) if "canary/probe_version" in m]
+    assert probed and max(probed) < 1e-4  # the canary's probes, scored by vLLM under each pushed version
 
 
 def _engine_cores():

@@ -57,6 +57,29 @@ class HFRolloutEngine(SyncMember):
         """See ``RolloutEngine.generate``: runs on a thread, after the calls already queued."""
         return await asyncio.to_thread(self._generate_queued, prompts, params)
 
+    async def score(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """See ``RolloutEngine.score``: one forward pass over the right-padded sequences, after the calls queued."""
+        return await asyncio.to_thread(self._score_queued, sequences)
+
+    def _score_queued(self, sequences) -> list[list[float]]:
+        with self._one_at_a_time:
+            with self._weights_lock:
+                self._load_pending()
+            return self._score(sequences)
+
+    @torch.no_grad()
+    def _score(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        width = max(len(p) + len(r) for p, r in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long, device="cpu")
+        attn = torch.zeros_like(ids)
+        for row, (p, r) in enumerate(sequences):
+            ids[row, : len(p) + len(r)] = torch.tensor(p + r, device="cpu")
+            attn[row, : len(p) + len(r)] = 1
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None].to(self.device))
+        logp = logp.squeeze(-1).cpu()  # position t: log p(token t + 1)
+        return [logp[row, len(p) - 1 : len(p) - 1 + len(r)].tolist() for row, (p, r) in enumerate(sequences)]
+
     async def _join(self, spec: SyncSpec) -> None:
         device = torch.device(self.device)
         self._receiver = StagedReceiver(spec, spec.first_rank, backend="nccl" if device.type == "cuda" else "gloo",

@@ -80,6 +80,10 @@ class RolloutEngine(Protocol):
         """``params.n`` completions per prompt, in group order (all of prompt 0, then prompt 1, ...). Each completion
         carries its tokens' processed log-probs and, per token, the policy version that sampled it."""
 
+    async def score(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Per (prompt, response) pair, log p(each response token) at temperature 1 under the weights in force,
+        teacher-forced (the mismatch canary's probe, ``r1.monitoring.canary``). Queued like a ``generate`` call."""
+
     async def join_sync(self, spec) -> None:
         """Join a (re-formed) sync group (``r1.distributed.staged_receiver.SyncSpec``) with every member."""
 

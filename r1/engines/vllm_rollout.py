@@ -184,6 +184,34 @@ class VLLMRolloutEngine(SyncMember):
                                           _token_versions(c.weight_versions, len(tokens))))
         return completions
 
+    async def score(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """See ``RolloutEngine.score``: each pair one request for one token, with the prompt's log-probs (vLLM
+        computes them from the raw logits: temperature 1, no top-p)."""
+        if self._labelled is None:
+            self._labelled = asyncio.ensure_future(self.llm.update_weight_version(str(self.version)))
+        await self._labelled
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self._check_alive()
+        try:
+            return list(await asyncio.gather(*(self._score_one(p, r) for p, r in sequences)))
+        except EngineDeadError as err:
+            raise EngineDead(str(err)) from err
+
+    async def _score_one(self, prompt: list[int], response: list[int]) -> list[float]:
+        from vllm import SamplingParams as VSampling
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = VSampling(max_tokens=1, prompt_logprobs=0, detokenize=False, skip_special_tokens=False,
+                             output_kind=RequestOutputKind.FINAL_ONLY)
+        request = {"prompt_token_ids": prompt + response, "cache_salt": f"r1-weights-{self.salt_version}"}
+        final = None
+        async for out in self.llm.generate(request, sampling, request_id=uuid.uuid4().hex):
+            self.last_token_time = time.time()
+            final = out
+        scored = final.prompt_logprobs  # one dict per prompt position (None for the first), the token's included
+        return [scored[len(prompt) + i][t].logprob for i, t in enumerate(response)]
+
     # --- weights ------------------------------------------------------------------------------------------------
     async def _join(self, spec: SyncSpec) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest

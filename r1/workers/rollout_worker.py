@@ -102,13 +102,17 @@ class RolloutWorker:
                                   self.engine.version)
 
     async def _generate(self, prompt_ids: list[list[int]], params: SamplingParams, version: int):
+        return await self._admitted(version, lambda: self.engine.generate(prompt_ids, params))
+
+    async def _admitted(self, version: int, work):
+        """``work()`` (an engine call) as a request made at ``version``: after the version rules let it start."""
         if not self._accepted:
             self._quiet_since = time.time()
         self._accepted += 1
         try:
             await self.admission.admit(version)
             try:
-                return await self.engine.generate(prompt_ids, params)
+                return await work()
             except EngineDead as err:
                 self._engine_failed(err)
             finally:
@@ -135,6 +139,17 @@ class RolloutWorker:
         return self.engine.version, [
             Sample(ids, list(c.token_ids), list(c.rollout_logprobs), "", 0.0, {}, None, c.finish_reason, version)
             for ids, c in zip(prompt_ids, completions)]
+
+    async def score(self, sequences: list[tuple[list[int], list[int]]], version: int) -> tuple[int, list[list[float]]]:
+        """The mismatch canary's probe: the engine's log-probs (temperature 1) of fixed (prompt, response) token
+        sequences under policy ``version`` (admitted like a request made at it). Returns the version in force and
+        one list per sequence."""
+        await self._setup()
+
+        async def scored():
+            return self.engine.version, await self.engine.score(sequences)  # (the version in force as it starts)
+
+        return await self._admitted(version, scored)
 
     # --- engine health -------------------------------------------------------------------------------------------
     def _engine_failed(self, err: BaseException):
