@@ -40,8 +40,24 @@ def _loss() -> GRPOLoss:
                     temperature=0.9, norm_constant=8.0)
 
 
+def _sequence_loss() -> GRPOLoss:
+    """Everything that reads a whole sequence: GSPO's ratio, sequence-level IS, the geometric-mean mask."""
+    return GRPOLoss(clip_low=0.2, clip_high=0.28, agg="seq_mean_token_mean", kl_coef=0.1, kl_kind="k3",
+                    kl_in_loss=True, temperature=0.9, policy_loss="gspo", is_level="sequence", is_cap=1.1,
+                    mask_level="sequence", mask_low=0.97, mask_high=1.03)
+
+
+def _off_policy(batch: TrainBatch, logp: torch.Tensor) -> TrainBatch:
+    """pi_old = the policy's log-probs shifted per row (sequence ratios 0.94-1.06), mu a little further off: the
+    sequence weights differ by row and the mask drops the rows whose geometric mean leaves [0.97, 1.03]."""
+    rows = torch.arange(len(batch), dtype=torch.float32)[:, None]
+    batch.old_logprobs = (logp + 0.06 * torch.cos(rows)) * batch.response_mask
+    batch.rollout_logprobs = (batch.old_logprobs - 0.04 * torch.sin(2 * rows)) * batch.response_mask
+    return batch
+
+
 def _megatron_step(rank: int, world: int, hf_dir: str, tp: int, pp: int, cp: int, micro_batch_tokens: int,
-                   recompute: str = "none", sequence_parallel: bool = True):
+                   recompute: str = "none", sequence_parallel: bool = True, sequence_loss: bool = False):
     import traceback
 
     from megatron.core import parallel_state
@@ -76,6 +92,10 @@ def _megatron_step(rank: int, world: int, hf_dir: str, tp: int, pp: int, cp: int
         return reduce_scatter(*args, **kwargs)
 
     PackedCoreAttention.forward, SequenceParallelRMSNorm.forward = counted, norm_counted
+    if sequence_loss:
+        stats = engine.train_step(_off_policy(shard, before), _sequence_loss())
+        PackedCoreAttention.forward, SequenceParallelRMSNorm.forward = attention, norm
+        return before, stats, {name: tensor.clone() for name, tensor in engine.named_weights()}
     stats = engine.train_step(shard, _loss())
     PackedCoreAttention.forward, SequenceParallelRMSNorm.forward = attention, norm
     weights = {name: tensor.clone() for name, tensor in engine.named_weights()}  # (the next step moves them)
@@ -89,11 +109,13 @@ def _megatron_step(rank: int, world: int, hf_dir: str, tp: int, pp: int, cp: int
                             "reductions_in_backward": reductions}, weights
 
 
-def _hf_step(hf_dir: str):
+def _hf_step(hf_dir: str, sequence_loss: bool = False):
     from r1.engines.hf_train import HFTrainEngine
 
     engine = HFTrainEngine(hf_dir, micro_batch_size=8, with_reference=True, **OPTIM)
     before = engine.compute_logprobs(_batch(), temperature=0.9)
+    if sequence_loss:
+        return before, engine.train_step(_off_policy(_batch(), before), _sequence_loss()), dict(engine.named_weights())
     stats = engine.train_step(_batch(), _loss())
     return before, stats, dict(engine.named_weights())
 
@@ -140,6 +162,21 @@ def test_a_grpo_step_on_megatron_equals_the_hf_engine(tmp_path, tp, pp, cp, dp, 
         moved = max(moved, float((tensor - initial[name]).abs().max()))
     assert moved > 1e-3  # the step changed the weights (lr 1e-2): equality is not of two untouched copies
 
+
+
+def test_sequence_level_losses_and_corrections_on_megatron_with_split_sequences_equal_the_hf_engine(tmp_path):
+    """GSPO's sequence ratio, sequence-level IS and the geometric-mean mask read whole sequences; at CP=2 every
+    sequence is split over two ranks (and over micro-batches): the engine's gathered log-probs must give the loss
+    whole rows. Same loss, gradient norm, weights and correction stats as the HF engine's padded batch."""
+    hf_dir = _save_hf(tmp_path / "hf", "qwen2", tied=False)
+    _, hf_stats, hf_weights = _hf_step(hf_dir, sequence_loss=True)
+    assert 0 < hf_stats["mask_seq_fraction"] < 1 and 0 < hf_stats["is_clipped_fraction"] < 1  # (the premise)
+    _, stats, weights = run_ranks(_megatron_step, 2, hf_dir, 1, 1, 2, 25, "none", True, True, tmp_path=tmp_path)[0]
+    # (token-level stats are averaged over micro-batches by the loss's units, sequences here: not compared)
+    for key in ("loss", "kl", "grad_norm", "mask_seq_fraction"):
+        assert stats[key] == pytest.approx(hf_stats[key], rel=1e-4, abs=1e-6), key
+    for name, tensor in hf_weights.items():
+        torch.testing.assert_close(weights[name], tensor, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
