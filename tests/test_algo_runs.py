@@ -36,7 +36,8 @@ def _moved(run_dir, tiny_model, step):
 def test_each_new_algorithm_trains_two_steps(ray_local, tiny_model, cache_dir, tmp_path, algo):
     run_dir = tmp_path / algo
     out = run(_cfg(cache_dir, run_dir, total_steps=2, extra=[f"algo={algo}", "algo.group_size=4",
-                                                             "algo.prompts_per_step=4"]))
+                                                             "algo.prompts_per_step=4",
+                                                             "algo.overlong_buffer_share=0.25"]))
     steps = _steps(run_dir)
     assert (out["step"], out["version"], len(steps)) == (2, 2, 2)
     assert _moved(run_dir, tiny_model, 2), "no weight moved in two steps"
@@ -46,6 +47,11 @@ def test_each_new_algorithm_trains_two_steps(ray_local, tiny_model, cache_dir, t
         # and CISPO's weight included
         assert m["train/ratio_mean"] == pytest.approx(1.0) and m["train/clip_fraction"] == 0.0
         assert m["canary/probe_logp_diff_mean"] < 1e-3  # (fp32 engines on both sides: they agree)
+        # DAPO's overlong penalty, a reward term: budget 12, buffer 3 -> a cut response (12 tokens) gets -1, so the
+        # mean is at most minus the cut share; and it is part of the reward the advantages were computed from
+        assert -1.0 <= m["reward/overlong"] <= -m["response/truncated_fraction"]
+        terms = ("accuracy", "format", "tests.test_end_to_end:digit_reward", "overlong")
+        assert m["reward/mean"] == pytest.approx(sum(m[f"reward/{t}"] for t in terms), abs=1e-6)
     if algo == "reinforce_pp":  # token-mean of advantages whitened over the batch's tokens is 0: so is -A * 1
         assert all(abs(m["train/pg_loss"]) < 1e-5 for m in steps)
 

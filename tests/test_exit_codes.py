@@ -19,6 +19,8 @@ ABORTED = {"step": 3, "stopped_by": None, "run_dir": "r",
     ({"step": 2, "stopped_by": signal.SIGUSR1, "aborted": None}, 75),  # time limit / preemption ahead: come back
     ({"step": 2, "stopped_by": signal.SIGTERM, "aborted": None}, 128 + 15),
     ({"step": 2, "stopped_by": signal.SIGINT, "aborted": None}, 128 + 2),
+    # the mismatch canary halted it: checkpointed, and a restart would not cure it (EX_SOFTWARE, not requeued)
+    ({"step": 2, "stopped_by": None, "aborted": None, "halted": {"signal": "mismatch_probe"}}, 70),
 ])
 def test_each_way_a_run_ends_has_its_exit_code(result, code):
     assert exit_code(result) == code
