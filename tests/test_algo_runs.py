@@ -60,8 +60,9 @@ def test_rloo_with_a_drill_push_is_caught_at_that_push_and_halts(ray_local, tiny
     """Version 2's push leaves q_proj of layer 0 out (the engine keeps version 1's): the probe after version 1 agrees,
     the one after version 2 does not; canary.action=stop halts the run with a checkpoint, exit 70.
 
-    Measured here: the fp32 engines' probes differ by ~4e-8 (mean |delta log p|), the stale q_proj (one update at
-    lr 1e-3 behind) by ~1.3e-5: a threshold of 1e-6 separates them. (With bf16 engines the noise floor is higher and
+    Measured here: the fp32 HF engines' teacher-forced probes agree exactly (0.0: the same forward as the
+    trainer's), the stale q_proj (one update at lr 1e-3 behind) differs by ~7e-6 (mean |delta log p|): a threshold
+    of 1e-6 separates them. (With bf16 engines the noise floor is higher and
     one step of a stale tensor can hide under it; see docs/algorithms.md.)"""
     run_dir = tmp_path / "drill"
     out = run(_cfg(cache_dir, run_dir, total_steps=3, extra=[

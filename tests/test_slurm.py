@@ -401,6 +401,25 @@ def test_the_tiny_experiment_runs_as_a_slurm_job_and_resumes_after_preemption_an
 
 
 @pytest.mark.slow
+def test_a_canary_halt_ends_the_job_with_a_checkpoint_and_is_not_requeued(slurm_cluster, tmp_path):
+    """The mismatch canary's fire drill on the cluster: version 2's push leaves a tensor out, the probe catches it,
+    canary.action=stop checkpoints and exits 70 - the job ends FAILED at once (a restart would not cure it), its one
+    attempt recorded as halted, while it had attempts left to requeue with."""
+    run_dir, job = _submit_tiny(tmp_path, "halt", "trainer.total_steps=6", "algo.group_size=4",
+                                "algo.prompts_per_step=4", "trainer.lr=1e-3", "canary.action=stop",
+                                "canary.probe_threshold=1e-6", "canary.drill_from_version=2",
+                                "canary.drill_skip_tensor=model.layers.0.self_attn.q_proj.weight",
+                                "cluster.slurm.max_failed_attempts=3",
+                                # (a graded reward: the untrained model's accuracy and format are all 0, no gradient)
+                                "reward.terms=[{name: language, weight: 1.0}]")
+    assert _wait_for(job) == "FAILED", _log(run_dir, job)
+    assert [row[0] for row in _sacct(job, "State")] == ["FAILED"]  # never requeued
+    [end] = [a for a in _attempts(run_dir) if a["event"] == "end"]
+    assert (end["outcome"], end["signal"], end["step"]) == ("halted", "mismatch_probe", 2)
+    assert (run_dir / "checkpoints" / "step_000002" / "driver_state.json").exists()
+
+
+@pytest.mark.slow
 def test_a_job_that_keeps_failing_gives_up_and_its_dependent_stage_is_cancelled(slurm_cluster, tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()

@@ -4,10 +4,12 @@ Every peer logs the gap between the rollout engine's log-probs ``mu`` and the tr
 change, a precision bug, a weight push that loaded the wrong tensors) runs drift and collapse hours later. r1 acts:
 
 * **Probe.** At the start a rollout engine answers the first ``canary.probe_prompts`` held-out prompts greedily
-  (``canary.probe_tokens`` tokens each): those token sequences are the probe, fixed for the run (kept in
-  checkpoints). After every ``canary.every_pushes``-th weight push the trainer, holding the version it just pushed,
-  scores them (log-probs at temperature 1), and every live rollout engine scores the same tokens teacher-forced under
-  that version (``RolloutEngine.score``). The mean ``|log pi_trainer - log mu|`` over the probe's tokens, per engine
+  (``canary.probe_tokens`` tokens each): prompts and answers are the probe, fixed for the run (kept in checkpoints).
+  After every ``canary.every_pushes``-th weight push the trainer, holding the version it just pushed, scores them
+  (log-probs at temperature 1 of every token after the first: the prompt's too, where the model is unsure - its
+  greedy answer's tokens are the ones it is surest of, log-probs near 0 whatever the weights), and every live rollout
+  engine scores the same tokens teacher-forced under that version (``RolloutEngine.score``). The mean
+  ``|log pi_trainer - log mu|`` over the probe's tokens, per engine
   (the worst is the run's), against ``canary.probe_threshold``. Fixed tokens, no sampling: the number moves only
   when the computation does, and a push that skipped or garbled a tensor shows at that push - as far as that
   tensor's staleness moves the log-probs beyond the engines' float noise (docs/algorithms.md).
@@ -68,7 +70,9 @@ class MismatchCanary:
             worker = self.workers.live[0]
             _, samples = ray.get(self.workers.pool.actors[worker].probe.remote(
                 self.prompts, self.cfg.probe_tokens, version))
-            self.sequences = [(s.prompt_ids, s.response_ids) for s in samples if s.response_ids]
+            # scored over every token after the first, the prompt's included: a greedy answer's own tokens are the
+            # model's surest (log-probs near 0 whatever the weights - seen: a tiny model's 32 repeats of one token)
+            self.sequences = [(s.prompt_ids[:1], s.prompt_ids[1:] + s.response_ids) for s in samples]
             if not self.sequences:
                 log.warning("canary: every probe prompt was answered with nothing; no probe this run")
                 return {}
