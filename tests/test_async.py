@@ -373,7 +373,7 @@ def test_dynamic_sampling_refills_the_batch_with_groups_that_carry_signal(ray_lo
     run_dir = tmp_path / "dapo"
     out = run(compose(_overrides(
         cache_dir, run_dir, 3, "algo=dapo", f"algo.prompts_per_step={P}", "algo.group_size=4",
-        "algo.max_staleness=1", "algo.max_sampling_rounds=6",
+        "algo.max_staleness=1", "algo.max_sampling_rounds=6", "algo.overlong_buffer_share=0",  # (rewards 0 or 1)
         "reward.terms=[{name: 'tests.test_async:parity_reward', weight: 1.0}]",
     )))
     ledger = read_ledger(run_dir)
@@ -401,6 +401,7 @@ def test_dynamic_sampling_that_drops_everything_makes_no_update(ray_local, tiny_
     run_dir = tmp_path / "nothing"
     out = run(compose(_overrides(
         cache_dir, run_dir, 2, "algo=dapo", f"algo.prompts_per_step={P}", "algo.max_sampling_rounds=2",
+        "algo.overlong_buffer_share=0",  # (DAPO's length penalty would make the groups' rewards differ)
         "reward.terms=[{name: 'tests.test_async:zero_reward', weight: 1.0}]",
     )))
     metrics = _step_metrics(run_dir)
