@@ -5,12 +5,15 @@ then ``load`` - so an engine test exercises the one-hop path."""
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 from r1.distributed.bucketed_broadcast import BroadcastGroup, free_port, manifest_of
 from r1.distributed.staged_receiver import SyncSpec
 
 BUCKET_BYTES = int(0.05 * 2**20)  # small: several buckets even for a tiny model
-_senders: dict[int, tuple[BroadcastGroup, list]] = {}
+# per engine object, not per id(): an id is reused once its engine is collected, and a new engine found under it
+# would be taken for joined (seen: "not a member of a sync group" in a later test)
+_senders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 async def join(engine, manifest) -> BroadcastGroup:
@@ -24,10 +27,10 @@ async def join(engine, manifest) -> BroadcastGroup:
 async def stage(engine, named, version: int) -> int:
     """Broadcast ``named`` as ``version`` to the engine's members; returns once every one has staged it (bytes)."""
     named = list(named)
-    if id(engine) not in _senders:
+    if engine not in _senders:
         manifest = manifest_of(named)
-        _senders[id(engine)] = (await join(engine, manifest), manifest)
-    group, manifest = _senders[id(engine)]
+        _senders[engine] = (await join(engine, manifest), manifest)
+    group, manifest = _senders[engine]
     sent, _ = await asyncio.gather(asyncio.to_thread(group.send, named, manifest, BUCKET_BYTES, version),
                                    engine.wait_staged(version))
     return sent
