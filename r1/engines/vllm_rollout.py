@@ -135,6 +135,11 @@ class VLLMRolloutEngine(SyncMember):
     # --- generation ---------------------------------------------------------------------------------------------
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """``params.n`` completions per prompt, in group order; each prompt is one vLLM request."""
+        per_prompt = await self._requests(self._one(p, params, i) for i, p in enumerate(prompts))
+        return [c for group in per_prompt for c in group]
+
+    async def _requests(self, requests) -> list:
+        """Run vLLM requests (coroutines) at once, their results in order; a dead engine raises ``EngineDead``."""
         if self._labelled is None:
             self._labelled = asyncio.ensure_future(self.llm.update_weight_version(str(self.version)))
         await self._labelled
@@ -142,10 +147,9 @@ class VLLMRolloutEngine(SyncMember):
 
         self._check_alive()
         try:
-            per_prompt = await asyncio.gather(*(self._one(p, params, i) for i, p in enumerate(prompts)))
+            return list(await asyncio.gather(*requests))
         except EngineDeadError as err:
             raise EngineDead(str(err)) from err
-        return [c for group in per_prompt for c in group]
 
     async def _one(self, prompt: list[int], params: SamplingParams, index: int) -> list[Completion]:
         from vllm import SamplingParams as VSampling
@@ -187,16 +191,7 @@ class VLLMRolloutEngine(SyncMember):
     async def score(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """See ``RolloutEngine.score``: each pair one request for one token, with the prompt's log-probs (vLLM
         computes them from the raw logits: temperature 1, no top-p)."""
-        if self._labelled is None:
-            self._labelled = asyncio.ensure_future(self.llm.update_weight_version(str(self.version)))
-        await self._labelled
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        self._check_alive()
-        try:
-            return list(await asyncio.gather(*(self._score_one(p, r) for p, r in sequences)))
-        except EngineDeadError as err:
-            raise EngineDead(str(err)) from err
+        return await self._requests(self._score_one(p, r) for p, r in sequences)
 
     async def _score_one(self, prompt: list[int], response: list[int]) -> list[float]:
         from vllm import SamplingParams as VSampling

@@ -68,14 +68,11 @@ class MismatchCanary:
             return {}
         if not self.sequences:
             worker = self.workers.live[0]
-            _, samples = ray.get(self.workers.pool.actors[worker].probe.remote(
+            answered = ray.get(self.workers.pool.actors[worker].answer_greedily.remote(
                 self.prompts, self.cfg.probe_tokens, version))
             # scored over every token after the first, the prompt's included: a greedy answer's own tokens are the
             # model's surest (log-probs near 0 whatever the weights - seen: a tiny model's 32 repeats of one token)
-            self.sequences = [(s.prompt_ids[:1], s.prompt_ids[1:] + s.response_ids) for s in samples]
-            if not self.sequences:
-                log.warning("canary: every probe prompt was answered with nothing; no probe this run")
-                return {}
+            self.sequences = [(prompt[:1], prompt[1:] + answer) for prompt, answer in answered]
         return self.after_push(version, force=True)
 
     def after_push(self, version: int, force: bool = False) -> dict[str, float]:

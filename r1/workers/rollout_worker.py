@@ -25,7 +25,7 @@ from r1.cluster import placement
 from r1.distributed.staged_receiver import SyncSpec
 from r1.engines.protocols import EngineDead
 from r1.engines.registry import build_rollout_engine
-from r1.types import Group, Reference, Rollouts, Sample, SamplingParams, WorkerTotals
+from r1.types import Group, Reference, Rollouts, SamplingParams, WorkerTotals
 from r1.workers.rollout_scoring import PROMPT_TOO_LONG, GroupScorer
 from r1.workers.version_admission import VersionAdmission
 
@@ -128,17 +128,15 @@ class RolloutWorker:
         groups = await self._generate_groups(problems, params, [-1] * len(problems), version, rollout=False)
         return [{"skipped": g.skipped} if g.skipped else self.scorer.eval_row(g) for g in groups]
 
-    async def probe(self, prompts: list[str], max_new_tokens: int, version: int) -> tuple[int, list[Sample]]:
-        """The mismatch canary's probe (``r1.monitoring.canary``): each prompt answered greedily by policy
-        ``version``, with the engine's log-probs of its tokens (at temperature 1: the raw distribution, what the
-        trainer computes). Returns the version that generated them and one unscored ``Sample`` per prompt."""
+    async def answer_greedily(self, prompts: list[str], max_new_tokens: int,
+                              version: int) -> list[tuple[list[int], list[int]]]:
+        """The mismatch canary's probe (``r1.monitoring.canary``): each prompt's token ids and its greedy answer's,
+        by policy ``version``."""
         await self._setup()
         prompt_ids = self.scorer.encode(prompts)
         params = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=0)
         completions = await self._generate(prompt_ids, params, version)
-        return self.engine.version, [
-            Sample(ids, list(c.token_ids), list(c.rollout_logprobs), "", 0.0, {}, None, c.finish_reason, version)
-            for ids, c in zip(prompt_ids, completions)]
+        return [(ids, list(c.token_ids)) for ids, c in zip(prompt_ids, completions)]
 
     async def score(self, sequences: list[tuple[list[int], list[int]]], version: int) -> tuple[int, list[list[float]]]:
         """The mismatch canary's probe: the engine's log-probs (temperature 1) of fixed (prompt, response) token
