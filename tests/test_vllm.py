@@ -399,6 +399,22 @@ def _cfg(*overrides):
     return compose(TINY + ["rollout=vllm", "run_dir=unused", *overrides])
 
 
+def test_the_planners_kv_cache_is_the_blocks_vllm_allocated(served):
+    """r1.plan's KV-cache arithmetic against what the engine reported after it sized its cache (32 MiB, fp32 here):
+    the blocks (2 x block x KV heads x head_dim x 4 bytes, every layer) and the sequences of max_model_len they hold
+    (vLLM's "maximum concurrency")."""
+    from r1.plan.rollout_memory import block_bytes, blocks_per_sequence
+    from r1.plan.shape import from_hf_config
+
+    path, engine = served
+    shape = from_hf_config(json.loads((Path(path) / "config.json").read_text()))
+    cache = engine.llm.vllm_config.cache_config
+    blocks = int(32 * 2**20 // block_bytes(shape, tp=1, dtype_bytes=4, block_size=cache.block_size))
+    assert cache.num_gpu_blocks == blocks
+    max_len = engine.llm.vllm_config.model_config.max_model_len
+    assert cache.kv_cache_max_concurrency == pytest.approx(blocks / blocks_per_sequence(max_len, cache.block_size))
+
+
 def test_a_model_vllm_cannot_serve_is_a_clear_error(tiny_model, vllm_qwen2, tmp_path):
     with pytest.raises(ConfigError, match=r"head dimension 16 .* rollout=hf"):  # the HF tests' 2-head tiny model
         check_vllm_can_serve(_cfg(), tiny_model)

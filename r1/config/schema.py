@@ -315,7 +315,9 @@ class VLLMConfig:
 
     tensor_parallel_size: int = 1  # GPUs (or CPU worker processes) per engine; workers are data-parallel
     max_model_len: int | None = None  # prompt + response tokens per sequence; null = the model's context length
-    kv_cache_mb: int = 0  # KV-cache size per engine; 0 = vLLM's own sizing (gpu_memory_utilization / 4 GiB on CPU)
+    # KV-cache size per engine (per tensor-parallel rank); 0 = vLLM's own sizing: what gpu_memory_utilization of the
+    # GPU leaves (on CPU: of the node's RAM, less the engine's own - one engine per node)
+    kv_cache_mb: int = 0
     gpu_memory_utilization: float = 0.85  # GPU share vLLM may use when kv_cache_mb is 0
     max_num_seqs: int = 256  # sequences decoded together (continuous batching)
     # vLLM's enforce_eager: no torch.compile of the model and no CUDA graphs. An engine then starts in ~20 s instead
@@ -696,6 +698,29 @@ class HealthConfig:
 
 
 @dataclass
+class PlannerConfig:
+    """What ``plan=true`` prints and what is checked before a Slurm or Kubernetes submission (r1/plan, docs/plan.md):
+    each pool's memory per GPU, the step's phases, the split of nodes. The assumptions below are the model's inputs
+    that the config does not hold; each one is printed with the plan."""
+
+    # a100_40gb | a100_80gb | h100_80gb | h200_141gb; null: the Slurm partition's gres or a Kubernetes pool's node
+    # selector where they name one, else h100_80gb
+    gpu: str | None = None
+    # cluster=slurm|k8s: refuse the submission when the training or rollout pool does not fit, showing the plan and
+    # the change that fits; false submits anyway
+    check: bool = True
+    # the GPU image has Transformer Engine (flash attention for packed and context-parallel sequences); false: r1's
+    # local attention, whose context-parallel mask is quadratic in the sequence
+    transformer_engine: bool = True
+    prompt_tokens: int = 512  # the longest prompt (with its template)
+    mean_response_share: float = 0.5  # the mean response's share of the longest allowed
+    train_mfu: float = 0.35  # model FLOPs utilisation of the training pool
+    decode_bandwidth_share: float = 0.6  # share of HBM bandwidth a decode step reaches
+    network_gbps: float = 400.0  # the link between the pools (one InfiniBand NDR port)
+    reserved_gib: float = 3.0  # per GPU: CUDA context, NCCL, the caching allocator's fragmentation
+
+
+@dataclass
 class R1Config:
     name: str = "r1"
     seed: int = 0
@@ -704,6 +729,10 @@ class R1Config:
     # Continue from run_dir's latest checkpoint (nothing there: start afresh). On by default under cluster=slurm, and
     # always for a requeued Slurm attempt.
     resume: bool = False
+    # Print the plan (memory per GPU of each pool, step time, the node split; r1/plan) and exit: nothing is started
+    # or submitted
+    plan: bool = False
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
     stage: Stage = Stage.grpo  # what this run does: grpo (RL) | sft | eval | rejection_sampling | report
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
