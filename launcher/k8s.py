@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from r1.config.public import public
 from r1.config.schema import under
 from r1.config.validate import ConfigError
+from r1.plan.check import refuse_unfit
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "r1"
 RECORDS = Path("outputs") / "k8s"  # local records of each release: values.yaml, manifests.yaml
@@ -170,6 +171,7 @@ def render(cfg) -> tuple[Path, list[dict]]:
     found = problems(cfg)
     if found:
         raise ConfigError("cluster=k8s:\n- " + "\n- ".join(found))
+    refuse_unfit(cfg)  # (r1.plan: a pool that cannot fit is refused before anything is created)
     k, release = cfg.cluster.k8s, release_name(cfg)
     records = (RECORDS / str(k.namespace) / release).absolute()
     records.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@
     r1-launch cancel run_dir=/shared/outputs/x
     r1-launch cluster=k8s cluster.k8s.namespace=research   # a RayJob on KubeRay, through the helm/r1 chart
     r1-launch status release=r1-x namespace=research       # (cancel likewise)
+    r1-launch +experiment=r1_zero cluster=slurm plan=true   # memory per GPU, step time, node split; nothing runs
     r1-launch --cfg job                         # print the resolved config and exit
     r1-launch run_dir=outputs/x resume=true     # continue a run from its latest checkpoint
 """
@@ -98,6 +99,28 @@ def hydra_main(cfg: DictConfig) -> None:
     sys.exit(exit_code(result))  # 0; 75 when it aborted itself (r1.health) after a checkpoint; 128 + signal
 
 
+def print_plan(cfg) -> int:
+    """``plan=true``: the plan of this run, printed; nothing started or submitted. Exit 0 when both pools fit, 1 when
+    one does not (the refusal a submission would get), 2 for a config error."""
+    from r1.plan import make_plan, render
+
+    if cfg.pipeline.stages:
+        print("r1-launch: plan=true plans one run: give a stage's experiment (+experiment=...) instead of +pipeline",
+              file=sys.stderr)
+        return 2
+    try:
+        for warning in validate(cfg):
+            logging.getLogger("r1").warning(warning)
+        plan = make_plan(cfg)
+    except (ConfigError, ValueError) as err:
+        print(f"r1-launch: {err}", file=sys.stderr)
+        return 2
+    print(render(plan))
+    if not plan.fits:
+        print(f"\nr1-launch: {plan.refusal}", file=sys.stderr)
+    return 0 if plan.fits else 1
+
+
 def submit_to_slurm(cfg) -> int:
     """Render the job script next to the run's config and submit it; say where to follow it."""
     from launcher.slurm import SlurmError, submit
@@ -187,6 +210,17 @@ def main() -> None:
     except ConfigError as err:
         print(f"r1-launch: {err}", file=sys.stderr)
         sys.exit(2)
+    if any(a.lower() in ("plan=true", "plan=1", "plan=yes") for a in sys.argv[1:]):
+        # composed in-process (no run directory, no Hydra log): planning leaves nothing behind
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            cfg = compose(sys.argv[1:])
+        except (ConfigError, HydraException, OmegaConfBaseException) as err:
+            print(f"r1-launch: {err}", file=sys.stderr)
+            sys.exit(2)
+        sys.exit(print_plan(cfg))
     hydra_main()
 
 

@@ -23,6 +23,7 @@ from launcher.slurm_job import REQUEUE_EXIT
 from r1.config.public import public
 from r1.config.schema import under
 from r1.config.validate import ConfigError
+from r1.plan.check import refuse_unfit
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm"
 POOL_TAG = "r1_pool_"  # node resource naming a node's pool: r1_pool_train / r1_pool_rollout
@@ -265,6 +266,7 @@ def submit(cfg) -> tuple[Path, str | None]:
     found = problems(cfg)
     if found:
         raise ConfigError("cluster=slurm:\n- " + "\n- ".join(found))
+    refuse_unfit(cfg)  # (r1.plan: a pool that cannot fit is refused here, not after hours in the queue)
     dry_run = cfg.cluster.dry_run
     if not dry_run:
         if shutil.which("sbatch") is None:
