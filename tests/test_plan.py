@@ -100,7 +100,7 @@ def test_65k_on_one_gpu_per_pool_is_refused_naming_the_pool_and_the_fix(tmp_path
                    "cluster.dry_run=true", f"run_dir={tmp_path}/run"])
     plan = make_plan(cfg)
     assert not plan.train.fits and plan.rollout.fits  # (a 7B engine with its KV cache fits on one H100)
-    assert "66048-token sequence" in plan.train.problem
+    assert "66048-token sequence, the h100_80gb leaves it 79.6 GiB" in plan.train.problem
     # the fix is a layout that fits, on more GPUs (1-GPU nodes: no TP across nodes), and the nodes for them
     assert "trainer.num_workers=8" in plan.train.fix and "cluster.slurm.train_nodes=8" in plan.train.fix
     assert "trainer.megatron.tensor_parallel=2" not in plan.train.fix
@@ -129,6 +129,17 @@ def test_a_rollout_pool_that_cannot_hold_the_model_is_refused_with_more_tensor_p
                                "trainer.megatron.context_parallel=4", "trainer.megatron.pipeline_parallel=4",
                                "cluster.slurm.train_nodes=8", *plan.rollout.fix]))
     assert fixed.fits, fixed.refusal
+
+
+def test_colocated_engines_leave_the_training_ranks_the_rest_of_each_gpu():
+    """rollout.placement=colocated: engine i on training rank i's GPU; the rank has what vLLM's share leaves."""
+    args = ["+experiment=r1_zero", "model=qwen2_5_1_5b", "planner.gpu=h100_80gb", "rollout.placement=colocated",
+            "trainer.num_workers=8", "rollout.num_workers=8", "rollout.length_schedule=[{from_step: 0, max_tokens: "
+            "8192}]", "eval.max_new_tokens=8192", "rollout.vllm.max_model_len=8704"]
+    for share, fits in ((0.3, True), (0.9, False)):
+        plan = make_plan(compose([*args, f"rollout.vllm.gpu_memory_utilization={share}"]))
+        assert plan.train.capacity == pytest.approx(plan.gpu.memory_bytes * (1 - share))
+        assert plan.train.fits is fits, plan.train.problem
 
 
 def test_the_gpu_kind_comes_from_the_cluster_or_is_given(tmp_path, monkeypatch):

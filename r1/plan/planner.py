@@ -201,21 +201,28 @@ def plan_train(cfg, shape, gpu: GPUKind, longest: int, per_node: int) -> PoolPla
     lay = train_layout(cfg, max(gpus, t.num_workers))
     terms = train_terms(cfg, shape, lay, longest, reserved)
     name = (f"Megatron {lay.describe()}" if t.engine == "megatron" else f"HF engine, DP {lay.dp}")
-    pool = PoolPlan("training", gpus, name, terms, gpu.memory_bytes if gpus else 0.0)
+    capacity = float(gpu.memory_bytes)
+    if str(cfg.rollout.placement) == "colocated" and cfg.rollout.engine == "vllm":
+        # each engine takes its gpu_memory_utilization of a training rank's GPU; the rank keeps the rest
+        capacity *= 1 - cfg.rollout.vllm.gpu_memory_utilization
+    pool = PoolPlan("training", gpus, name, terms, capacity if gpus else 0.0)
     if not gpus:
         pool.notes.append("CPU workers: host memory, not checked")
         return pool
+    if capacity < gpu.memory_bytes:
+        pool.notes.append(f"colocated: the rollout engine on each GPU takes rollout.vllm.gpu_memory_utilization="
+                          f"{cfg.rollout.vllm.gpu_memory_utilization}, this pool the rest")
     if t.engine == "megatron" and t.num_workers % (lay.tp * lay.pp * lay.cp):
         pool.problem = (f"trainer.num_workers={t.num_workers} is not a multiple of TP x PP x CP = "
                         f"{lay.tp * lay.pp * lay.cp}")
     elif pool.used > pool.capacity:
-        pool.problem = (f"{pool.used / GIB:.1f} GiB per GPU at a {longest}-token sequence, the {gpu.name} has "
-                        f"{gpu.memory_bytes / GIB:.1f} GiB")
+        pool.problem = (f"{pool.used / GIB:.1f} GiB per GPU at a {longest}-token sequence, the {gpu.name} leaves it "
+                        f"{capacity / GIB:.1f} GiB")
     if pool.problem:
         base = lay if t.engine == "megatron" else replace(lay, transformer_engine=cfg.planner.transformer_engine,
                                                           micro_batch_tokens=longest)
         for more in (gpus, 2 * gpus, 4 * gpus, 8 * gpus, 16 * gpus, 32 * gpus):
-            found = best_layout(shape, more, per_node, base, longest, gpu.memory_bytes, reserved)
+            found = best_layout(shape, more, per_node, base, longest, capacity, reserved)
             if found:
                 fixed, used = found
                 pool.fix = layout_overrides(fixed, base, t.engine, more, gpus) + more_nodes(cfg, "train", more)
