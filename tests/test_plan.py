@@ -134,8 +134,8 @@ def test_a_rollout_pool_that_cannot_hold_the_model_is_refused_with_more_tensor_p
 def test_colocated_engines_leave_the_training_ranks_the_rest_of_each_gpu():
     """rollout.placement=colocated: engine i on training rank i's GPU; the rank has what vLLM's share leaves."""
     args = ["+experiment=r1_zero", "model=qwen2_5_1_5b", "planner.gpu=h100_80gb", "rollout.placement=colocated",
-            "trainer.num_workers=8", "rollout.num_workers=8", "rollout.length_schedule=[{from_step: 0, max_tokens: "
-            "8192}]", "eval.max_new_tokens=8192", "rollout.vllm.max_model_len=8704"]
+            "trainer.num_workers=8", "rollout.num_workers=8", "rollout.length_schedule=[{from_step: 0, max_tokens: 8192}]",
+            "eval.max_new_tokens=8192", "rollout.vllm.max_model_len=8704"]
     for share, fits in ((0.3, True), (0.9, False)):
         plan = make_plan(compose([*args, f"rollout.vllm.gpu_memory_utilization={share}"]))
         assert plan.train.capacity == pytest.approx(plan.gpu.memory_bytes * (1 - share))

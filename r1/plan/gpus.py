@@ -25,7 +25,7 @@ class GPUKind:
 # (40GB) / HBM2e 2,039 GB/s (80GB), NVLink 600 GB/s. H100 data sheet (SXM5): 989 TFLOPS bf16 dense (1,979 with
 # sparsity), HBM3 3.35 TB/s, NVLink 900 GB/s. H200 data sheet (SXM): 141 GB HBM3e, 4.8 TB/s, 989 TFLOPS, NVLink 900 GB/s.
 KINDS = {k.name: k for k in [
-    GPUKind("a100_40gb", 40536 * MIB, 312e12, 1555e9, 300e9, "NVIDIA A100 data sheet, SXM4 40GB"),
+    GPUKind("a100_40gb", 40960 * MIB, 312e12, 1555e9, 300e9, "NVIDIA A100 data sheet, SXM4 40GB"),
     GPUKind("a100_80gb", 81920 * MIB, 312e12, 2039e9, 300e9, "NVIDIA A100 data sheet, SXM4 80GB"),
     GPUKind("h100_80gb", 81559 * MIB, 989e12, 3350e9, 450e9, "NVIDIA H100 data sheet, SXM5 80GB"),
     GPUKind("h200_141gb", 143771 * MIB, 989e12, 4800e9, 450e9, "NVIDIA H200 data sheet, SXM 141GB"),
