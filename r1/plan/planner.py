@@ -9,6 +9,7 @@ engine, no model weights read.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field, replace
@@ -272,8 +273,9 @@ def plan_rollout(cfg, shape, gpu: GPUKind, longest: int, per_node: int) -> PoolP
             pool.fix = ([f"rollout.generate_batch_size={int(room)}"] if room >= 1 else ["rollout=vllm"])
         return pool
     eng = engine_layout(cfg, shape, longest)
-    capacity = gpu.memory_bytes if gpus else float(eng.kv_cache_bytes or 4 * GIB) / 0.5
-    terms = vllm_memory(shape, capacity, eng, 0.0)
+    # CPU engines size an automatic cache from the node's RAM (vllm/v1/worker/cpu_worker.py), as GPUs from theirs
+    capacity = gpu.memory_bytes if gpus else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    terms = vllm_memory(shape, capacity, eng)
     pool = PoolPlan("rollout", gpus, f"vLLM, {r.num_workers} engine(s) x TP {eng.tp}", terms,
                     gpu.memory_bytes if gpus else 0.0)
     pool.notes.append(f"KV cache {terms['kv_cache'] / GIB:.1f} GiB = {terms['kv_tokens']} tokens: "
@@ -284,9 +286,10 @@ def plan_rollout(cfg, shape, gpu: GPUKind, longest: int, per_node: int) -> PoolP
                           f"{prompt + longest}: vLLM refuses a longer max_model_len unless VLLM_ALLOW_LONG_MAX_MODEL"
                           f"_LEN=1 (and the quality past it is the model's own question)")
     if eng.max_model_len > prompt + longest and not r.vllm.max_model_len:
+        shorter = vllm_memory(shape, capacity, replace(eng, max_model_len=prompt + longest))
         pool.notes.append(f"max_model_len defaults to the model's {eng.max_model_len}: vLLM profiles a forward pass "
                           f"that long; rollout.vllm.max_model_len={prompt + longest} frees "
-                          f"{(terms['activations'] - vllm_memory(shape, capacity, replace(eng, max_model_len=prompt + longest), 0)['activations']) / GIB:.1f} GiB for the KV cache")
+                          f"{(terms['activations'] - shorter['activations']) / GIB:.1f} GiB for the KV cache")
     if not gpus:
         pool.notes.append("CPU engines: KV cache of rollout.vllm.kv_cache_mb, host memory not checked")
         return pool
@@ -298,7 +301,7 @@ def plan_rollout(cfg, shape, gpu: GPUKind, longest: int, per_node: int) -> PoolP
                    sorted({eng.gpu_memory_utilization, 0.9, 0.95}) if util >= eng.gpu_memory_utilization]
         for tp, length, util in options:
             trial = replace(eng, tp=tp, max_model_len=max(length, prompt + longest), gpu_memory_utilization=util)
-            if not _vllm_problem(vllm_memory(shape, gpu.memory_bytes, trial, 0.0), trial, gpu.memory_bytes, longest):
+            if not _vllm_problem(vllm_memory(shape, gpu.memory_bytes, trial), trial, gpu.memory_bytes, longest):
                 fix = []
                 if tp != eng.tp:  # (the pool's GPUs, fewer engines on more GPUs each)
                     workers = max(1, gpus // tp)
@@ -344,7 +347,7 @@ def splits(cfg, shape, gpu, a, longest_response: int, base: TrainLayout, eng: En
     nodes, per_node = nodes_gpn
     out = []
     reserved = cfg.planner.reserved_gib * GIB
-    terms = vllm_memory(shape, gpu.memory_bytes, eng, 0.0)
+    terms = vllm_memory(shape, gpu.memory_bytes, eng)
     for train_nodes in range(1, nodes):
         found = best_layout(shape, train_nodes * per_node, per_node, base, a.prompt_tokens + longest_response,
                             gpu.memory_bytes, reserved)

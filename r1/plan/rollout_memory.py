@@ -60,7 +60,7 @@ def blocks_per_sequence(max_model_len: int, block_size: int = BLOCK_SIZE) -> int
     return -(-max_model_len // block_size)
 
 
-def vllm_memory(shape: ModelShape, gpu_bytes: int, eng: EngineLayout, reserved_bytes: float) -> dict[str, float]:
+def vllm_memory(shape: ModelShape, gpu_bytes: float, eng: EngineLayout) -> dict[str, float]:
     """Bytes per GPU by term, the KV cache's size, and the sequences it keeps in flight at max_model_len."""
     weights = shape.params() * 2 / eng.tp
     activations = profile_activation_bytes(shape, eng.tp, batched_tokens(eng), eng.max_num_seqs)
@@ -73,7 +73,7 @@ def vllm_memory(shape: ModelShape, gpu_bytes: int, eng: EngineLayout, reserved_b
     return {"weights": weights, "activations": activations, "non_torch": NON_TORCH_BYTES, "kv_cache": kv,
             "kv_blocks": blocks, "kv_tokens": max(0, blocks - 1) * BLOCK_SIZE,  # (less the null block)
             "in_flight_at_max_len": blocks / blocks_per_sequence(eng.max_model_len),
-            "budget": budget, "reserved": reserved_bytes}
+            "budget": budget}
 
 
 def hf_rollout_memory(shape: ModelShape, *, batch: int, max_len: int, dtype_bytes: int) -> dict[str, float]:
